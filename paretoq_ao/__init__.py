@@ -1,0 +1,29 @@
+"""paretoq_ao: ParetoQ extremely-low-bit quantization (1, 1.58, 2, 3, 4 bits) as a torchao backend.
+
+    from torchao import quantize_
+    from paretoq_ao import ParetoQQATConfig, ParetoQWeightOnlyConfig
+
+    quantize_(model, ParetoQQATConfig(bits=2))        # QAT: learnable scales, fake quantization
+    ...train with any PyTorch loop...
+    quantize_(model, ParetoQWeightOnlyConfig(bits=2)) # pack codes at 2 bits; F.linear -> paretoq::linear
+"""
+
+from .formats import ALLOWED_BITS, FORMATS, BitFormat, get_format
+from .quant import dequantize_codes, fake_quantize, init_scale, quantize_codes, search_scale
+from .packing import LAYOUT, pack_codes, unpack_codes
+from .ops import linear
+from .qat import ParetoQQATConfig, ParetoQQATWeight
+from .packed import ParetoQPackedTensor, ParetoQWeightOnlyConfig
+from .size import LayerSize, SizeReport, model_size
+from .serialization import atomic_write, load_safetensors, save, save_safetensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALLOWED_BITS", "FORMATS", "BitFormat", "get_format",
+    "fake_quantize", "init_scale", "search_scale", "quantize_codes", "dequantize_codes",
+    "LAYOUT", "pack_codes", "unpack_codes", "linear",
+    "ParetoQQATConfig", "ParetoQQATWeight", "ParetoQWeightOnlyConfig", "ParetoQPackedTensor",
+    "LayerSize", "SizeReport", "model_size",
+    "atomic_write", "save", "save_safetensors", "load_safetensors",
+]
