@@ -68,6 +68,11 @@ class ParetoQPackedTensor(TorchAOBaseTensor):
     def nbytes_packed(self) -> int:
         return self.qdata.numel() * self.qdata.element_size() + self.scale.numel() * self.scale.element_size()
 
+    def _stable_hash_for_caching(self) -> str:
+        # What a compiled graph depends on: format, shapes, dtypes, device type (not the values).
+        return (f"ParetoQPackedTensor:{self.bits}:{tuple(self.shape)}:{tuple(self.qdata.shape)}:"
+                f"{tuple(self.scale.shape)}:{self.scale.dtype}:{self.qdata.device.type}")
+
     def __repr__(self):
         return (f"ParetoQPackedTensor(shape={tuple(self.shape)}, bits={self.bits}, "
                 f"group_size={self.group_size}, dtype={self.dtype})")
