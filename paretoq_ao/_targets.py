@@ -90,6 +90,7 @@ def describe(module: nn.Module) -> str:
 @dataclass
 class _Plan:
     model: "weakref.ref"
+    config: object
     todo: Dict[int, Tuple[str, bool]]  # id(module) -> (fqn, convert it?)
     memo: dict = field(default_factory=dict)  # shared (tied) weights: id(old) -> new
 
@@ -115,14 +116,18 @@ def run(
     frame, model, filter_fn, default_filter = call
     key = id(frame)
     plan = _PLANS.get(key)
-    if plan is None or plan.model() is not model or id(module) not in plan.todo:
+    if plan is None or plan.model() is not model or plan.config is not config or id(module) not in plan.todo:
         plan = _make_plan(model, config, filter_fn, default_filter, problems)
         _PLANS[key] = plan
     fqn, convert = plan.todo.pop(id(module))
+    try:
+        if convert:
+            apply(module, fqn, plan.memo)
+    except BaseException:
+        _PLANS.pop(key, None)
+        raise
     if not plan.todo:
-        del _PLANS[key]
-    if convert:
-        apply(module, fqn, plan.memo)
+        _PLANS.pop(key, None)
     return module
 
 
@@ -143,7 +148,7 @@ def _make_plan(model, config, filter_fn, default_filter, problems) -> _Plan:
         todo[id(mod)] = (fqn, True)
     if bad:
         raise ValueError(_message(config, bad))
-    return _Plan(model=weakref.ref(model), todo=todo)
+    return _Plan(model=weakref.ref(model), config=config, todo=todo)
 
 
 def _message(config, bad) -> str:

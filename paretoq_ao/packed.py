@@ -94,7 +94,9 @@ def _(func, types, args, kwargs):
             f"{tuple(w.shape)} (in_features={w.shape[1]})"
         )
     out = paretoq_linear(x, w.qdata, w.scale, float(w.bits))
-    return out if b is None else out + b.to(out.dtype)
+    if b is None:
+        return out
+    return out + (b if b.dtype == out.dtype else b.to(out.dtype))
 
 
 def _metadata(t: ParetoQPackedTensor) -> str:
