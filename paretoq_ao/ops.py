@@ -8,6 +8,10 @@
 * ``bits``   1, 1.58, 2, 3 or 4;
 * returns ``input @ dequantize(packed, scale).T`` of shape [..., N] in the input's dtype.
 
+K is taken from ``input``: the op rejects a K whose packed row length differs, but cannot tell
+K values that round up to the same number of bytes apart (e.g. K = 5..8 at 1 bit). The packed
+weight subclass, which knows its K, checks it before calling the op.
+
 The default (CPU) implementation is the plain PyTorch reference: unpack, dequantize in the
 scale's dtype, cast to the input dtype, matmul. Backends (Triton on CUDA, the ExecuTorch kernel
 library) register their own kernels for this op; ``torch.compile`` and ``torch.export`` see one op.

@@ -36,12 +36,18 @@ def packed_row_bytes(in_features: int, code_bits: int) -> int:
 
 def pack_codes(codes: torch.Tensor, bits) -> torch.Tensor:
     """Pack integer codes [N, K] (values < 2**code_bits) into the layout above."""
-    b = get_format(bits).code_bits
+    fmt = get_format(bits)
+    b = fmt.code_bits
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
     n, k = codes.shape
-    if codes.numel() and int(codes.max()) >= (1 << b):
-        raise ValueError(f"codes must be < {1 << b} for {b}-bit storage, got max {int(codes.max())}")
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= fmt.n_codes:
+            raise ValueError(
+                f"codes of the {fmt} format must be in [0, {fmt.n_codes}) for {b}-bit storage "
+                f"(< {1 << b}), got values in [{lo}, {hi}]"
+            )
     k8 = (k + 7) // 8 * 8
     c = torch.zeros(n, k8, dtype=torch.int32, device=codes.device)
     c[:, :k] = codes.to(torch.int32)

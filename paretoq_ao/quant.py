@@ -31,11 +31,12 @@ def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(t.shape[0], groups, t.shape[1] // groups)
 
 
-def _levels(ratio: torch.Tensor, fmt: BitFormat) -> torch.Tensor:
-    """Normalised quantization level q(ratio) of each element (the forward of every format)."""
+def _levels(ratio: torch.Tensor, fmt: BitFormat, w: torch.Tensor) -> torch.Tensor:
+    """Normalised quantization level q of each element of ``w`` (ratio = w / alpha)."""
     if fmt.kind == "binary":
-        # sign with sign(0) := +1 so that every level fits in one bit.
-        return torch.where(ratio >= 0, 1.0, -1.0).to(ratio.dtype)
+        # sign(W) (not of the ratio, which can underflow to -0.0), with sign(0) := +1 so that
+        # every level fits in one bit.
+        return torch.where(w < 0, -1.0, 1.0).to(ratio.dtype)
     if fmt.kind == "seq":
         clipped = torch.clamp(ratio, fmt.clip_lo, fmt.clip_hi)
         return (torch.round(clipped * fmt.seq_levels - fmt.seq_shift) + fmt.seq_shift) / fmt.seq_levels
@@ -59,7 +60,7 @@ class _FakeQuantize(torch.autograd.Function):
         groups = scale.shape[1]
         alpha = scale.clamp_min(SCALE_EPS).unsqueeze(-1)  # [out, groups, 1]
         w = _grouped(weight, groups)
-        out = (_levels(w / alpha, fmt) * alpha).reshape(weight.shape)
+        out = (_levels(w / alpha, fmt, w) * alpha).reshape(weight.shape)
         ctx.save_for_backward(weight, scale)
         ctx.bits = bits
         return out
@@ -70,7 +71,8 @@ class _FakeQuantize(torch.autograd.Function):
         fmt = get_format(ctx.bits)
         groups = scale.shape[1]
         alpha = scale.clamp_min(SCALE_EPS).unsqueeze(-1)
-        ratio = _grouped(weight, groups) / alpha
+        w = _grouped(weight, groups)
+        ratio = w / alpha
         g = _grouped(grad_out, groups)
         grad_weight = grad_scale = None
         if ctx.needs_input_grad[0]:
@@ -79,7 +81,7 @@ class _FakeQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Gradient scale of LSQ: 1 / sqrt(numel of the whole weight * Qp), also with groups.
             gscale = 1.0 / (weight.numel() * fmt.grad_qp) ** 0.5
-            per_elem = _scale_grad_per_element(ratio, _levels(ratio, fmt), fmt)
+            per_elem = _scale_grad_per_element(ratio, _levels(ratio, fmt, w), fmt)
             grad_scale = (per_elem * g * gscale).sum(dim=-1)
         return grad_weight, grad_scale, None
 
@@ -137,7 +139,8 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, bits) -> torch.Ten
     _check_weight_and_scale(weight, scale)
     groups = scale.shape[1]
     alpha = scale.detach().clamp_min(SCALE_EPS).unsqueeze(-1)
-    level = _levels(_grouped(weight.detach(), groups) / alpha, fmt)
+    w = _grouped(weight.detach(), groups)
+    level = _levels(w / alpha, fmt, w)
     codes = torch.round(level.float() / fmt.step + fmt.zero)
     return codes.reshape(weight.shape).to(torch.uint8)
 
@@ -145,6 +148,7 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, bits) -> torch.Ten
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, bits, dtype=None) -> torch.Tensor:
     """Inverse of ``quantize_codes``: (code - zero) * step * alpha, in ``dtype`` (default scale's)."""
     fmt = get_format(bits)
+    _check_weight_and_scale(codes, scale, "codes tensor")
     dtype = dtype or scale.dtype
     groups = scale.shape[1]
     alpha = scale.clamp_min(SCALE_EPS).to(dtype).unsqueeze(-1)
@@ -162,12 +166,15 @@ def search_scale(weight: torch.Tensor, bits, group_size: Optional[int] = None) -
     fmt = get_format(bits)
     base = init_scale(weight, fmt, group_size).float()
     w = _grouped(weight.detach().float(), base.shape[1])
-    best_err = torch.full_like(base, float("inf"))
+    w64 = w.double()
+    best_err = torch.full_like(base, float("inf"), dtype=torch.float64)
     best = base.clone()
     for m in _SEARCH_GRID.tolist():
-        alpha = (base * m).clamp_min(SCALE_EPS).unsqueeze(-1)
-        err = ((_levels(w / alpha, fmt) * alpha - w) ** 2).sum(dim=-1)
+        # candidates are rounded to the weight's dtype first: the error is that of the stored scale
+        cand = (base * m).to(weight.dtype).float()
+        alpha = cand.clamp_min(SCALE_EPS).unsqueeze(-1)
+        err = ((_levels(w / alpha, fmt, w) * alpha).double() - w64).square().sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, base * m, best)
+        best = torch.where(better, cand, best)
     return best.to(weight.dtype)
