@@ -67,7 +67,8 @@ def output_head_names(model: nn.Module) -> set:
 
 
 def _select(model: nn.Module, filter_fn: Callable) -> List[Tuple[str, nn.Module]]:
-    """The modules torchao's traversal hands to the handler, in its order."""
+    """The modules torchao's traversal hands to the handler, in its order (a module registered
+    under several parents is visited once per parent)."""
     chosen = []
 
     def visit(mod, fqn):
@@ -91,7 +92,7 @@ def describe(module: nn.Module) -> str:
 class _Plan:
     model: "weakref.ref"
     config: object
-    todo: Dict[int, Tuple[str, bool]]  # id(module) -> (fqn, convert it?)
+    todo: Dict[int, list]  # id(module) -> [fqn, convert it?, visits left]
     memo: dict = field(default_factory=dict)  # shared (tied) weights: id(old) -> new
 
 
@@ -119,7 +120,11 @@ def run(
     if plan is None or plan.model() is not model or plan.config is not config or id(module) not in plan.todo:
         plan = _make_plan(model, config, filter_fn, default_filter, problems)
         _PLANS[key] = plan
-    fqn, convert = plan.todo.pop(id(module))
+    entry = plan.todo[id(module)]
+    fqn, convert, visits = entry
+    entry[1], entry[2] = False, visits - 1  # later visits of a shared module: nothing to do
+    if entry[2] == 0:
+        del plan.todo[id(module)]
     try:
         if convert:
             apply(module, fqn, plan.memo)
@@ -135,17 +140,31 @@ def _make_plan(model, config, filter_fn, default_filter, problems) -> _Plan:
     filter_fn = filter_fn or default_filter
     selected = _select(model, filter_fn)
     heads = output_head_names(model) if filter_fn is default_filter else set()
+    selected_ids = {id(mod) for _, mod in selected}
+    users = {}  # id(weight) -> names of the modules that hold it
+    for name, mod in model.named_modules():
+        w = mod._parameters.get("weight")
+        if w is not None:
+            users.setdefault(id(w), []).append((name, mod))
     todo, bad = {}, []
     for fqn, mod in selected:
+        if id(mod) in todo:
+            todo[id(mod)][2] += 1
+            continue
         if fqn in heads:
             log.info("paretoq_ao: keeping output head %r (%s) in full precision; pass a filter_fn "
                      "to quantize it", fqn, describe(mod))
-            todo[id(mod)] = (fqn, False)
+            todo[id(mod)] = [fqn, False, 1]
             continue
         errs = problems(mod)
+        w = mod._parameters.get("weight")
+        tied = [n for n, m in users.get(id(w), []) if id(m) not in selected_ids]
+        if tied and not errs:
+            errs = [f"its weight is tied to {', '.join(map(repr, tied))}, which this call does not "
+                    "quantize; untie the weights or leave this layer out (filter_fn)"]
         if errs:
             bad.append((fqn or "<model>", mod, errs))
-        todo[id(mod)] = (fqn, True)
+        todo[id(mod)] = [fqn, True, 1]
     if bad:
         raise ValueError(_message(config, bad))
     return _Plan(model=weakref.ref(model), config=config, todo=todo)

@@ -106,6 +106,12 @@ def _metadata(t: ParetoQPackedTensor) -> str:
 @implements(aten.copy_.default)
 def _(func, types, args, kwargs):
     dst, src = args[0], args[1]
+    if not isinstance(dst, ParetoQPackedTensor):
+        raise ValueError(
+            f"cannot copy a packed ParetoQ weight ({_metadata(src)}) into a plain "
+            f"{tuple(dst.shape)} tensor: convert the model first with "
+            f"ParetoQWeightOnlyConfig(bits={src.bits}, group_size={src.group_size})"
+        )
     if not isinstance(src, ParetoQPackedTensor):
         raise ValueError(
             f"cannot copy a plain {tuple(src.shape)} tensor into a packed ParetoQ weight "
@@ -118,6 +124,22 @@ def _(func, types, args, kwargs):
     dst.qdata.copy_(src.qdata)
     dst.scale.copy_(src.scale)
     return dst
+
+
+def _check_loaded_packed(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook of converted layers: a ValueError naming what differs."""
+    src = state_dict.get(prefix + "weight")
+    dst = module._parameters.get("weight")
+    if src is None or not isinstance(dst, ParetoQPackedTensor):
+        return
+    where = f"checkpoint layer {prefix[:-1]!r}"
+    if not isinstance(src, ParetoQPackedTensor):
+        raise ValueError(
+            f"{where} holds a plain {tuple(src.shape)} weight but the model's layer is packed "
+            f"({_metadata(dst)}); load a checkpoint saved from a converted model"
+        )
+    if (dst.bits, dst.group_size, tuple(dst.shape)) != (src.bits, src.group_size, tuple(src.shape)):
+        raise ValueError(f"{where} was saved with {_metadata(src)} but the model has {_metadata(dst)}")
 
 
 @dataclass
@@ -173,6 +195,7 @@ def _weight_only_transform(module: nn.Module, config: ParetoQWeightOnlyConfig) -
             memo[id(old)] = nn.Parameter(packed, requires_grad=False)
         detach_qat_state(mod)
         mod.weight = memo[id(old)]
+        mod._paretoq_load_hook = mod._register_load_state_dict_pre_hook(_check_loaded_packed, with_module=True)
 
     return _targets.run(module, config, _convert_problems(config), apply)
 
