@@ -12,12 +12,22 @@ K is taken from ``input``: the op rejects a K whose packed row length differs, b
 K values that round up to the same number of bytes apart (e.g. K = 5..8 at 1 bit). The packed
 weight subclass, which knows its K, checks it before calling the op.
 
-The default (CPU) implementation is the plain PyTorch reference: unpack, dequantize in the
-scale's dtype, cast to the input dtype, matmul. Backends (Triton on CUDA, the ExecuTorch kernel
-library) register their own kernels for this op; ``torch.compile`` and ``torch.export`` see one op.
+Implementations, chosen per call:
+
+* CUDA tensors (and CPU tensors while ``TRITON_INTERPRET=1``, which runs the same kernels in
+  Triton's interpreter): the fused kernels of ``paretoq_ao.triton_kernels``, loaded on first use;
+  inputs they do not support (e.g. fp64) fall back to the reference;
+* otherwise the plain PyTorch reference: unpack, dequantize in the scale's dtype, cast to the
+  input dtype, matmul.
+
+``torch.compile`` and ``torch.export`` see the single op (its fake implementation gives shapes);
+the ExecuTorch kernel library implements the same schema.
 """
 
 from __future__ import annotations
+
+import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +58,9 @@ def check_linear_args(input: torch.Tensor, packed: torch.Tensor, scale: torch.Te
             f"{tuple(packed.shape)} holds {packed.shape[1]} bytes per row "
             f"(K={k} needs {packed_row_bytes(k, fmt.code_bits)})"
         )
-    if scale.dim() != 2 or scale.shape[0] != packed.shape[0] or k % scale.shape[1]:
+    if not scale.dtype.is_floating_point:
+        raise TypeError(f"paretoq::linear: scale must be floating point, got {scale.dtype}")
+    if scale.dim() != 2 or scale.shape[0] != packed.shape[0] or scale.shape[1] == 0 or k % scale.shape[1]:
         raise ValueError(
             f"paretoq::linear: scale of shape {tuple(scale.shape)} does not fit a weight of "
             f"{packed.shape[0]} rows and K={k} (expected [N, 1] or [N, K // group_size])"
@@ -68,9 +80,25 @@ def reference_linear(input, packed, scale, bits) -> torch.Tensor:
     return F.linear(input, weight)
 
 
+_TRITON = None
+
+
+def _triton_backend(input: torch.Tensor):
+    """The Triton kernels module when this call should use it, else None."""
+    global _TRITON
+    if not (input.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    if _TRITON is None:
+        _TRITON = importlib.import_module("paretoq_ao.triton_kernels")
+    return _TRITON
+
+
 @torch.library.custom_op("paretoq::linear", mutates_args=())
 def linear(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: float) -> torch.Tensor:
     check_linear_args(input, packed, scale, bits)
+    triton = _triton_backend(input)
+    if triton is not None and triton.supports(input, packed, scale, bits):
+        return triton.triton_linear(input, packed, scale, bits)
     return reference_linear(input, packed, scale, bits)
 
 

@@ -371,3 +371,10 @@ def test_linear_bad_bits(bad):
     _, packed, scale = make_case(2, 3, 8, 1, torch.float32, seed=0)
     with pytest.raises(ERRORS, match=r"allowed values are 1, 1\.58, 2, 3, 4"):
         torch.ops.paretoq.linear(torch.randn(2, 8), packed, scale, bad)
+
+
+@pytest.mark.parametrize("scale", [torch.ones(3, 0), torch.ones(3, 1, dtype=torch.int32)], ids=["no-groups", "int"])
+def test_linear_rejects_empty_or_integer_scale(scale):
+    _, packed, _ = make_case(2, 3, 8, 1, torch.float32, seed=0)
+    with pytest.raises((ValueError, TypeError), match=r"scale"):
+        pq.linear(torch.randn(2, 8), packed, scale, 2.0)

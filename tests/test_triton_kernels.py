@@ -1,0 +1,415 @@
+"""Triton kernels of ``paretoq::linear`` (paretoq_ao.triton_kernels) under the Triton interpreter.
+
+Every bit width x {per-row, group} scales x {M = 1 (GEMV), small M, M > 64 (tl.dot tiles)} x
+{fp32, fp16} against ``paretoq_ao.ops.reference_linear``, odd N and K (K not a multiple of 8),
+forced configs (split-K on/off, per-element group scales, GEMV for M > 1), the layout written by
+the torchao converter, strided inputs, edge shapes, the tuner's pruning, and input validation.
+"""
+
+import os
+
+# The kernels are defined as interpreter functions only if this is set when they are imported;
+# it is restored below so that the other test modules keep the op's reference path.
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import paretoq_ao as pq  # noqa: E402
+from paretoq_ao.ops import reference_linear  # noqa: E402
+
+if "paretoq_ao.triton_kernels.linear" in sys.modules:  # imported earlier without the interpreter?
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(sys.modules["paretoq_ao.triton_kernels.linear"]._gemm_kernel,
+                      InterpretedFunction):
+        pytest.skip("paretoq_ao.triton_kernels was imported before TRITON_INTERPRET=1 was set; "
+                    "run this file on its own", allow_module_level=True)
+
+from paretoq_ao.triton_kernels import (  # noqa: E402
+    KernelConfig, clear_cache, model_shapes, supports, triton_linear, tuned_configs, warmup,
+)
+from paretoq_ao.triton_kernels import tuning  # noqa: E402
+from paretoq_ao.triton_kernels.linear import Problem, scale_mode, split_plan  # noqa: E402
+
+if _PREVIOUS_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """Each test here runs with TRITON_INTERPRET=1: paretoq::linear on CPU uses the kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+BITS = [1, 1.58, 2, 3, 4]
+
+
+def make_weight(N, K, bits, group_size=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    scale = pq.init_scale(w, bits, group_size)
+    packed = pq.pack_codes(pq.quantize_codes(w, scale, bits), bits)
+    return packed, scale.to(dtype)
+
+
+def make_x(shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def assert_close(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    out, ref = out.double(), ref.double()
+    mag = ref.abs().max().item() + 1e-12
+    err = (out - ref).abs().max().item()
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    assert err <= tol * mag, f"max abs err {err:.3g} > {tol} * max|ref| ({mag:.3g})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The main matrix
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M", [1, 3, 70])
+@pytest.mark.parametrize("group_size", [None, 32], ids=["row", "g32"])
+@pytest.mark.parametrize("bits", BITS)
+def test_matches_reference(bits, group_size, M, dtype):
+    N, K = 33, (160 if group_size else 45)  # odd N; per-row K not a multiple of 8
+    packed, scale = make_weight(N, K, bits, group_size, dtype)
+    x = make_x((M, K), dtype)
+    out = triton_linear(x, packed, scale, bits)
+    assert_close(out, reference_linear(x, packed, scale, bits), dtype)
+
+
+# Forced configs: split-K on/off, per-element group scales (group 24 < BLOCK_K 32), the GEMV
+# kernel serving M > 1, the small-M tl.dot kernel with several splits, grouped ordering.
+FORCED = [
+    ("gemv_nosplit", 1, dict(kind="gemv", block_n=16, block_k=32, split_k=1)),
+    ("gemv_split3", 1, dict(kind="gemv", block_n=32, block_k=16, split_k=3)),
+    ("gemv_M3", 3, dict(kind="gemv", block_n=16, block_k=64, split_k=2)),
+    ("small_nosplit", 5, dict(kind="gemm", block_m=16, block_n=32, block_k=32, split_k=1)),
+    ("small_split4", 17, dict(kind="gemm", block_m=16, block_n=16, block_k=16, split_k=4)),
+    ("large_bk64", 70, dict(kind="gemm", block_m=16, block_n=16, block_k=64, group_m=3)),
+]
+
+
+@pytest.mark.parametrize("group_size", [None, 24, 48], ids=["row", "g24", "g48"])
+@pytest.mark.parametrize("name,M,cfg", FORCED, ids=[f[0] for f in FORCED])
+@pytest.mark.parametrize("bits", [1.58, 3])
+def test_forced_configs(bits, name, M, cfg, group_size):
+    N, K = 19, 96
+    packed, scale = make_weight(N, K, bits, group_size)
+    x = make_x((M, K))
+    out = triton_linear(x, packed, scale, bits, config=cfg)
+    assert_close(out, reference_linear(x, packed, scale, bits), torch.float32)
+
+
+def test_scale_modes_are_exercised():
+    p = Problem(M=1, N=8, K=96, bits=2, code_bits=2, groups=4, x_dtype=torch.float32,
+                out_dtype=torch.float32, dot_precision=None, device="cpu")
+    assert scale_mode(p, KernelConfig("gemv", block_n=16, block_k=32)) == 2  # 24 % 32
+    assert scale_mode(p, KernelConfig("gemv", block_n=16, block_k=8)) == 1
+    assert split_plan(96, 32, 3) == (3, 32)
+    assert split_plan(96, 32, 8) == (3, 32)  # never more splits than K tiles
+    assert split_plan(100, 16, 4) == (4, 32)  # 7 tiles -> 2 per split, 4 splits
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_and_out_dtype(bits):
+    packed, scale = make_weight(17, 64, bits, 16, torch.bfloat16)
+    x = make_x((2, 64), torch.bfloat16)
+    out = triton_linear(x, packed, scale, bits)
+    assert_close(out, reference_linear(x, packed, scale, bits), torch.bfloat16)
+    x16 = make_x((1, 64), torch.float16)
+    out32 = triton_linear(x16, packed, scale, bits, out_dtype=torch.float32)
+    assert out32.dtype == torch.float32
+    ref = reference_linear(x16.float(), packed, scale, bits)
+    assert_close(out32, ref, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout the converter writes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [None, 32], ids=["row", "g32"])
+@pytest.mark.parametrize("bits", BITS)
+def test_converter_layout(bits, group_size):
+    from torchao import quantize_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 37, bias=True))
+    quantize_(model, pq.ParetoQWeightOnlyConfig(bits=bits, group_size=group_size))
+    w = model[0].weight
+    assert isinstance(w, pq.ParetoQPackedTensor)
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        expected = model(x)
+        out = triton_linear(x, w.qdata, w.scale, w.bits) + model[0].bias
+    assert_close(out, expected, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strides and edge shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_leading_dims_and_strided_inputs():
+    bits, N, K = 3, 21, 40
+    packed, scale = make_weight(N, K, bits, 8)
+    ref_x = make_x((2, 3, K))
+    ref = reference_linear(ref_x, packed, scale, bits)
+    assert triton_linear(ref_x, packed, scale, bits).shape == (2, 3, N)
+    assert_close(triton_linear(ref_x, packed, scale, bits), ref, torch.float32)
+    # x with a row stride (a column slice of a wider tensor): no copy needed
+    wide = torch.zeros(2, 3, K + 7)
+    wide[..., :K] = ref_x
+    assert_close(triton_linear(wide[..., :K], packed, scale, bits), ref, torch.float32)
+    # x whose last dimension is not unit-stride: copied once
+    xt = ref_x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert xt.stride(-1) != 1
+    assert_close(triton_linear(xt, packed, scale, bits), ref, torch.float32)
+    # packed rows with a stride (view into a wider buffer) and a non-contiguous scale
+    pw = torch.zeros(N, packed.shape[1] + 5, dtype=torch.uint8)
+    pw[:, : packed.shape[1]] = packed
+    st = scale.t().contiguous().t()
+    assert not st.is_contiguous()
+    assert_close(triton_linear(ref_x, pw[:, : packed.shape[1]], st, bits), ref, torch.float32)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (2, 5, 8), (1, 16, 9), (65, 3, 17)])
+def test_edge_shapes(bits, M, N, K):
+    packed, scale = make_weight(N, K, bits)
+    x = make_x((M, K))
+    assert_close(triton_linear(x, packed, scale, bits), reference_linear(x, packed, scale, bits),
+                 torch.float32)
+
+
+def test_empty_and_tiny_scales():
+    packed, scale = make_weight(6, 16, 2)
+    assert triton_linear(torch.randn(0, 16), packed, scale, 2).shape == (0, 6)
+    assert triton_linear(torch.randn(4, 0, 16), packed, scale, 2).shape == (4, 0, 6)
+    scale = scale.clone()
+    scale[2] = 0.0  # clamped to SCALE_EPS like dequantize_codes
+    scale[3] = -1.0
+    x = make_x((3, 16))
+    assert_close(triton_linear(x, packed, scale, 2), reference_linear(x, packed, scale, 2),
+                 torch.float32)
+
+
+def test_every_code_value_decodes():
+    # All codes of each width at every bit offset (3-bit codes straddling bytes included).
+    for bits in BITS:
+        fmt = pq.get_format(bits)
+        K = 8 * fmt.n_codes + 3
+        codes = (torch.arange(4 * K).reshape(4, K) % fmt.n_codes).to(torch.uint8)
+        packed = pq.pack_codes(codes, bits)
+        scale = torch.ones(4, 1)
+        eye = torch.eye(K)  # x = I: the output is the dequantized weight, transposed
+        out = triton_linear(eye, packed, scale, bits)
+        want = pq.dequantize_codes(codes, scale, bits).t()
+        assert torch.equal(out, want), bits
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning, warmup
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_problem(M, N, K, groups=1, code_bits=2, dtype=torch.float16):
+    return Problem(M=M, N=N, K=K, bits=2, code_bits=code_bits, groups=groups, x_dtype=dtype,
+                   out_dtype=dtype, dot_precision=None, device="NVIDIA H100", num_sms=132,
+                   smem_bytes=232448)
+
+
+def test_pruner_on_gpu_shapes(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # pretend: full candidate sets
+    for M, N, K, groups in [(1, 4096, 4096, 1), (4, 4096, 14336, 112), (64, 33, 45, 1),
+                            (256, 28672, 8192, 64), (1, 16, 24, 3), (70, 8, 8, 1),
+                            (1, 4096, 4096, 128), (16, 4096, 4096, 256), (256, 4096, 4096, 128)]:
+        p = gpu_problem(M, N, K, groups)
+        cands = tuning.candidate_configs(p)
+        kept = tuning.prune(cands, p)
+        assert kept, (M, N, K)
+        for c in kept:
+            if c.kind == "gemm":
+                assert min(c.block_m, c.block_n, c.block_k) >= 16
+            if c.split_k > 1:
+                assert c.split_k <= -(-K // c.block_k)
+            if groups > 1 and any(scale_mode(p, c2) == 1 for c2 in cands):
+                assert scale_mode(p, c) == 1
+            assert tuning._smem_estimate(p, c) <= p.smem_bytes
+        if groups > 1 and (K // groups) % 16 == 0:  # groups of 16, 32, ...: per-tile scales
+            assert all(scale_mode(p, c) == 1 for c in kept), (M, N, K, groups)
+        d = tuning.default_config(p)
+        d.check()
+        assert d.kind == ("gemv" if M == 1 else "gemm")
+    # large M: no split-K, tensor-core tiles only; M bucket in the key
+    p = gpu_problem(300, 4096, 4096)
+    assert all(c.kind == "gemm" and c.split_k == 1 for c in tuning.prune(tuning.candidate_configs(p), p))
+    assert tuning.tuning_key(p)[:2] == ("large", 512)
+    assert tuning.tuning_key(gpu_problem(3, 64, 64))[:2] == ("small", 4)
+    assert tuning.tuning_key(gpu_problem(5000, 64, 64))[:2] == ("large", 1024)
+    # deterministic algorithms: split-K configs are dropped
+    torch.use_deterministic_algorithms(True)
+    try:
+        p = gpu_problem(1, 4096, 4096)
+        assert all(c.split_k == 1 for c in tuning.prune(tuning.candidate_configs(p), p))
+        assert tuning.default_config(p).split_k == 1
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_interpreter_uses_one_config_and_warmup():
+    clear_cache()
+    p = gpu_problem(3, 64, 64)
+    assert len(tuning.candidate_configs(p)) == 1
+    got = warmup((1, 33, 45, 3), (3, 33, 96, 2, 32), (70, 16, 32, 4, None), dtype=torch.float32)
+    assert set(got) == {(1, 33, 45, 3, None), (3, 33, 96, 2, 32), (70, 16, 32, 4, None)}
+    assert all(isinstance(c, KernelConfig) for c in got.values())
+    assert len(tuned_configs()) == 3
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    from torchao import quantize_
+
+    quantize_(model, pq.ParetoQWeightOnlyConfig(bits=2, group_size=8))
+    assert model_shapes(model, (1, 4)) == [(1, 16, 32, 2, 8), (4, 16, 32, 2, 8),
+                                          (1, 8, 16, 2, 8), (4, 8, 16, 2, 8)]
+    with pytest.raises(ValueError, match="group_size"):
+        warmup((1, 16, 30, 2, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_errors():
+    packed, scale = make_weight(8, 32, 2)
+    x = torch.randn(2, 32)
+    with pytest.raises(TypeError, match="float64"):
+        triton_linear(x.double(), packed, scale, 2)
+    with pytest.raises(TypeError, match="int32"):
+        triton_linear(x.to(torch.int32), packed, scale, 2)
+    with pytest.raises(TypeError, match="scale of dtype float64"):
+        triton_linear(x, packed, scale.double(), 2)
+    with pytest.raises(TypeError, match="out_dtype"):
+        triton_linear(x, packed, scale, 2, out_dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"K=40.*\(8, 8\)"):
+        triton_linear(torch.randn(2, 40), packed, scale, 2)  # K mismatch names the shapes
+    with pytest.raises(ValueError, match="bits"):
+        triton_linear(x, packed, scale, 5)
+    with pytest.raises(TypeError, match="uint8"):
+        triton_linear(x, packed.to(torch.int16), scale, 2)
+    with pytest.raises(ValueError, match="scale of shape"):
+        triton_linear(x, packed, torch.ones(8, 3), 2)
+    with pytest.raises(ValueError, match="scale of shape"):
+        triton_linear(x, packed, torch.ones(8, 0), 2)
+    with pytest.raises(ValueError, match="different devices"):
+        triton_linear(x.to("meta"), packed, scale, 2)
+    with pytest.raises(ValueError, match="on the CPU"):
+        triton_linear(x.to("meta"), packed.to("meta"), scale.to("meta"), 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_linear(x, packed.t().contiguous().t(), scale, 2)
+    with pytest.raises(ValueError, match="BLOCK_M/N/K >= 16"):
+        triton_linear(x, packed, scale, 2, config=dict(kind="gemm", block_m=8, block_n=16, block_k=16))
+    with pytest.raises(ValueError, match="powers of two"):
+        triton_linear(x, packed, scale, 2, config=dict(kind="gemv", block_n=12, block_k=16))
+    assert supports(x, packed, scale, 2)
+    assert not supports(x.double(), packed, scale, 2)
+
+
+def test_requires_cuda_without_interpreter(monkeypatch):
+    packed, scale = make_weight(8, 32, 2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA device"):
+        triton_linear(torch.randn(2, 32), packed, scale, 2)
+    assert not supports(torch.randn(2, 32), packed, scale, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU legality without a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the GPU compiler rejects (tl.dot < 16, layouts): compile a few
+    kernels for sm_90 with Triton's bundled ptxas, in a subprocess without TRITON_INTERPRET."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-m", "paretoq_ao.triton_kernels.compile_check", "--quick"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "5/5 kernels compiled" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The public path: paretoq::linear routes to the kernels (CUDA, or CPU under the interpreter)
+# ---------------------------------------------------------------------------------------------
+
+
+def _converted_linear(bits, group_size, k=64, n=48, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(k, n), nn.ReLU(), nn.Linear(n, 24, bias=False))
+    from torchao import quantize_
+
+    quantize_(m, pq.ParetoQWeightOnlyConfig(bits=bits, group_size=group_size))
+    return m
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    import paretoq_ao.triton_kernels as tk
+
+    calls = []
+    real = tk.triton_linear
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "triton_linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, None), (1.58, 16), (3, None), (4, 16), (1, None)])
+def test_op_routes_to_kernels_under_interpreter(bits, group_size, kernel_calls, monkeypatch):
+    m = _converted_linear(bits, group_size)
+    x = make_x((5, 64))
+    out = m(x)
+    assert kernel_calls == [(5, 64), (5, 48)]
+    monkeypatch.delenv("TRITON_INTERPRET")  # the reference path, as every other CPU test sees it
+    ref = m(x)
+    assert len(kernel_calls) == 2
+    assert_close(out, ref, torch.float32)
+
+
+def test_op_falls_back_to_reference_for_unsupported_dtype(kernel_calls):
+    m = _converted_linear(2, None).double()
+    x = make_x((3, 64)).double()
+    out = m(x)
+    assert kernel_calls == []  # fp64 is not a kernel dtype: the reference handles it
+    w0, w1 = m[0].weight.dequantize(torch.float64), m[2].weight.dequantize(torch.float64)
+    expected = torch.relu(x @ w0.T + m[0].bias.double()) @ w1.T
+    torch.testing.assert_close(out, expected)
+
+
+def test_compiled_model_runs_kernels_and_matches_eager(kernel_calls):
+    torch._dynamo.reset()
+    m = _converted_linear(2, 16)
+    x = make_x((4, 64))
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)(x)
+    assert len(kernel_calls) == 4  # two layers, eager then compiled
+    torch.testing.assert_close(compiled, eager)
+    torch._dynamo.reset()

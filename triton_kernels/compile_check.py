@@ -1,0 +1,146 @@
+"""Compile the kernels for a GPU target without a GPU (Triton's bundled ptxas), to catch code the
+interpreter accepts but the GPU compiler rejects (tl.dot tiles < 16, layouts, dtypes, atomics).
+
+    python -m paretoq_ao.triton_kernels.compile_check            # every format/mode/dtype, 2 tiles
+    python -m paretoq_ao.triton_kernels.compile_check --configs  # every autotune candidate (3-bit)
+    python -m paretoq_ao.triton_kernels.compile_check --quick    # a handful (used by the tests)
+
+Needs ``TRITON_INTERPRET`` unset (the kernels must be real ``triton.jit`` functions). Prints one
+line per failure and exits with status 1 if any kernel failed to compile, 3 if the toolchain
+(Triton's NVIDIA backend with its bundled ptxas) is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic: bool = False,
+                   aligned: bool = True, arch: int = 90, group_size: int = 128):
+    """Compile ``_gemv_kernel`` / ``_gemm_kernel`` for ``cfg`` on cuda:sm_<arch>; returns the kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import linear as L
+
+    x = _DT[x_dtype]
+    sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "s_ptr": f"*{x}",
+           "out_ptr": "*fp32" if atomic else f"*{x}"}
+    ints = (["M"] if cfg.kind == "gemm" else []) + [
+        "N", "K", "row_bytes", "k_per_split", "stride_xm", "stride_om", "stride_wn", "stride_sn",
+        "stride_sg"]
+    for name in ints:
+        sig[name] = "i32"
+    cons = dict(
+        CODE_BITS=code_bits, PER_UNIT=8 if code_bits == 3 else 8 // code_bits, TWO_ZERO=8.0,
+        HALF_STEP=0.5, SCALE_MODE=mode, GROUP_SIZE=group_size if mode else 1, SCALE_EPS_=1e-5,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
+    )
+    if cfg.kind == "gemm":
+        prec = None if x_dtype != torch.float32 else "ieee"
+        cons.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_PRECISION=prec)
+    for name in cons:
+        sig[name] = "constexpr"
+    attrs = {}
+    if aligned:  # what a launch with 16-divisible pointers, sizes and strides specialises to
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
+                 if sig[name] != "constexpr" and name not in ("stride_sg",)}
+    fn = L._gemm_kernel if cfg.kind == "gemm" else L._gemv_kernel
+    src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def _jobs(which: str):
+    from .linear import KernelConfig
+    from . import tuning
+
+    g = KernelConfig("gemm", block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    g16 = KernelConfig("gemm", block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=3)
+    v = KernelConfig("gemv", block_n=32, block_k=128, num_warps=4)
+    if which == "quick":
+        yield g16, 3, 2, torch.float16, True, False
+        yield g, 1, 1, torch.bfloat16, False, True
+        yield g, 4, 0, torch.float32, False, True
+        yield v, 3, 1, torch.float16, True, True
+        yield v, 2, 2, torch.bfloat16, False, False
+        return
+    if which == "configs":
+        seen = set()
+        from .linear import Problem
+
+        narrow = Problem(M=64, N=4096, K=4096, bits=3, code_bits=3, groups=128,
+                         x_dtype=torch.float16, out_dtype=torch.float16, dot_precision=None,
+                         device="x")
+        for c in (tuning._gemv_candidates() + tuning._small_candidates(64)
+                  + tuning._small_candidates(16) + tuning._large_candidates()
+                  + tuning._gemv_candidates(problem=narrow) + tuning._small_candidates(4, narrow)
+                  + tuning._large_candidates(narrow)):
+            if c not in seen:
+                seen.add(c)
+                yield c, 3, 1, torch.float16, c.split_k > 1, True
+        return
+    for c, cb, mode, dt, atomic in itertools.product(
+            (g, g16, v), (1, 2, 3, 4), (0, 1, 2), tuple(_DT), (False, True)):
+        yield c, cb, mode, dt, atomic, cb != 4
+
+
+def toolchain_problem(arch: int = 90):
+    """None when Triton's NVIDIA backend and its ptxas are usable here, else the reason."""
+    try:
+        import triton.backends as tb
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        if "nvidia" not in tb.backends:
+            return "Triton has no NVIDIA backend"
+        tool = get_ptxas(arch)
+        path = getattr(tool, "path", None)
+        if not path or not os.path.exists(path):
+            return f"ptxas not found ({path})"
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    grp = ap.add_mutually_exclusive_group()
+    grp.add_argument("--quick", action="store_true")
+    grp.add_argument("--configs", action="store_true")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (kernels must be compiled, not interpreted)")
+        return 2
+    problem = toolchain_problem(args.arch)
+    if problem:
+        print(f"compile_check: SKIP: {problem}")
+        return 3
+    which = "quick" if args.quick else ("configs" if args.configs else "formats")
+    fails = n = 0
+    t0 = time.time()
+    for cfg, cb, mode, dt, atomic, aligned in _jobs(which):
+        n += 1
+        try:
+            compile_kernel(cfg, cb, mode, dt, atomic, aligned, arch=args.arch,
+                           group_size=128 if mode == 1 else 24)
+        except Exception as e:  # noqa: BLE001
+            fails += 1
+            print(f"FAIL {cfg} code_bits={cb} scale_mode={mode} {dt} atomic={atomic} "
+                  f"aligned={aligned}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+    print(f"compile_check ({which}, sm_{args.arch}): {n - fails}/{n} kernels compiled "
+          f"in {time.time() - t0:.0f}s")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Config selection for ``triton_linear``: candidate sets, pruner, autotune cache, warmup.
+
+Paths (by M, the number of activation rows):
+
+* ``gemv``  M == 1: ``_gemv_kernel`` configs, split-K 1..16;
+* ``small`` 2 <= M <= 64: ``_gemm_kernel`` with BLOCK_M 16..64 and split-K 1..8, plus GEMV
+  configs (one program row per activation row) while M <= 4;
+* ``large`` M > 64: ``_gemm_kernel`` tensor-core tiles, no split-K, grouped program order.
+
+With narrow scale groups (group size not a multiple of 64, e.g. 16 or 32) the candidate sets use
+K tiles of 16/32 so that a tile stays inside one group (one scale per row per tile).
+
+The autotune key is ``(path, M bucket, N, K, bits, groups, x dtype, out dtype, fp32 dot precision,
+deterministic flag, device name)`` with M bucket = 1 for M == 1, else the next power of two
+(capped at 1024). Candidates are pruned per shape (``prune``): tiles wider than the padded shape,
+tl.dot tiles < 16 (illegal on GPU), more K splits than K tiles, split-K when
+``torch.are_deterministic_algorithms_enabled()``, too many split-K programs, tiles whose software
+pipeline would not fit in shared memory; with group scales, configs whose K tile lies inside one
+group are kept in preference to per-element scale gathers. Each surviving config is timed with
+``triton.testing.do_bench`` (which flushes L2 between repetitions) on the real arguments, through
+the full launcher (so the zero-fill and cast of split-K are part of the time); configs that fail
+to compile are skipped. The winner is cached per key for the life of the process.
+
+No benchmarking happens (``default_config`` is used) under ``TRITON_INTERPRET=1`` (one fixed
+config per path), with ``PARETOQ_TRITON_AUTOTUNE=0``, or while a CUDA graph is being captured
+(with a warning; call ``warmup`` before capture so that the tuned configs are cached).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import triton
+
+from .linear import (
+    GEMV_MAX_M, KernelConfig, Problem, _prepare, interpreting, scale_mode, triton_linear,
+)
+
+__all__ = [
+    "path_of", "m_bucket", "tuning_key", "candidate_configs", "prune", "default_config",
+    "get_config", "warmup", "model_shapes", "tuned_configs", "clear_cache",
+]
+
+_CACHE: Dict[tuple, KernelConfig] = {}
+_WARNED: set = set()
+
+
+def _np2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def path_of(M: int) -> str:
+    return "gemv" if M == 1 else ("small" if M <= 64 else "large")
+
+
+def m_bucket(M: int) -> int:
+    return 1 if M <= 1 else min(_np2(M), 1024)
+
+
+def _deterministic() -> bool:
+    return bool(torch.are_deterministic_algorithms_enabled())
+
+
+def tuning_key(problem: Problem) -> tuple:
+    return (
+        path_of(problem.M), m_bucket(problem.M), problem.N, problem.K, problem.bits,
+        problem.groups, str(problem.x_dtype), str(problem.out_dtype), problem.dot_precision,
+        _deterministic(), problem.device,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------
+
+
+def _narrow_groups(problem: Optional[Problem]) -> bool:
+    """Group scales whose groups are narrower than the usual K tiles (e.g. 16 or 32 columns)."""
+    return problem is not None and problem.groups > 1 and problem.group_size % 64 != 0
+
+
+def _gemv_candidates(splits=(1, 2, 4, 8, 16), problem: Optional[Problem] = None):
+    out = []
+    tiles = [(16, 256), (32, 128), (32, 256), (64, 64), (64, 128)]
+    if _narrow_groups(problem):
+        tiles += [(64, 32), (128, 32), (128, 16)]
+    for bn, bk in tiles:
+        for sk in splits:
+            out.append(KernelConfig("gemv", block_n=bn, block_k=bk, split_k=sk,
+                                    num_warps=4 if bn * bk <= 4096 else 8, num_stages=2))
+    return out
+
+
+def _small_candidates(M: int, problem: Optional[Problem] = None) -> List[KernelConfig]:
+    out = []
+    bm_max = max(16, min(64, _np2(M)))
+    bks = (16, 32) if _narrow_groups(problem) else (64, 128)
+    for bm in sorted({16, bm_max}):
+        for bn in (32, 64, 128):
+            for bk in bks:
+                for sk in (1, 2, 4, 8):
+                    out.append(KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=sk,
+                                            group_m=8, num_warps=4, num_stages=3))
+    if M <= 4:
+        out += _gemv_candidates(splits=(1, 2, 4, 8), problem=problem)
+    return out
+
+
+def _large_candidates(problem: Optional[Problem] = None) -> List[KernelConfig]:
+    if _narrow_groups(problem):
+        tiles = [(128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
+                 (64, 256, 32, 4, 4), (128, 128, 16, 4, 4), (64, 128, 16, 4, 4)]
+        return [KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=1, group_m=8,
+                             num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
+    tiles = [
+        # BM, BN, BK, warps, stages
+        (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 256, 32, 4, 4),
+        (128, 128, 128, 8, 2), (64, 128, 128, 4, 3),
+    ]
+    return [KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=1, group_m=8,
+                         num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
+
+
+def candidate_configs(problem: Problem) -> List[KernelConfig]:
+    """Every config of the problem's path, before pruning (a single one under the interpreter)."""
+    if interpreting():
+        return [default_config(problem)]
+    path = path_of(problem.M)
+    if path == "gemv":
+        return _gemv_candidates(problem=problem)
+    if path == "small":
+        return _small_candidates(problem.M, problem)
+    return _large_candidates(problem)
+
+
+def _smem_estimate(problem: Problem, cfg: KernelConfig) -> int:
+    """Bytes of shared memory the software pipeline of ``_gemm_kernel`` needs (upper estimate)."""
+    if cfg.kind != "gemm":
+        return 0
+    xb = torch.empty((), dtype=problem.x_dtype).element_size()
+    w_bytes = cfg.block_n * cfg.block_k * (2 if problem.code_bits == 3 else 1)
+    s_bytes = cfg.block_n * cfg.block_k * 4 if scale_mode(problem, cfg) == 2 else 0
+    return cfg.num_stages * (cfg.block_m * cfg.block_k * xb + w_bytes + s_bytes)
+
+
+def prune(configs: Iterable[KernelConfig], problem: Problem) -> List[KernelConfig]:
+    """Drop configs illegal or pointless for the shape; never returns an empty list."""
+    M, N, K = problem.M, problem.N, problem.K
+    det = _deterministic()
+    keep = []
+    for c in configs:
+        if c.kind == "gemm" and min(c.block_m, c.block_n, c.block_k) < 16:
+            continue  # tl.dot does not compile below 16 on GPU
+        if c.kind == "gemv" and M > GEMV_MAX_M:
+            continue
+        if c.block_k > max(16, _np2(K)) or c.block_n > max(16, _np2(N)):
+            continue
+        if c.kind == "gemm" and c.block_m > max(16, _np2(M)):
+            continue
+        k_tiles = triton.cdiv(K, c.block_k)
+        if c.split_k > 1:
+            if det or c.split_k > k_tiles:
+                continue
+            m_tiles = M if c.kind == "gemv" else triton.cdiv(M, c.block_m)
+            if m_tiles * triton.cdiv(N, c.block_n) * c.split_k > 8 * max(1, problem.num_sms):
+                continue  # enough programs without this many splits
+        if problem.smem_bytes and _smem_estimate(problem, c) > problem.smem_bytes:
+            continue
+        keep.append(c)
+    if problem.groups > 1:
+        aligned = [c for c in keep if scale_mode(problem, c) == 1]
+        if aligned:
+            keep = aligned
+    return keep or [default_config(problem)]
+
+
+def _pick_block_k(problem: Problem, prefer: int, lo: int = 16) -> int:
+    cap = max(lo, _np2(problem.K))
+    prefer = min(prefer, cap)
+    if problem.groups > 1:
+        bk = prefer
+        while bk >= lo:
+            if problem.group_size % bk == 0:
+                return bk
+            bk //= 2
+    return prefer
+
+
+def _pick_split(problem: Problem, tiles: int, block_k: int, max_split: int) -> int:
+    if _deterministic() or interpreting():
+        return 1
+    target = 2 * max(1, problem.num_sms)
+    split = 1
+    k_tiles = triton.cdiv(problem.K, block_k)
+    while tiles * split < target and split * 2 <= min(max_split, k_tiles):
+        split *= 2
+    return split
+
+
+def default_config(problem: Problem) -> KernelConfig:
+    """A legal config from simple rules (no benchmarking)."""
+    M, N = problem.M, problem.N
+    path = path_of(M)
+    if interpreting():
+        # One small config per path; split-K is exercised (clamped by split_plan when K is short).
+        if path == "gemv":
+            return KernelConfig("gemv", block_n=16, block_k=32, split_k=2)
+        if path == "small":
+            return KernelConfig("gemm", block_m=16, block_n=16, block_k=32, split_k=2, group_m=2)
+        return KernelConfig("gemm", block_m=32, block_n=32, block_k=32, split_k=1, group_m=2)
+    if path == "gemv":
+        bn = 32 if N >= 2048 else 16
+        bk = _pick_block_k(problem, 128)
+        sk = _pick_split(problem, triton.cdiv(N, bn), bk, 16)
+        return KernelConfig("gemv", block_n=bn, block_k=bk, split_k=sk, num_warps=4)
+    if path == "small":
+        bm = max(16, min(64, _np2(M)))
+        bn = 64
+        bk = _pick_block_k(problem, 128)
+        sk = _pick_split(problem, triton.cdiv(M, bm) * triton.cdiv(N, bn), bk, 8)
+        return KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=sk, group_m=8,
+                            num_warps=4, num_stages=3)
+    bk = _pick_block_k(problem, 64)
+    return KernelConfig("gemm", block_m=128, block_n=128, block_k=bk, split_k=1, group_m=8,
+                        num_warps=8, num_stages=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("PARETOQ_TRITON_AUTOTUNE", "1") not in ("0", "", "false", "False")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def get_config(problem: Problem, run: Callable[[KernelConfig], object]) -> KernelConfig:
+    """The cached config for the problem's key, tuning with ``run(config)`` on a miss."""
+    key = tuning_key(problem)
+    cfg = _CACHE.get(key)
+    if cfg is not None:
+        return cfg
+    if interpreting() or not _autotune_enabled():
+        cfg = default_config(problem)
+        _CACHE[key] = cfg
+        return cfg
+    if _capturing():
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                f"triton_linear: no tuned config for {key} during CUDA graph capture; using the "
+                "default config (call paretoq_ao.triton_kernels.warmup(...) before capturing)",
+                stacklevel=3,
+            )
+        return default_config(problem)  # not cached: a later eager call may still tune
+    cfg = _tune(problem, run)
+    _CACHE[key] = cfg
+    return cfg
+
+
+def _tune(problem: Problem, run) -> KernelConfig:
+    from triton.testing import do_bench
+
+    cands = prune(candidate_configs(problem), problem)
+    if len(cands) == 1:
+        return cands[0]
+    best, best_t, last_err = None, math.inf, None
+    for cfg in cands:
+        try:
+            t = do_bench(lambda: run(cfg), warmup=5, rep=20)
+        except Exception as e:  # noqa: BLE001 - out of resources / compile failure: skip config
+            last_err = e
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        warnings.warn(f"triton_linear: every candidate config failed ({last_err!r}); "
+                      "using the default config", stacklevel=3)
+        return default_config(problem)
+    return best
+
+
+def tuned_configs() -> Dict[tuple, KernelConfig]:
+    """A copy of the autotune cache: key -> chosen config."""
+    return dict(_CACHE)
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    _WARNED.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Warmup
+# ---------------------------------------------------------------------------------------------
+
+def _parse_shape(s) -> Tuple[int, int, int, float, Optional[int]]:
+    if isinstance(s, dict):
+        return int(s["M"]), int(s["N"]), int(s["K"]), s["bits"], s.get("group_size")
+    s = tuple(s)
+    if len(s) == 4:
+        return int(s[0]), int(s[1]), int(s[2]), s[3], None
+    if len(s) == 5:
+        return int(s[0]), int(s[1]), int(s[2]), s[3], (None if s[4] is None else int(s[4]))
+    raise ValueError(f"warmup: a shape is (M, N, K, bits) or (M, N, K, bits, group_size), got {s!r}")
+
+
+def warmup(*shapes, dtype=torch.bfloat16, out_dtype=None, device=None,
+           scale_dtype=None) -> Dict[tuple, KernelConfig]:
+    """Tune and compile ``triton_linear`` for each shape ahead of CUDA-graph capture.
+
+    Each shape is ``(M, N, K, bits)`` or ``(M, N, K, bits, group_size)`` (or a dict with those
+    keys); activations use ``dtype``, scales ``scale_dtype`` (default: ``dtype``). Random codes are
+    used (timing does not depend on the values). Returns {shape tuple: chosen config}. Configs are
+    cached per M *bucket* (1, 2, 4, ..., 64, 128, ..., 1024), so one M per bucket is enough.
+    """
+    from paretoq_ao.formats import get_format
+    from paretoq_ao.packing import packed_row_bytes
+
+    if device is None:
+        device = "cpu" if interpreting() else "cuda"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    result = {}
+    for s in shapes:
+        M, N, K, bits, gs = _parse_shape(s)
+        fmt = get_format(bits)
+        groups = 1 if gs is None else K // gs
+        if gs is not None and K % gs:
+            raise ValueError(f"warmup: group_size={gs} does not divide K={K} in shape {s!r}")
+        packed = torch.randint(0, 256, (N, packed_row_bytes(K, fmt.code_bits)), dtype=torch.uint8,
+                               device=device)
+        scale = torch.rand(N, groups, device=device).add_(0.5).to(scale_dtype or dtype)
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        triton_linear(x, packed, scale, fmt.bits, out_dtype)
+        problem = _prepare(x, packed, scale, fmt.bits, out_dtype)[0]
+        result[(M, N, K, fmt.bits, gs)] = None if problem is None else _CACHE.get(tuning_key(problem))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result
+
+
+def model_shapes(model: torch.nn.Module, batch_sizes=(1,)) -> List[tuple]:
+    """(M, N, K, bits, group_size) of every packed ParetoQ linear weight in ``model``, per M."""
+    from paretoq_ao.packed import ParetoQPackedTensor
+
+    seen = []
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, ParetoQPackedTensor):
+            n, k = w.shape
+            for m in batch_sizes:
+                t = (int(m), int(n), int(k), w.bits, w.group_size)
+                if t not in seen:
+                    seen.append(t)
+    return seen
