@@ -1,0 +1,294 @@
+"""Command line: ``paretoq {qat,eval,convert,size,export,demo}`` (also ``python -m paretoq_ao``).
+
+Every command only parses flags and calls the Python API (``paretoq_ao.recipe``,
+``paretoq_ao.evaluate``, ``paretoq_ao.hf``). Errors the user can fix (unknown model, unreadable
+path, no linear layers, empty/too-short data, a checkpoint from other settings, a full disk) are
+reported as one line ``paretoq <command>: error: ...`` on stderr with exit status 1; bad flags
+exit with status 2 (argparse).
+
+    paretoq qat --model meta-llama/Llama-3.2-1B --bits 2 --pretrain-tokens 9e12 --output-dir run
+    paretoq qat --model tiny --bits 2 --tokens 2e5 --save-every 50 --output-dir run   # offline
+    paretoq convert run packed-2bit
+    paretoq eval packed-2bit --data stdlib --tasks hellaswag,arc_easy
+    paretoq size packed-2bit
+    paretoq demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+class CLIError(Exception):
+    pass
+
+
+def _bits(s: str) -> float:
+    from .formats import get_format
+
+    try:
+        return get_format(float(s)).bits
+    except (ValueError, KeyError) as e:
+        raise argparse.ArgumentTypeError(f"bits must be 1, 1.58, 2, 3 or 4, got {s!r}") from e
+
+
+def _count(s: str) -> int:
+    """An integer that may be written as 1e6 / 2.5e9."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if v <= 0 or v != int(v):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {s!r}")
+    return int(v)
+
+
+def _json_dict(s: str) -> dict:
+    try:
+        d = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {s!r}") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paretoq", description="ParetoQ 1/1.58/2/3/4-bit quantization (torchao backend)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("qat", help="quantization-aware training with the paper's recipe (resumable)")
+    q.add_argument("--model", default="tiny", help='hub id, local folder, or "tiny" (small Llama from a config)')
+    q.add_argument("--bits", type=_bits, default=2.0, help="1, 1.58, 2, 3 or 4 (default 2)")
+    q.add_argument("--group-size", type=int, default=None, help="scale per group of N inputs (default: per row)")
+    q.add_argument("--data", default="stdlib", help='"stdlib" (offline), a .txt/.jsonl file or folder, or a dataset name')
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--max-chars", type=_count, default=None, help="use at most this much training text")
+    q.add_argument("--block-size", type=int, default=128)
+    q.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary for --model tiny")
+    q.add_argument("--tiny-config", type=_json_dict, default={}, help='LlamaConfig overrides for --model tiny, JSON')
+    b = q.add_argument_group("budget (one of)")
+    b.add_argument("--steps", type=_count, default=None, help="optimizer steps")
+    b.add_argument("--tokens", type=_count, default=None, help="training tokens, e.g. 1e9")
+    b.add_argument("--pretrain-tokens", type=float, default=None,
+                   help="the model's pre-training token budget; QAT uses --token-fraction of it")
+    b.add_argument("--token-fraction", type=float, default=0.1, help="default 0.1 (the paper's ~10%%)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--grad-accum", type=int, default=1)
+    q.add_argument("--lr", type=float, default=None, help="default: 2e-5 at 1/1.58/2 bits, 1e-5 at 3/4 bits")
+    q.add_argument("--weight-decay", type=float, default=0.0)
+    q.add_argument("--max-grad-norm", type=float, default=1.0)
+    q.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    q.add_argument("--compile", action="store_true", help="torch.compile the model")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.add_argument("--output-dir", default="paretoq-qat")
+    q.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    q.add_argument("--keep-last", type=int, default=1)
+    q.add_argument("--no-resume", action="store_true", help="refuse to continue an existing checkpoint")
+    q.add_argument("--stop-after", type=int, default=None, help="stop (and checkpoint) after this step")
+    q.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="held-out perplexity and lm-eval zero-shot tasks")
+    e.add_argument("model", help="packed or QAT model folder, a qat --output-dir, or a hub id")
+    e.add_argument("--data", default="stdlib", help='perplexity text (default "stdlib"); "none" to skip')
+    e.add_argument("--split", default="validation")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--max-chars", type=_count, default=None)
+    e.add_argument("--max-blocks", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy")
+    e.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--limit", type=float, default=None)
+    e.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+
+    c = sub.add_parser("convert", help="QAT checkpoint -> packed Hugging Face folder")
+    c.add_argument("checkpoint", help="a qat --output-dir, a checkpoint-N folder, or a save_qat_checkpoint folder")
+    c.add_argument("out", help="output folder")
+
+    s = sub.add_parser("size", help="stored bytes per layer of a model")
+    s.add_argument("model")
+
+    x = sub.add_parser("export", help="export a packed model to ExecuTorch")
+    x.add_argument("model")
+    x.add_argument("out")
+
+    d = sub.add_parser("demo", help="offline end-to-end demo: pre-train, QAT at 4/3/2/1.58/1 bits, table + plot")
+    d.add_argument("--bits", default="4,3,2,1.58,1", help="comma-separated bit widths")
+    d.add_argument("--pretrain-steps", type=int, default=400)
+    d.add_argument("--qat-fraction", type=float, default=0.1)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--block-size", type=int, default=128)
+    d.add_argument("--vocab-size", type=int, default=1024)
+    d.add_argument("--max-chars", type=_count, default=1_500_000)
+    d.add_argument("--val-chars", type=_count, default=200_000)
+    d.add_argument("--eval-blocks", type=int, default=64)
+    d.add_argument("--hidden-size", type=int, default=128)
+    d.add_argument("--layers", type=int, default=3)
+    d.add_argument("--intermediate-size", type=int, default=352)
+    d.add_argument("--heads", type=int, default=4)
+    d.add_argument("--kv-heads", type=int, default=2)
+    d.add_argument("--lr-scale", type=float, default=10.0, help="QAT LR = paper LR x this (tiny model)")
+    d.add_argument("--group-size", type=int, default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out-dir", default="paretoq-demo", help="pareto.png (and --save-models) go here")
+    d.add_argument("--save-models", action="store_true", help="save each packed model (hf.save_quantized)")
+    d.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# --------------------------------------------------------------------------- commands
+
+def _cmd_qat(a) -> None:
+    from .recipe import QATRecipe, run_qat
+
+    r = QATRecipe(model=a.model, bits=a.bits, group_size=a.group_size, data=a.data, text_field=a.text_field,
+                  max_chars=a.max_chars, block_size=a.block_size, vocab_size=a.vocab_size,
+                  model_config=a.tiny_config, steps=a.steps, tokens=a.tokens, pretrain_tokens=a.pretrain_tokens,
+                  token_fraction=a.token_fraction, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+                  weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, bf16=a.bf16, compile=a.compile,
+                  seed=a.seed, device=a.device, output_dir=a.output_dir, save_every=a.save_every,
+                  keep_last=a.keep_last, resume=not a.no_resume, stop_after=a.stop_after,
+                  progress=not a.no_progress)
+    res = run_qat(r)
+    last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
+    resumed = f" (resumed at step {res.resumed_from})" if res.resumed_from is not None else ""
+    print(f"QAT {r.bits:g}-bit: step {res.steps}/{res.total_steps}{resumed}, {res.tokens:,} tokens{last}; "
+          f"checkpoint {res.checkpoint}; log {res.log_path}")
+    if res.steps == res.total_steps:
+        print(f"convert with: paretoq convert {r.output_dir} <out-dir>")
+
+
+def _load_for_eval(path: str):
+    from .hf import load_model
+    from .recipe import resolve_qat_checkpoint
+
+    src = path
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):
+        src = resolve_qat_checkpoint(path)
+    model, tok = load_model(src)
+    if tok is None:
+        raise CLIError(f"model {path!r} has no tokenizer files; evaluation needs one")
+    return model, tok
+
+
+def _cmd_eval(a) -> None:
+    from .evaluate import text_perplexity, zero_shot
+
+    model, tok = _load_for_eval(a.model)
+    results = {}
+    if a.data.lower() != "none":
+        ppl = text_perplexity(model, tok, a.data, a.split, a.block_size, a.max_chars, a.text_field,
+                              a.batch_size, a.max_blocks)
+        results["perplexity"] = ppl
+        print(f"perplexity on {a.data}[{a.split}]: {ppl['ppl']:.3f} ({ppl['tokens']:,} tokens)")
+    if a.tasks:
+        limit = int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit
+        res = zero_shot(model, tok, a.tasks, include_path=a.include_path, num_fewshot=a.num_fewshot,
+                        limit=limit, batch_size=1)
+        results["tasks"] = res
+        for task, metrics in res.items():
+            vals = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{task}: {vals}")
+    if a.json_out:
+        from .serialization import atomic_write
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2, default=str)
+
+        atomic_write(a.json_out, write)
+
+
+def _cmd_convert(a) -> None:
+    from .recipe import convert_checkpoint
+    from .size import model_size
+
+    model = convert_checkpoint(a.checkpoint, a.out)
+    rep = model_size(model)
+    print(f"wrote packed model to {a.out}: {rep.total_bytes / 1e6:.3f} MB stored "
+          f"({rep.quantized_bytes / 1e6:.3f} MB quantized linears)")
+
+
+def _cmd_size(a) -> None:
+    from .hf import load_model
+    from .size import model_size
+
+    model, _ = load_model(a.model, tokenizer=False)
+    print(model_size(model))
+
+
+def _cmd_export(a) -> None:
+    try:
+        from .export import export_executorch  # type: ignore[attr-defined]
+    except ImportError:
+        export_executorch = None
+    if export_executorch is None:
+        raise CLIError("the ExecuTorch export is not available yet (paretoq_ao.export provides no export_executorch)")
+    from .hf import load_model
+
+    model, _ = load_model(a.model, tokenizer=False)
+    export_executorch(model, a.out)
+    print(f"wrote {a.out}")
+
+
+def _cmd_demo(a) -> None:
+    from .recipe import demo
+
+    try:
+        bits = [float(b) for b in a.bits.split(",") if b.strip()]
+    except ValueError:
+        raise CLIError(f"--bits must be comma-separated numbers, got {a.bits!r}") from None
+    cfg = dict(hidden_size=a.hidden_size, num_hidden_layers=a.layers, intermediate_size=a.intermediate_size,
+               num_attention_heads=a.heads, num_key_value_heads=a.kv_heads)
+    out = demo(bits_list=bits, pretrain_steps=a.pretrain_steps, qat_fraction=a.qat_fraction,
+               batch_size=a.batch_size, block_size=a.block_size, vocab_size=a.vocab_size, max_chars=a.max_chars,
+               val_chars=a.val_chars, eval_blocks=a.eval_blocks, model_config=cfg, lr_scale=a.lr_scale,
+               group_size=a.group_size, seed=a.seed, out_dir=a.out_dir, save_models=a.save_models,
+               progress=not a.no_progress, log=lambda msg: print(msg, flush=True))
+    print()
+    print(out["table"])
+    print(f"\nQAT used {a.qat_fraction:.0%} of the pre-training tokens at the paper's LR x {a.lr_scale:g}; "
+          f"RTN = round-to-nearest post-training quantization of the same FP model.")
+    if out["plot"]:
+        print(f"Pareto plot: {out['plot']}")
+    print(f"({out['seconds']:.0f}s)")
+
+
+_COMMANDS = {"qat": _cmd_qat, "eval": _cmd_eval, "convert": _cmd_convert, "size": _cmd_size,
+             "export": _cmd_export, "demo": _cmd_demo}
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError) and e.args:
+        msg = str(e.args[0])
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns 0 on success, raises SystemExit(1) on an error (one line on stderr)."""
+    args = build_parser().parse_args(argv)
+    from .recipe import CheckpointError, RecipeError
+
+    try:
+        _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"paretoq {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (CLIError, RecipeError, CheckpointError, ValueError, OSError, ImportError) as e:
+        print(f"paretoq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
