@@ -1,4 +1,184 @@
 """ExecuTorch export and the C++ low-bit kernel library (installed as ``paretoq_ao.export``).
 
-Not implemented yet.
+    from paretoq_ao.export import export_executorch, load_executorch
+    export_executorch(converted_model, (example_input,), "model.pte")   # packed linears -> our op
+    forward = load_executorch("model.pte")                                # builds/loads kernels once
+    out = forward(example_input)
+
+* ``load_kernels()`` builds export/csrc with CMake on first use (cached under
+  ``~/.cache/paretoq_ao``) and loads it exactly once; it returns the library path.
+* The kernels read the ``paretoq-rowbits-v1`` layout in place (see csrc/paretoq_kernels.h) and,
+  by default, quantize activations to int8 per token (``set_activation_mode("fp32")`` for float
+  activations, matching the eager op to float rounding). float32 models only.
+* Every non-ParetoQ op goes to XNNPACK (``XnnpackPartitioner``).
 """
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import _ops  # noqa: F401  - registers paretoq::linear.out
+from ._build import KernelBuildError, build_kernels, kernels_loaded, load_kernels, source_dir
+from ._reference import reference_linear_int8
+
+__all__ = [
+    "load_kernels", "build_kernels", "kernels_loaded", "KernelBuildError", "source_dir",
+    "export_executorch", "load_executorch", "set_activation_mode", "activation_mode",
+    "kernel_path", "set_num_threads", "reference_linear_int8", "MissingKernelsError",
+]
+
+_OP_NAME = "paretoq::linear.out"
+
+
+class MissingKernelsError(RuntimeError):
+    """A program uses ParetoQ operators but the kernel library is not loaded."""
+
+
+def set_activation_mode(mode: str) -> None:
+    """``"int8"`` (default: per-token int8 activations, integer dot products) or ``"fp32"``."""
+    if mode not in ("int8", "fp32"):
+        raise ValueError(f"activation mode must be 'int8' or 'fp32', got {mode!r}")
+    from ._build import kernel_library_handle
+    kernel_library_handle().paretoq_set_activation_mode(1 if mode == "fp32" else 0)
+
+
+def activation_mode() -> str:
+    from ._build import kernel_library_handle
+    return "fp32" if kernel_library_handle().paretoq_activation_mode() == 1 else "int8"
+
+
+def kernel_path() -> str:
+    """The SIMD path the kernels use on this CPU (scalar / avx2 / avx512vnni / neon)."""
+    from ._build import kernel_library_handle
+    return kernel_library_handle().paretoq_kernel_path().decode()
+
+
+def set_num_threads(n: int) -> None:
+    """Resize ExecuTorch's shared thread pool (used by our kernels and by XNNPACK)."""
+    from ._build import kernel_library_handle
+    if not kernel_library_handle().paretoq_set_num_threads(int(n)):
+        raise RuntimeError(f"could not resize the ExecuTorch thread pool to {n} threads")
+
+
+def _check_float32(model: torch.nn.Module) -> None:
+    from paretoq_ao.packed import ParetoQPackedTensor
+    for name, p in model.named_parameters():
+        if isinstance(p, ParetoQPackedTensor) and p.scale.dtype != torch.float32:
+            raise TypeError(
+                f"export_executorch: {name} has {p.scale.dtype} scales; the ExecuTorch kernels take "
+                f"float32 models (convert the model with .float() before quantize_)"
+            )
+
+
+class _PackedLinear(torch.nn.Module):
+    """Export-time stand-in for an nn.Linear with a packed weight: plain buffers + the op.
+
+    torch.export handles the tensor-subclass weight for simple graphs, but not together with
+    mutated buffers (KV caches) in ``run_decompositions``; plain buffers always work.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight
+        self.register_buffer("packed", w.qdata)
+        self.register_buffer("scale", w.scale)
+        self.bits = float(w.bits)
+        self.in_features = w.shape[1]
+        self.bias = linear.bias
+
+    def forward(self, x):
+        out = torch.ops.paretoq.linear(x, self.packed, self.scale, self.bits)
+        return out + self.bias if self.bias is not None else out
+
+
+@contextlib.contextmanager
+def _plain_packed_linears(model: torch.nn.Module):
+    """Temporarily swap packed linears for ``_PackedLinear`` (restored on exit)."""
+    from paretoq_ao.packed import ParetoQPackedTensor
+    swapped = []
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and isinstance(child.weight, ParetoQPackedTensor):
+                setattr(mod, cname, _PackedLinear(child))
+                swapped.append((mod, cname, child))
+    try:
+        yield model
+    finally:
+        for mod, cname, child in reversed(swapped):
+            setattr(mod, cname, child)
+
+
+def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], path,
+                      dynamic_shapes=None, strict: bool = False) -> str:
+    """Converted model -> torch.export -> XNNPACK for everything else -> ``.pte`` (atomic write).
+
+    Packed ParetoQ linears stay ``paretoq::linear`` (lowered to ``paretoq::linear.out``, run by
+    the C++ kernels); returns the written path.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    from paretoq_ao.serialization import atomic_write
+
+    _check_float32(model)
+    model = model.eval()
+    with torch.no_grad(), _plain_packed_linears(model):
+        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=strict)
+    edge = to_edge_transform_and_lower(
+        ep, partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    program = edge.to_executorch()
+    data = program.buffer
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+    return os.fspath(path)
+
+
+def _uses_paretoq(path) -> bool:
+    with open(path, "rb") as f:
+        return b"paretoq::linear" in f.read()
+
+
+def load_executorch(path, method: str = "forward", load_library: bool = True) -> Callable[..., Any]:
+    """Load a ``.pte`` through ``executorch.runtime`` and return a callable for ``method``.
+
+    The kernel library is built/loaded first (``load_library=False`` skips that; a program that
+    uses ParetoQ ops then raises ``MissingKernelsError`` naming what to load, instead of the
+    runtime's bare error 0x14). The callable takes tensors and returns a tensor (one output) or a
+    tuple of tensors.
+    """
+    from executorch.runtime import Runtime
+
+    path = os.fspath(path)
+    if load_library:
+        load_kernels()
+    runtime = Runtime.get()
+    if _uses_paretoq(path):
+        registered = _OP_NAME in runtime.operator_registry.operator_names
+        if not registered:
+            raise MissingKernelsError(
+                f"{path} uses the ParetoQ operator {_OP_NAME}, but the ParetoQ ExecuTorch kernel "
+                f"library is not loaded in this process: call paretoq_ao.export.load_kernels() "
+                f"(it builds paretoq_ao/export/csrc with CMake into ~/.cache/paretoq_ao and loads "
+                f"libparetoq_et_kernels.so) before loading the program"
+            )
+    program = runtime.load_program(path)
+    m = program.load_method(method)
+    if m is None:
+        raise RuntimeError(f"{path} has no method {method!r} (has {sorted(program.method_names)})")
+
+    def run(*inputs):
+        outs = m.execute(list(inputs))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    run.method = m  # type: ignore[attr-defined]
+    return run

@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("size", help="stored bytes per layer of a model")
     s.add_argument("model")
 
-    x = sub.add_parser("export", help="export a packed model to ExecuTorch")
-    x.add_argument("model")
-    x.add_argument("out")
+    x = sub.add_parser("export", help="export a packed Llama-family model to an ExecuTorch .pte (KV-cache decode step)")
+    x.add_argument("model", help="packed Hugging Face folder (paretoq convert) or any Llama model path")
+    x.add_argument("out", help=".pte path (written atomically)")
+    x.add_argument("--max-len", type=int, default=256, help="KV-cache length (default 256)")
 
     d = sub.add_parser("demo", help="offline end-to-end demo: pre-train, QAT at 4/3/2/1.58/1 bits, table + plot")
     d.add_argument("--bits", default="4,3,2,1.58,1", help="comma-separated bit widths")
@@ -227,17 +228,22 @@ def _cmd_size(a) -> None:
 
 
 def _cmd_export(a) -> None:
-    try:
-        from .export import export_executorch  # type: ignore[attr-defined]
-    except ImportError:
-        export_executorch = None
-    if export_executorch is None:
-        raise CLIError("the ExecuTorch export is not available yet (paretoq_ao.export provides no export_executorch)")
+    import torch
+
+    from .export import export_executorch
+    from .export.llama import LlamaKVStep
     from .hf import load_model
 
+    if a.max_len < 1:
+        raise CLIError(f"--max-len must be positive, got {a.max_len}")
     model, _ = load_model(a.model, tokenizer=False)
-    export_executorch(model, a.out)
-    print(f"wrote {a.out}")
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    if kind != "llama":
+        raise CLIError(f"export supports Llama-family decoders (a KV-cache decode step); {a.model!r} is {kind!r}")
+    step = LlamaKVStep(model, a.max_len)  # export_executorch checks for float32 weights
+    # one decode step: ids [1, 1], position [1]; the program is called token by token
+    export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), a.out)
+    print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions)")
 
 
 def _cmd_demo(a) -> None:

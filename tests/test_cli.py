@@ -105,12 +105,27 @@ def test_checkpoint_from_other_settings(tmp_path, capsys):
     fails(capsys, ["convert", os.fspath(tmp_path / "nothing"), os.fspath(tmp_path / "o")], "no such checkpoint")
 
 
-def test_export_not_available_yet(tmp_path, capsys):
-    import paretoq_ao.export as ex
+def test_export_packed_model_to_pte_matches_eager(tmp_path, capsys):
+    # qat -> convert -> export; the .pte's first decode step equals the packed model's logits.
+    import torch
 
-    if hasattr(ex, "export_executorch"):
-        pytest.skip("paretoq_ao.export provides export_executorch now")
-    fails(capsys, ["export", os.fspath(tmp_path), os.fspath(tmp_path / "m.pte")], "ExecuTorch export is not available")
+    import paretoq_ao.export as pe
+    from paretoq_ao.export.llama import LlamaKVStep
+    from paretoq_ao.hf import load_model
+
+    run, packed, pte = (os.fspath(tmp_path / n) for n in ("run", "packed", "m.pte"))
+    assert main(TINY_QAT + ["--bits", "2", "--steps", "2", "--output-dir", run]) == 0
+    assert main(["convert", run, packed]) == 0
+    assert main(["export", packed, pte, "--max-len", "8"]) == 0
+    assert os.path.getsize(pte) > 0
+    model, _ = load_model(packed, tokenizer=False)
+    ids, pos = torch.tensor([[3]]), torch.tensor([0])
+    with torch.no_grad():
+        want = LlamaKVStep(model, 8)(ids, pos)
+    got = pe.load_executorch(pte)(ids, pos)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # int8 activations in the kernels
+    fails(capsys, ["export", packed, pte, "--max-len", "0"], "--max-len must be positive")
 
 
 def test_bad_flags_exit_2(capsys):

@@ -1,0 +1,189 @@
+"""Build and load the C++ kernel library (export/csrc) with CMake, once per process.
+
+The library is built on first use into ``$PARETOQ_AO_CACHE`` or ``~/.cache/paretoq_ao/`` under a
+directory named after a hash of the sources, the ExecuTorch version and the machine, so an edit
+to a source or a new ExecuTorch triggers a rebuild and old builds are never reused. Builds are
+serialized with a file lock and published atomically (built in a temporary directory, renamed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["KernelBuildError", "load_kernels", "build_kernels", "kernels_loaded", "source_dir",
+           "kernel_library_handle", "LIB_NAME", "TEST_BINARY"]
+
+LIB_NAME = "libparetoq_et_kernels.so"
+TEST_BINARY = "paretoq_kernel_tests"
+
+_lock = threading.Lock()
+_loaded_path: Optional[str] = None
+_handle: Optional[ctypes.CDLL] = None
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernel library could not be built or loaded."""
+
+
+def source_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _sources():
+    root = source_dir()
+    files = [root / "CMakeLists.txt"] + sorted(p for p in (root / "csrc").rglob("*") if p.is_file())
+    return root, files
+
+
+def _executorch_dir():
+    try:
+        import executorch
+    except ImportError as e:  # pragma: no cover - executorch is a dependency
+        raise KernelBuildError("the executorch package is not installed (pip install executorch)") from e
+    pkg = Path(list(executorch.__path__)[0])
+    try:
+        from importlib.metadata import version
+        ver = version("executorch")
+    except Exception:  # pragma: no cover
+        ver = "unknown"
+    return pkg, ver
+
+
+def _find_cmake() -> str:
+    exe = shutil.which("cmake")
+    if exe is None:
+        try:  # pip's cmake wheel
+            import cmake  # type: ignore
+            cand = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+            if cand.exists():
+                exe = str(cand)
+        except Exception:
+            pass
+    if exe is None:
+        raise KernelBuildError(
+            "building the ParetoQ ExecuTorch kernels needs CMake >= 3.19, none found on PATH "
+            "(install it: `pip install cmake` or `apt-get install cmake`)"
+        )
+    return exe
+
+
+def _find_compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx or not (os.path.isabs(cxx) and os.path.exists(cxx) or shutil.which(cxx)):
+        raise KernelBuildError(
+            "building the ParetoQ ExecuTorch kernels needs a C++17 compiler, none found "
+            "(set CXX, or install one: `apt-get install g++`)"
+        )
+    return cxx
+
+
+def build_dir() -> Path:
+    root, files = _sources()
+    pkg, ver = _executorch_dir()
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    h.update(f"{ver}|{pkg}|{platform.machine()}|{sys.platform}".encode())
+    cache = Path(os.environ.get("PARETOQ_AO_CACHE") or Path.home() / ".cache" / "paretoq_ao")
+    return cache / f"et-kernels-{ver}-{h.hexdigest()[:16]}"
+
+
+def build_kernels(verbose: bool = False) -> Path:
+    """Build (if needed) and return the directory holding the library and the C++ test binary."""
+    out = build_dir()
+    lib = out / LIB_NAME
+    if lib.exists():
+        return out
+    cmake = _find_cmake()
+    cxx = _find_compiler()
+    pkg, _ = _executorch_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / (out.name + ".lock"), "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        if lib.exists():  # another process built it meanwhile
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+        try:
+            cfg = [cmake, "-S", str(source_dir()), "-B", str(tmp / "build"),
+                   f"-DCMAKE_CXX_COMPILER={cxx}", "-DCMAKE_BUILD_TYPE=Release",
+                   f"-Dexecutorch_DIR={pkg / 'share' / 'cmake'}",
+                   f"-DPARETOQ_BUILD_ID={out.name}"]
+            jobs = str(max(1, min(4, os.cpu_count() or 1)))
+            for cmd in (cfg, [cmake, "--build", str(tmp / "build"), "-j", jobs]):
+                r = subprocess.run(cmd, capture_output=not verbose, text=True)
+                if r.returncode != 0:
+                    raise KernelBuildError(
+                        f"building the ParetoQ kernels failed ({' '.join(cmd[:2])} ...):\n"
+                        f"{(r.stdout or '')[-4000:]}\n{(r.stderr or '')[-4000:]}"
+                    )
+            for name in (LIB_NAME, TEST_BINARY):
+                shutil.copy2(tmp / "build" / name, tmp / name)
+            shutil.rmtree(tmp / "build", ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _mapped_library() -> Optional[str]:
+    """Path of a ParetoQ kernel library already mapped into this process (by anyone), if any."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("/" + LIB_NAME):
+                    return line.split(None, 5)[-1].strip()
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return None
+
+
+def kernels_loaded() -> bool:
+    return _loaded_path is not None or _mapped_library() is not None
+
+
+def load_kernels(verbose: bool = False) -> str:
+    """Build on first use and load the ExecuTorch kernel library exactly once; return its path.
+
+    Idempotent and thread-safe. If a ParetoQ kernel library is already mapped into the process
+    (e.g. loaded by hand), that one is used and no second copy is loaded (two copies registering
+    the same kernels would abort the process).
+    """
+    global _loaded_path, _handle
+    with _lock:
+        if _loaded_path is not None:
+            return _loaded_path
+        import executorch.runtime  # noqa: F401  - the runtime (libexecutorch.so) the kernels register into
+
+        path = _mapped_library()
+        if path is None:
+            path = str(build_kernels(verbose=verbose) / LIB_NAME)
+        try:
+            _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise KernelBuildError(f"could not load the ParetoQ kernel library {path}: {e}") from e
+        for name, res in (("paretoq_build_id", ctypes.c_char_p), ("paretoq_kernel_path", ctypes.c_char_p),
+                          ("paretoq_activation_mode", ctypes.c_int), ("paretoq_set_num_threads", ctypes.c_int)):
+            getattr(_handle, name).restype = res
+        _handle.paretoq_set_activation_mode.argtypes = [ctypes.c_int]
+        _handle.paretoq_set_num_threads.argtypes = [ctypes.c_int]
+        _loaded_path = path
+        return path
+
+
+def kernel_library_handle() -> ctypes.CDLL:
+    load_kernels()
+    assert _handle is not None
+    return _handle

@@ -1,0 +1,53 @@
+"""Minimal decode wrapper for a transformers Llama model with a static KV cache held as buffers.
+
+transformers' own ``TorchExportableModuleWithStaticCache`` fails in ``run_decompositions`` with this
+torch/executorch ("expected compiled_fn to be GraphModule"); this wrapper exports and lowers.
+"""
+from __future__ import annotations
+
+__all__ = ["LlamaKVStep"]
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LlamaKVStep(nn.Module):
+    """Minimal decode wrapper around a transformers LlamaForCausalLM with a static KV cache held
+    as buffers: forward(ids [1, T], pos [T]) -> logits [1, T, vocab]; writes K/V at `pos`."""
+    def __init__(self, model, max_len):
+        super().__init__()
+        self.model = model
+        c = model.config
+        self.nh, self.nkv = c.num_attention_heads, c.num_key_value_heads
+        self.hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        for i in range(c.num_hidden_layers):
+            self.register_buffer(f"k{i}", torch.zeros(1, self.nkv, max_len, self.hd))
+            self.register_buffer(f"v{i}", torch.zeros(1, self.nkv, max_len, self.hd))
+        self.max_len = max_len
+
+    def forward(self, ids, pos):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        m = self.model.model
+        h = m.embed_tokens(ids)
+        cos, sin = m.rotary_emb(h, pos[None])
+        T = ids.shape[1]
+        mask = torch.arange(self.max_len)[None, :] <= pos[:, None]
+        for i, layer in enumerate(m.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = a.q_proj(x).view(1, T, self.nh, self.hd).transpose(1, 2)
+            k = a.k_proj(x).view(1, T, self.nkv, self.hd).transpose(1, 2)
+            v = a.v_proj(x).view(1, T, self.nkv, self.hd).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            rep = self.nh // self.nkv
+            kk = kc.repeat_interleave(rep, dim=1)
+            vv = vc.repeat_interleave(rep, dim=1)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            h = h + a.o_proj(o.transpose(1, 2).reshape(1, T, self.nh * self.hd))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(m.norm(h))

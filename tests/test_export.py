@@ -1,0 +1,167 @@
+"""ExecuTorch export: .pte programs run by executorch.runtime with our C++ kernels vs eager."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from torchao import quantize_
+
+from paretoq_ao import ParetoQWeightOnlyConfig
+import paretoq_ao.export as pe
+from paretoq_ao.export import _build
+
+ALL_BITS = [1, 1.58, 2, 3, 4]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    path = pe.load_kernels()
+    yield path
+    pe.set_activation_mode("int8")
+
+
+@pytest.fixture
+def fp32_acts():
+    pe.set_activation_mode("fp32")
+    yield
+    pe.set_activation_mode("int8")
+
+
+def _quantized_mlp(bits, k=100, hidden=37, group_size=None, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(k, hidden), nn.ReLU(), nn.Linear(hidden, 1)).eval()
+    quantize_(m, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size),
+              filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+    return m
+
+
+def test_load_kernels_once_and_registered(kernels):
+    from executorch.runtime import Runtime
+    assert pe.load_kernels() == kernels
+    assert pe.kernels_loaded()
+    assert "paretoq::linear.out" in Runtime.get().operator_registry.operator_names
+    maps = open("/proc/self/maps").read()
+    assert len({l.split(None, 5)[-1] for l in maps.splitlines() if l.endswith(_build.LIB_NAME)}) == 1
+    assert pe.kernel_path() in ("scalar", "avx2", "avx512vnni", "neon")
+
+
+def test_out_variant_reference():
+    m = _quantized_mlp(2)
+    w = m[0].weight
+    x = torch.randn(3, 100)
+    out = torch.empty(0)
+    r = torch.ops.paretoq.linear.out(x, w.qdata, w.scale, 2.0, out=out)
+    assert r is out
+    torch.testing.assert_close(out, torch.ops.paretoq.linear(x, w.qdata, w.scale, 2.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_pte_matches_eager_fp32_activations(bits, tmp_path, fp32_acts):
+    m = _quantized_mlp(bits)
+    x = torch.randn(2, 100)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    path = pe.export_executorch(m, (x,), tmp_path / "m.pte", dynamic_shapes=({0: batch},))
+    f = pe.load_executorch(path)
+    for b in (1, 2, 5):  # dynamic batch (resize_tensor), N = 1 in the second layer
+        xb = torch.randn(b, 100)
+        with torch.no_grad():
+            ref = m(xb)
+        got = f(xb)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, None), (2, 32), (1.58, None), (4, 32), (3, 32)])
+def test_pte_int8_activations_match_reference_and_report_error(bits, group_size, tmp_path):
+    torch.manual_seed(1)
+    lin = nn.Linear(1088, 67).eval()  # K not a multiple of any SIMD chunk
+    quantize_(lin, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size),
+              filter_fn=lambda mod, fqn: True)
+    x = torch.randn(3, 1088)
+    path = pe.export_executorch(lin, (x,), tmp_path / "l.pte")
+    pe.set_activation_mode("int8")
+    got = pe.load_executorch(path)(x)
+    w = lin.weight
+    ref_int8 = pe.reference_linear_int8(x, w.qdata, w.scale, bits) + lin.bias
+    with torch.no_grad():
+        ref_fp = lin(x)
+    torch.testing.assert_close(got, ref_int8, rtol=1e-5, atol=1e-5)
+    rel = ((got - ref_fp).norm() / ref_fp.norm()).item()
+    print(f"\nint8 activations vs fp32: bits={bits} group={group_size} relative L2 error {rel:.3e}")
+    assert rel < 2e-2
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    quantize_(model, ParetoQWeightOnlyConfig(bits=2))
+    return model
+
+
+def _generate(step, prompt, n_new):
+    seq, logits = list(prompt), []
+    with torch.no_grad():
+        for i in range(len(prompt) + n_new - 1):
+            out = step(torch.tensor([[seq[i]]]), torch.tensor([i]))
+            logits.append(out)
+            if i >= len(prompt) - 1:
+                seq.append(int(out[0, -1].argmax()))
+    return seq, torch.cat(logits, 1)
+
+
+def test_llama_kv_cache_generation_matches_eager(tmp_path):
+    from paretoq_ao.export.llama import LlamaKVStep
+    model = _tiny_llama()
+    ids = torch.tensor([[3, 17, 42, 5, 9]])
+    with torch.no_grad():  # the wrapper itself equals the HF model (no cache, full sequence)
+        full = model(ids).logits
+        wrapped = LlamaKVStep(model, 16)
+        stepwise = torch.cat([wrapped(ids[:, i:i + 1], torch.tensor([i])) for i in range(5)], 1)
+    torch.testing.assert_close(stepwise, full, rtol=1e-5, atol=1e-5)
+
+    path = pe.export_executorch(LlamaKVStep(model, 16), (torch.tensor([[1]]), torch.tensor([0])),
+                                tmp_path / "llama.pte")
+    prompt = [3, 17, 42]
+    seq_e, log_e = _generate(LlamaKVStep(model, 16), prompt, 6)
+    pe.set_activation_mode("fp32")
+    try:
+        seq_p, log_p = _generate(pe.load_executorch(path), prompt, 6)
+    finally:
+        pe.set_activation_mode("int8")
+    assert seq_p == seq_e
+    torch.testing.assert_close(log_p, log_e, rtol=1e-5, atol=1e-5)
+    # int8 activations (the default): report the effect on logits and tokens
+    seq_q, log_q = _generate(pe.load_executorch(path), prompt, 6)
+    rel = ((log_q - log_e).norm() / log_e.norm()).item()
+    agree = sum(a == b for a, b in zip(seq_q, seq_e)) / len(seq_e)
+    print(f"\nLlama 2-bit int8 activations: logits relative L2 error {rel:.3e}, token agreement {agree:.2f}")
+    assert rel < 5e-2
+
+
+def test_missing_kernel_library_clear_error(tmp_path):
+    m = _quantized_mlp(2)
+    path = pe.export_executorch(m, (torch.randn(1, 100),), tmp_path / "m.pte")
+    code = textwrap.dedent(f"""
+        import paretoq_ao.export as pe
+        try:
+            pe.load_executorch({str(path)!r}, load_library=False)
+        except pe.MissingKernelsError as e:
+            print("MISSING:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "MISSING:" in r.stdout, r.stdout + r.stderr
+    assert "paretoq::linear.out" in r.stdout and "load_kernels()" in r.stdout
+
+
+def test_no_cmake_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETOQ_AO_CACHE", str(tmp_path))
+    monkeypatch.setattr(_build.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setitem(sys.modules, "cmake", None)
+    with pytest.raises(pe.KernelBuildError, match="CMake"):
+        _build.build_kernels()
