@@ -13,7 +13,6 @@ import argparse
 import copy
 import math
 import os
-import sysconfig
 import time
 
 import torch
@@ -22,23 +21,12 @@ from torchao import quantize_
 from . import ParetoQQATConfig, ParetoQWeightOnlyConfig, model_size
 
 
-def stdlib_bytes(limit: int = 2_000_000) -> torch.Tensor:
-    """Bytes of the standard library's Python sources, in a fixed (sorted) order."""
-    root = sysconfig.get_paths()["stdlib"]
-    chunks, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in {"site-packages", "test", "tests", "__pycache__"})
-        for name in sorted(filenames):
-            if name.endswith(".py"):
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    data = f.read()
-                chunks.append(data)
-                total += len(data)
-                if total >= limit:
-                    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
-    if not chunks:
-        raise RuntimeError(f"no Python sources found under {root}")
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+def stdlib_bytes(split: str, limit: int) -> torch.Tensor:
+    """Byte-level tokens (vocab 256) of the built-in standard-library corpus (paretoq_ao.data)."""
+    from .data import load_texts
+
+    data = "\n".join(load_texts("stdlib", split, max_chars=limit)).encode("utf-8")[:limit]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
 def build_model(seed: int = 0):
@@ -96,9 +84,8 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
 
-    data = stdlib_bytes()
-    split = int(0.95 * len(data))
-    train_data, val_data = data[:split], data[split : split + 32_768]
+    train_data = stdlib_bytes("train", 2_000_000)
+    val_data = stdlib_bytes("validation", 32_768)
 
     model = build_model(args.seed)
     loss = train(model, train_data, args.pretrain_steps, 3e-3, seq=128, batch=16, seed=args.seed)
