@@ -7,6 +7,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace paretoq {
 
@@ -84,23 +87,76 @@ int chunk_codes(Path p, int code_bits) {
 
 void quantize_activations(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf, float* dbuf,
                           int32_t* gbuf) {
+  quantize_activations_begin(a, chunk, p, qbuf, dbuf, gbuf);
+  quantize_tokens(a, *p, 0, a.M);
+}
+
+void quantize_activations_begin(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf,
+                                float* dbuf, int32_t* gbuf) {
+  p->M = a.M; p->K = a.K; p->G = a.G; p->gs = a.K / a.G; p->chunk = chunk;
+  p->q = qbuf; p->d = dbuf; p->gsum = gbuf; p->x = a.x;
+}
+
+void quantize_tokens(const LinearArgs& a, const Prepared& p, int64_t m0, int64_t m1) {
   const int64_t K = a.K, G = a.G, gs = K / G;
   const int b = a.fmt.code_bits;
-  p->M = a.M; p->K = K; p->G = G; p->gs = gs; p->chunk = chunk;
-  p->q = qbuf; p->d = dbuf; p->gsum = gbuf; p->x = a.x;
+  const int chunk = p.chunk;
+  int8_t* qbuf = p.q;
+  float* dbuf = p.d;
+  int32_t* gbuf = p.gsum;
   const int cpb = (b == 3) ? 1 : 8 / b;
   const int W = chunk ? chunk / cpb : 0;
-  std::vector<int8_t> nat(static_cast<size_t>(K));
-  for (int64_t m = 0; m < a.M; ++m) {
+  thread_local std::vector<int8_t> nat_buf;
+  nat_buf.resize(static_cast<size_t>(K));
+  int8_t* nat = nat_buf.data();
+  // Round to nearest, ties to even (== std::nearbyint in the default rounding mode) for
+  // |v| < 2^22: adding and subtracting 1.5 * 2^23 rounds the fraction away exactly. Written
+  // this way (no libm call) the loop vectorizes; results are identical.
+  const float kMagic = 12582912.0f;
+  for (int64_t m = m0; m < m1; ++m) {
     const float* x = a.x + m * K;
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    int64_t k0 = 0;
+#if defined(__SSE2__)
+    {  // max is exact and order-free; maxps(v, a) keeps a for NaN v, like std::max(a, v)
+      const __m128 sign = _mm_set1_ps(-0.f);
+      __m128 m4 = _mm_setzero_ps();
+      for (; k0 + 4 <= K; k0 += 4) m4 = _mm_max_ps(_mm_andnot_ps(sign, _mm_loadu_ps(x + k0)), m4);
+      alignas(16) float t[4];
+      _mm_store_ps(t, m4);
+      for (float v : t) amax = std::max(amax, v);
+    }
+#endif
+    for (int64_t k = k0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
     const float d = amax / 127.0f;
     dbuf[m] = d;
-    for (int64_t k = 0; k < K; ++k) {
-      float v = d > 0.f ? std::nearbyint(x[k] / d) : 0.f;
-      v = std::min(127.f, std::max(-127.f, v));
-      nat[k] = static_cast<int8_t>(v);
+    if (d > 0.f) {
+      int64_t k1 = 0;
+#if defined(__SSE2__)
+      {  // same operations as the scalar loop below, 16 at a time
+        const __m128 vd = _mm_set1_ps(d), lo = _mm_set1_ps(-127.f), hi = _mm_set1_ps(127.f);
+        const __m128 mg = _mm_set1_ps(kMagic);
+        for (; k1 + 16 <= K; k1 += 16) {
+          __m128i r[4];
+          for (int i = 0; i < 4; ++i) {
+            __m128 v = _mm_div_ps(_mm_loadu_ps(x + k1 + 4 * i), vd);
+            v = _mm_min_ps(_mm_max_ps(v, lo), hi);  // NaN -> -127 like std::max(-127, NaN)
+            v = _mm_sub_ps(_mm_add_ps(v, mg), mg);
+            r[i] = _mm_cvttps_epi32(v);
+          }
+          const __m128i w = _mm_packs_epi16(_mm_packs_epi32(r[0], r[1]), _mm_packs_epi32(r[2], r[3]));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(nat + k1), w);
+        }
+      }
+#endif
+      for (int64_t k = k1; k < K; ++k) {
+        float v = x[k] / d;  // |v| <= 127 (+ rounding), or NaN/inf for non-finite inputs
+        v = std::min(127.f, std::max(-127.f, v));
+        v = (v + kMagic) - kMagic;
+        nat[k] = static_cast<int8_t>(static_cast<int>(v));
+      }
+    } else {
+      std::memset(nat, 0, static_cast<size_t>(K));
     }
     int8_t* q = qbuf + m * K;
     for (int64_t g = 0; g < G; ++g) {
@@ -111,12 +167,16 @@ void quantize_activations(const LinearArgs& a, int chunk, Prepared* p, int8_t* q
       const int64_t nfull = chunk ? gs / chunk : 0;
       for (int64_t c = 0; c < nfull; ++c) {
         const int64_t base = g0 + c * chunk;
-        for (int pos = 0; pos < chunk; ++pos) {
-          const int src = (b == 3) ? pos : cpb * (pos % W) + pos / W;
-          q[base + pos] = nat[base + src];
+        if (b == 3) {
+          std::memcpy(q + base, nat + base, static_cast<size_t>(chunk));
+        } else {
+          // position pl * W + j holds activation cpb * j + pl
+          for (int pl = 0; pl < cpb; ++pl)
+            for (int j = 0; j < W; ++j) q[base + pl * W + j] = nat[base + cpb * j + pl];
         }
       }
-      for (int64_t k = g0 + nfull * chunk; k < g0 + gs; ++k) q[k] = nat[k];
+      const int64_t t0 = g0 + nfull * chunk;
+      if (g0 + gs > t0) std::memcpy(q + t0, nat + t0, static_cast<size_t>(g0 + gs - t0));
     }
   }
 }
@@ -178,6 +238,18 @@ struct Job {
   Path path;
   ActMode mode;
 };
+// Tokens are quantized in parallel (M >= 2) through the same "parallel for" as the rows: the
+// range [0, M * kTokenSpan) is split by the caller, each piece maps to whole tokens
+// [ceil(b / kTokenSpan), ceil(e / kTokenSpan)) -- a partition of [0, M) for any split.
+constexpr int64_t kTokenSpan = 64;
+struct QJob {
+  const LinearArgs* a;
+  const Prepared* p;
+};
+void run_quant(void* ctx, int64_t b, int64_t e) {
+  const QJob& j = *static_cast<const QJob*>(ctx);
+  quantize_tokens(*j.a, *j.p, (b + kTokenSpan - 1) / kTokenSpan, (e + kTokenSpan - 1) / kTokenSpan);
+}
 void run_range(void* ctx, int64_t n0, int64_t n1) {
   const Job& j = *static_cast<const Job*>(ctx);
   if (j.mode == ActMode::Fp32) return rows_fp32_scalar(*j.a, n0, n1);
@@ -209,7 +281,13 @@ const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf)
     qbuf.resize(static_cast<size_t>(a.M * a.K));
     dbuf.resize(static_cast<size_t>(a.M));
     gbuf.resize(static_cast<size_t>(a.M * a.G));
-    quantize_activations(a, chunk, &prep, qbuf.data(), dbuf.data(), gbuf.data());
+    quantize_activations_begin(a, chunk, &prep, qbuf.data(), dbuf.data(), gbuf.data());
+    if (pf && a.M >= 2) {
+      QJob qj{&a, &prep};
+      pf(a.M * kTokenSpan, run_quant, &qj);
+    } else {
+      quantize_tokens(a, prep, 0, a.M);
+    }
   }
   Job job{&a, &prep, path, mode};
   if (pf) pf(a.N, run_range, &job);

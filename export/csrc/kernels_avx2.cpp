@@ -10,11 +10,19 @@ struct Avx2 {
   using Acc = __m256i;
   static V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static Acc zero() { return _mm256_setzero_si256(); }
-  template <int B>
-  static V plane(V v, int pl) {
-    const V mask = _mm256_set1_epi8(static_cast<char>((1 << B) - 1));
-    return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(pl * B)), mask);
+  static constexpr bool kMaskPlanes = false;  // vpmaddubsw int16 pair sums would saturate
+  static constexpr int kRows = 4;
+  static constexpr bool kPairSums = true;
+  static V mul16(V u, V x) { return _mm256_maddubs_epi16(u, x); }
+  static V add16(V a, V b) { return _mm256_add_epi16(a, b); }
+  static Acc widen_add(Acc acc, V s16) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
   }
+  static V set1(char c) { return _mm256_set1_epi8(c); }
+  static V band(V v, V m) { return _mm256_and_si256(v, m); }
+  static V shr(V v, int s) { return s == 0 ? v : _mm256_srli_epi16(v, s); }
+  static Acc add32(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
+  static Acc sra32(Acc a, int s) { return _mm256_srai_epi32(a, s); }
   static Acc dot(Acc acc, V u, V x) {
     // codes <= 15, |x| <= 127: pairs sum to <= 3810, no int16 saturation.
     const V s16 = _mm256_maddubs_epi16(u, x);

@@ -11,12 +11,26 @@ struct Avx512 {
   using Acc = __m512i;
   static V load(const void* p) { return _mm512_loadu_si512(p); }
   static Acc zero() { return _mm512_setzero_si512(); }
-  template <int B>
-  static V plane(V v, int pl) {
-    const V mask = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
-    return _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(pl * B)), mask);
+  // vpdpbusd takes u8 codes up to 255 (4 * 255 * 127 per lane and step): planes can be
+  // extracted with one AND, pre-scaled by 2^(p*B) (see simd_impl.h).
+  static constexpr bool kMaskPlanes = true;
+  static constexpr int kRows = 4;
+  static constexpr bool kPairSums = false;
+  static V set1(char c) { return _mm512_set1_epi8(c); }
+  static V band(V v, V m) { return _mm512_and_si512(v, m); }
+  static V shr(V v, int s) { return s == 0 ? v : _mm512_srli_epi16(v, s); }
+  static Acc add32(Acc a, Acc b) { return _mm512_add_epi32(a, b); }
+  static Acc sra32(Acc a, int s) { return _mm512_srai_epi32(a, s); }
+  static Acc dot(Acc acc, V u, V x) {
+#if defined(__GNUC__) && !defined(__clang__)
+    // GCC (12) does not tie the accumulator of the intrinsic to its loop-carried register and
+    // emits two vmovdqa per vpdpbusd in the blocked loops; the asm form keeps it in place.
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(x));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, u, x);
+#endif
   }
-  static Acc dot(Acc acc, V u, V x) { return _mm512_dpbusd_epi32(acc, u, x); }
   static int64_t reduce(Acc acc) { return _mm512_reduce_add_epi32(acc); }
 };
 }  // namespace

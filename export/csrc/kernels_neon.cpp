@@ -11,11 +11,16 @@ struct Neon {
   using Acc = int32x4_t;
   static V load(const void* p) { return vld1q_s8(static_cast<const int8_t*>(p)); }
   static Acc zero() { return vdupq_n_s32(0); }
-  template <int B>
-  static V plane(V v, int pl) {
-    const uint8x16_t u = vshlq_u8(vreinterpretq_u8_s8(v), vdupq_n_s8(static_cast<int8_t>(-pl * B)));
-    return vreinterpretq_s8_u8(vandq_u8(u, vdupq_n_u8(static_cast<uint8_t>((1 << B) - 1))));
+  static constexpr bool kMaskPlanes = false;  // vmull_s8 needs codes < 128
+  static constexpr int kRows = 4;
+  static constexpr bool kPairSums = false;
+  static V set1(char c) { return vdupq_n_s8(static_cast<int8_t>(c)); }
+  static V band(V v, V m) { return vandq_s8(v, m); }
+  static V shr(V v, int s) {  // per byte (the caller masks anyway)
+    return vreinterpretq_s8_u8(vshlq_u8(vreinterpretq_u8_s8(v), vdupq_n_s8(static_cast<int8_t>(-s))));
   }
+  static Acc add32(Acc a, Acc b) { return vaddq_s32(a, b); }
+  static Acc sra32(Acc a, int s) { return vshlq_s32(a, vdupq_n_s32(-s)); }
   static Acc dot(Acc acc, V u, V x) {
     int16x8_t s = vmull_s8(vget_low_s8(u), vget_low_s8(x));
     s = vmlal_high_s8(s, u, x);  // |sum| <= 2 * 15 * 127

@@ -79,6 +79,10 @@ const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf)
 int chunk_codes(Path p, int code_bits);  // C for a path (0 for scalar / unsupported)
 void quantize_activations(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf, float* dbuf,
                           int32_t* gbuf);
+// The same in two steps: fill in *p, then quantize tokens [m0, m1) (independent per token).
+void quantize_activations_begin(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf,
+                                float* dbuf, int32_t* gbuf);
+void quantize_tokens(const LinearArgs& a, const Prepared& p, int64_t m0, int64_t m1);
 void rows_int8_scalar(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1);
 void rows_fp32_scalar(const LinearArgs& a, int64_t n0, int64_t n1);
 void rows_int8_avx2(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1);

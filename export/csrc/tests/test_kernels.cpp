@@ -23,7 +23,10 @@ int main(int argc, char** argv) {
   struct Shape { int64_t M, K, N, G; };
   const Shape shapes[] = {{1, 1, 1, 1},     {1, 37, 5, 1},     {3, 129, 7, 1},   {1, 1000, 9, 1},
                           {5, 2048, 3, 1},  {2, 512, 17, 8},   {4, 384, 4, 3},   {7, 96, 2, 3},
-                          {1, 4104, 6, 1},  {9, 130, 1, 2},    {2, 520, 5, 65},  {1, 192, 8, 6}};
+                          {1, 4104, 6, 1},  {9, 130, 1, 2},    {2, 520, 5, 65},  {1, 192, 8, 6},
+                          // multi-row blocks (4 / 2 rows) + full SIMD chunks + tail rows
+                          {1, 2048, 13, 1}, {8, 1024, 21, 2},  {3, 4096, 14, 4}, {6, 1536, 19, 1},
+                          {1, 3072, 14, 3}};
   std::vector<Path> paths;
   for (Path p : {Path::AVX2, Path::AVX512, Path::NEON})
     if (path_available(p)) paths.push_back(p);
