@@ -1,0 +1,519 @@
+"""The ParetoQ experiment in miniature: model size x bit width x method, at fixed token budgets.
+
+    python benchmarks/pareto_study.py                       # default study (~10 min on 2 CPU cores)
+    python benchmarks/pareto_study.py --tiny                # seconds-long smoke run
+    python benchmarks/pareto_study.py --sizes xs,s,m --bits 4,3,2,1.58,1 --pretrain-steps 400
+
+For every model size (small Llama configs, ``paretoq_ao.recipe.tiny_llama``) the script pre-trains a
+full-precision model on the Python standard library's sources (``recipe.train_steps``) and then, for
+every bit width, compares on the same held-out blocks (``evaluate.perplexity``):
+
+* **ParetoQ QAT** -- ``recipe.run_qat`` (ParetoQQATConfig, the paper's recipe) starting from the FP
+  model, converted with ``recipe.to_packed`` (real packed codes + learned scales);
+* **RTN** -- ``ParetoQWeightOnlyConfig`` applied directly to the FP model (post-training, no data);
+* **torchao QAT** -- torchao's own ``QATConfig(IntxFakeQuantizeConfig(torch.intN, per_channel,
+  is_symmetric=True, range_learning=True, is_dynamic=False), step="prepare")`` with
+  ``torchao.quantization.qat.initialize_fake_quantizers`` before the optimizer is built, trained with
+  the same loop, LR, batches and token budget; evaluated as the fake-quantized model. Its grid at N bits
+  is the symmetric integer grid {-2^(N-1) .. 2^(N-1)-1} * scale, so 2/3/4 bits only: 1.58 bits has no
+  torchao config and torch.int1 symmetric would be the grid {-1, 0} * s, not binary -- both n/a.
+
+QAT budget: the paper's split. ``--pretrain-steps`` P is 90 % of a total budget T = P / 0.9; QAT gets
+the other 10 % (P / 9 steps, same batch and block size). QAT LR = paper LR (2e-5 at <= 2 bits, 1e-5 at
+3/4 bits) x ``--lr-scale`` (as ``recipe.demo``: a tiny model trained for seconds needs larger steps).
+
+Ablations (on the first size only, to keep the default run short):
+
+* **SEQ vs LSQ** at 2 bits and ternary. LSQ here is a local autograd function (``_LSQ``): forward
+  clamp(round(W / alpha), Qn, Qp) * alpha with a grid that contains zero -- {-2, -1, 0, 1} * alpha at
+  2 bits (the 3/4-bit style grid, the same levels as torchao's int2) and {-1, 0, 1} * alpha at ternary
+  -- masked straight-through weight gradient and the LSQ scale gradient (level - ratio inside, Qn / Qp
+  outside, gradient scale 1 / sqrt(numel * Qp)), exactly the estimator ParetoQ uses at 3/4 bits. Alpha
+  is one per row, initialised with LSQ's 2 * mean|W| / sqrt(Qp) (max|W| / Qp would round most weights
+  of a 2-bit zero-containing grid to zero). It is attached with ``torch.nn.utils.parametrize`` and
+  trained with the same loop / LR / budget as the SEQ (= ParetoQ QAT) row.
+* **Budget split** at 2 bits of the fixed total T: 90/10 (the main row), 70/30 (a separate FP
+  pre-training of 0.7 T, then 0.3 T of ParetoQ QAT) and 100/0 (FP for all of T, then RTN).
+
+Sizes reported ("linears MB") are the stored bytes of the quantized block linears (codes + scales).
+torchao / LSQ rows store the same code width and one fp32 scale per row (symmetric, no zero point), so
+they are given the ParetoQ row's bytes at the same bits.
+
+Output: ``<results-dir>/pareto-<date>.md`` and ``.png`` (written atomically), plus a JSON copy of the
+numbers. The Markdown holds the exact command line, the machine, the table, and a findings section
+computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from paretoq_ao import atomic_write
+from paretoq_ao.formats import get_format
+from paretoq_ao.recipe import QATRecipe, paper_lr, run_qat, tiny_llama, to_packed, train_steps
+
+SIZES = {
+    "xxs": dict(hidden_size=32, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1),
+    "xs": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2),
+    "s": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2),
+    "m": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+              num_key_value_heads=2),
+}
+METHODS = ("ParetoQ QAT", "RTN", "torchao QAT")
+TORCHAO_BITS = {2: "int2", 3: "int3", 4: "int4"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _block_linear_filter(model):
+    from paretoq_ao._targets import output_head_names
+
+    heads = output_head_names(model)
+    return lambda m, fqn: isinstance(m, nn.Linear) and fqn not in heads
+
+
+def _linear_mb(model) -> float:
+    from paretoq_ao.size import model_size
+
+    return sum(l.total_bytes for l in model_size(model).layers if l.bits is not None) / 1e6
+
+
+def _fp_linear_mb(model) -> float:
+    from paretoq_ao.recipe import _size_mb_fp
+
+    return _size_mb_fp(model)[1]
+
+
+def _ppl(model, val) -> float:
+    from paretoq_ao.evaluate import perplexity
+
+    return float(perplexity(model, val)["ppl"])
+
+
+def _sampler(blocks, batch_size, seed):
+    from paretoq_ao.data import BlockSampler
+
+    return BlockSampler(blocks, batch_size, seed=seed)
+
+
+class _LSQ(torch.autograd.Function):
+    """LSQ with a zero-containing integer grid [qn, qp] (ablation; see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, w, alpha, qn, qp):
+        a = alpha.clamp_min(1e-5)
+        ratio = w / a
+        ctx.save_for_backward(w, alpha)
+        ctx.q = (qn, qp)
+        return torch.round(ratio).clamp(qn, qp) * a
+
+    @staticmethod
+    def backward(ctx, g):
+        w, alpha = ctx.saved_tensors
+        qn, qp = ctx.q
+        a = alpha.clamp_min(1e-5)
+        ratio = w / a
+        inside = (ratio >= qn) & (ratio <= qp)
+        gw = g * inside.to(g.dtype)
+        per = torch.where(ratio < qn, float(qn),
+                          torch.where(ratio > qp, float(qp), torch.round(ratio).clamp(qn, qp) - ratio))
+        ga = (per * g).sum(dim=1, keepdim=True) / math.sqrt(w.numel() * qp)
+        return gw, ga, None, None
+
+
+class _LSQParam(nn.Module):
+    def __init__(self, weight: torch.Tensor, qn: int, qp: int):
+        super().__init__()
+        self.qn, self.qp = qn, qp
+        init = 2 * weight.detach().abs().mean(dim=1, keepdim=True) / math.sqrt(qp)
+        self.alpha = nn.Parameter(init.clone())
+
+    def forward(self, w):
+        return _LSQ.apply(w, self.alpha, self.qn, self.qp)
+
+
+def _apply_lsq(model, bits) -> None:
+    import torch.nn.utils.parametrize as P
+
+    qn, qp = {2: (-2, 1), 1.58: (-1, 1)}[get_format(bits).bits]
+    keep = _block_linear_filter(model)
+    for name, mod in list(model.named_modules()):
+        if keep(mod, name):
+            P.register_parametrization(mod, "weight", _LSQParam(mod.weight, qn, qp))
+
+
+def _apply_torchao_qat(model, bits, example) -> None:
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig, initialize_fake_quantizers
+
+    dtype = getattr(torch, TORCHAO_BITS[int(bits)])
+    cfg = IntxFakeQuantizeConfig(dtype, "per_channel", is_symmetric=True, range_learning=True,
+                                 is_dynamic=False)
+    quantize_(model, QATConfig(weight_config=cfg, step="prepare"), filter_fn=_block_linear_filter(model))
+    initialize_fake_quantizers(model, (example,))
+
+
+# --------------------------------------------------------------------------- the study
+
+def run_study(args, log=print) -> Dict:
+    from torchao.quantization import quantize_
+
+    from paretoq_ao.data import PackedBlocks, load_texts, tokenize, train_tokenizer
+    from paretoq_ao.packed import ParetoQWeightOnlyConfig
+
+    t0 = time.time()
+    texts = load_texts("stdlib", "train", max_chars=args.max_chars)
+    tok = train_tokenizer(texts, args.vocab_size)
+    train_blocks = PackedBlocks(tokenize(texts, tok), args.block_size, source="stdlib[train]")
+    val_texts = load_texts("stdlib", "validation", max_chars=args.val_chars)
+    val = PackedBlocks(tokenize(val_texts, tok), args.block_size, source="stdlib[validation]").blocks
+    val = val[: args.eval_blocks]
+    P = args.pretrain_steps
+    total = P / 0.9  # total budget T in steps; main split 90/10
+    qat_steps = max(1, round(0.1 * total))
+    tok_per_step = args.batch_size * args.block_size
+    log(f"data: {len(train_blocks)} train blocks, {val.shape[0]} held-out blocks of {args.block_size}; "
+        f"T = {total:.0f} steps = {total * tok_per_step:,.0f} tokens; FP {P} steps, QAT {qat_steps} steps")
+    rows: List[Dict] = []
+    ablation: List[Dict] = []
+
+    def pretrain(cfg, steps):
+        m = tiny_llama(len(tok), seed=args.seed, **cfg)
+        train_steps(m, _sampler(train_blocks, args.batch_size, args.seed), steps, args.pretrain_lr,
+                    progress=args.progress, desc="pre-train FP")
+        return m
+
+    def qat_lr(bits):
+        return paper_lr(bits) * args.lr_scale
+
+    def paretoq_qat(fp, bits, steps):
+        m = copy.deepcopy(fp)
+        r = QATRecipe(model="<study>", bits=bits, block_size=args.block_size, batch_size=args.batch_size,
+                      steps=steps, lr=qat_lr(bits), seed=args.seed + 1, output_dir=None,
+                      progress=args.progress)
+        run_qat(r, model=m, tokenizer=tok, train_blocks=train_blocks)
+        to_packed(m)
+        return m
+
+    def plain_qat(m, bits, steps):  # same loop / LR / batches (sampler seed) as run_qat
+        train_steps(m, _sampler(train_blocks, args.batch_size, args.seed + 1), steps, qat_lr(bits),
+                    progress=args.progress, desc=f"QAT {bits:g}-bit")
+        return m
+
+    for si, size in enumerate(args.sizes):
+        cfg = SIZES[size]
+        fp = pretrain(cfg, P)
+        n_params = sum(p.numel() for p in fp.parameters())
+        fp_ppl = _ppl(fp, val)
+        rows.append(dict(size=size, params=n_params, bits=None, method="FP", linear_mb=_fp_linear_mb(fp),
+                         ppl=fp_ppl))
+        log(f"[{size}] {n_params:,} params, FP ppl {fp_ppl:.2f} ({time.time() - t0:.0f}s)")
+        qmb = {}
+        for bits in args.bits:
+            b = get_format(bits).bits
+            m = paretoq_qat(fp, b, qat_steps)
+            qmb[b] = _linear_mb(m)
+            rows.append(dict(size=size, params=n_params, bits=b, method="ParetoQ QAT", linear_mb=qmb[b],
+                             ppl=_ppl(m, val)))
+            del m
+            m = copy.deepcopy(fp)
+            quantize_(m, ParetoQWeightOnlyConfig(bits=b))
+            rows.append(dict(size=size, params=n_params, bits=b, method="RTN", linear_mb=_linear_mb(m),
+                             ppl=_ppl(m, val)))
+            del m
+            if b in TORCHAO_BITS:
+                m = copy.deepcopy(fp)
+                _apply_torchao_qat(m, b, val[:2])
+                plain_qat(m, b, qat_steps)
+                ppl = _ppl(m, val)
+                del m
+            else:
+                ppl = None  # n/a: torchao has no ternary / binary config
+            rows.append(dict(size=size, params=n_params, bits=b, method="torchao QAT", linear_mb=qmb[b], ppl=ppl))
+            got = {r["method"]: r["ppl"] for r in rows[-3:]}
+            log(f"[{size}] {b:g}-bit: " + ", ".join(f"{k} {_fmt(v)}" for k, v in got.items())
+                + f" ({time.time() - t0:.0f}s)")
+
+        if si == 0 and not args.no_ablation:
+            # SEQ vs LSQ at <= 2 bits
+            for b in (2, 1.58):
+                seq = next((r for r in rows if r["size"] == size and r["bits"] == b
+                            and r["method"] == "ParetoQ QAT"), None)
+                if seq is None:
+                    m = paretoq_qat(fp, b, qat_steps)
+                    seq = dict(linear_mb=_linear_mb(m), ppl=_ppl(m, val))
+                    del m
+                m = copy.deepcopy(fp)
+                _apply_lsq(m, b)
+                plain_qat(m, b, qat_steps)
+                lsq_ppl = _ppl(m, val)
+                del m
+                ablation.append(dict(study="grid", size=size, bits=b, variant="SEQ (ParetoQ)", ppl=seq["ppl"],
+                                     linear_mb=seq["linear_mb"]))
+                ablation.append(dict(study="grid", size=size, bits=b, variant="LSQ (grid with 0)", ppl=lsq_ppl,
+                                     linear_mb=seq["linear_mb"]))
+                log(f"[{size}] ablation {b:g}-bit: SEQ {seq['ppl']:.2f} vs LSQ {lsq_ppl:.2f}")
+            # budget split of the fixed total T at 2 bits
+            main = next((r for r in rows if r["size"] == size and r["bits"] == 2 and r["method"] == "ParetoQ QAT"),
+                        None)
+            if main is None:
+                m = paretoq_qat(fp, 2, qat_steps)
+                main = dict(ppl=_ppl(m, val), linear_mb=_linear_mb(m))
+                del m
+            ablation.append(dict(study="split", size=size, bits=2, variant=f"90/10 ({P} FP + {qat_steps} QAT steps)",
+                                 ppl=main["ppl"], linear_mb=main["linear_mb"]))
+            fp_steps = max(1, round(0.7 * total))
+            fp70 = pretrain(cfg, fp_steps)
+            m = paretoq_qat(fp70, 2, max(1, round(total) - fp_steps))
+            ablation.append(dict(study="split", size=size, bits=2,
+                                 variant=f"70/30 ({fp_steps} FP + {round(total) - fp_steps} QAT steps)",
+                                 ppl=_ppl(m, val), linear_mb=_linear_mb(m)))
+            del m, fp70
+            fp100 = pretrain(cfg, round(total))
+            m = copy.deepcopy(fp100)
+            quantize_(m, ParetoQWeightOnlyConfig(bits=2))
+            ablation.append(dict(study="split", size=size, bits=2, variant=f"100/0 ({round(total)} FP steps, RTN)",
+                                 ppl=_ppl(m, val), linear_mb=_linear_mb(m)))
+            del m, fp100
+            log(f"[{size}] split: " + ", ".join(f"{a['variant']} {a['ppl']:.2f}" for a in ablation[-3:])
+                + f" ({time.time() - t0:.0f}s)")
+        del fp
+    return dict(rows=rows, ablation=ablation, seconds=time.time() - t0, qat_steps=qat_steps,
+                total_steps=total, tokens_per_step=tok_per_step)
+
+
+# --------------------------------------------------------------------------- report
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}" if v >= 1e4 else f"{v:.2f}"
+
+
+def _pct(a, b) -> str:
+    return f"{100 * (a / b - 1):+.1f} %"
+
+
+def findings(res, args) -> List[str]:
+    rows, abl = res["rows"], res["ablation"]
+    out = []
+
+    def get(size, bits, method):
+        return next((r["ppl"] for r in rows if r["size"] == size and r["bits"] == bits and r["method"] == method),
+                    None)
+
+    for size in args.sizes:
+        fp = get(size, None, "FP")
+        parts = []
+        for b in (4, 3):
+            q = get(size, b, "ParetoQ QAT")
+            if q is not None:
+                parts.append(f"{b}-bit ParetoQ QAT {_pct(q, fp)} vs FP")
+        for b in (2, 1.58, 1):
+            q, r = get(size, b, "ParetoQ QAT"), get(size, b, "RTN")
+            if q is not None and r is not None:
+                parts.append(f"{b:g}-bit QAT {_fmt(q)} vs RTN {_fmt(r)} ({_pct(q, fp)} vs FP; RTN/QAT ppl ratio {r / q:.2f})")
+        out.append(f"**{size}** (FP ppl {_fmt(fp)}): " + "; ".join(parts) + ".")
+    fps = [(s, get(s, None, "FP")) for s in args.sizes]
+    if len(fps) > 1:
+        mono = all(fps[i][1] > fps[i + 1][1] for i in range(len(fps) - 1))
+        out.append("FP perplexity " + ("falls" if mono else "does NOT fall") + " with model size ("
+                   + ", ".join(f"{s} {_fmt(v)}" for s, v in fps) + ")"
+                   + ("" if mono else ": with the same pre-training LR and steps for every size the larger model ends worse "
+                      "(under-trained or mis-tuned; not investigated), so cross-size "
+                      "comparisons (the paper's 'lower bits on a bigger model' trade-off) are not meaningful here")
+                   + ".")
+    # ordering of the bit widths
+    for size in args.sizes:
+        q = [(b, get(size, b, "ParetoQ QAT")) for b in sorted(args.bits, reverse=True)]
+        q = [(b, v) for b, v in q if v is not None]
+        mono = all(q[i][1] <= q[i + 1][1] for i in range(len(q) - 1))
+        out.append(f"**{size}**: ParetoQ QAT perplexity {'rises monotonically' if mono else 'does NOT rise monotonically'}"
+                   f" as bits fall ({', '.join(f'{b:g}b {_fmt(v)}' for b, v in q)}).")
+    # QAT beats RTN where
+    wins = [(s, b) for s in args.sizes for b in args.bits
+            if get(s, b, "ParetoQ QAT") is not None and get(s, b, "RTN") is not None
+            and get(s, b, "ParetoQ QAT") < get(s, b, "RTN")]
+    n = sum(1 for s in args.sizes for b in args.bits if get(s, b, "RTN") is not None)
+    out.append(f"ParetoQ QAT beats RTN in {len(wins)} of {n} (size, bits) cells.")
+    # vs torchao
+    cmp = [(s, b, get(s, b, "ParetoQ QAT"), get(s, b, "torchao QAT")) for s in args.sizes for b in args.bits
+           if get(s, b, "torchao QAT") is not None]
+    if cmp:
+        better = [c for c in cmp if c[2] < c[3]]
+        detail = "; ".join(f"{s} {b:g}b {_fmt(p)} vs {_fmt(t)}" for s, b, p, t in cmp)
+        out.append(f"ParetoQ QAT vs torchao QAT (same bits, budget, LR, batches): ParetoQ lower in {len(better)} of "
+                   f"{len(cmp)} cells ({detail}).")
+    # size-vs-bits trade-off across model sizes
+    qpts = [r for r in rows if r["method"] == "ParetoQ QAT" and r["ppl"] is not None]
+    front = sorted(qpts, key=lambda r: (r["linear_mb"], r["ppl"]))
+    best, frontier = float("inf"), []
+    for r in front:
+        if r["ppl"] < best:
+            best = r["ppl"]
+            frontier.append(f"{r['size']}/{r['bits']:g}b")
+    out.append("ParetoQ QAT size-vs-perplexity frontier (smallest bytes first): " + ", ".join(frontier) + ".")
+    grid = [a for a in abl if a["study"] == "grid"]
+    for b in (2, 1.58):
+        g = {a["variant"].split()[0]: a["ppl"] for a in grid if a["bits"] == b}
+        if len(g) == 2:
+            w = "SEQ" if g["SEQ"] < g["LSQ"] else "LSQ"
+            out.append(f"Grid ablation {b:g}-bit ({grid[0]['size']}): SEQ {_fmt(g['SEQ'])} vs LSQ {_fmt(g['LSQ'])}"
+                       f" -> {w} lower.")
+    split = [a for a in abl if a["study"] == "split"]
+    if split:
+        best = min(split, key=lambda a: a["ppl"])
+        out.append("Budget split at 2 bits (fixed total): " + ", ".join(f"{a['variant'].split()[0]} {_fmt(a['ppl'])}"
+                                                                      for a in split)
+                   + f" -> best {best['variant'].split()[0]}.")
+    out.append("Caveats: one seed, tiny models (<1M-few M parameters) trained for seconds on Python source, "
+               "not the paper's billion-parameter / billion-token regime; differences of a few percent are within "
+               "what a different seed could change. Nothing here tests the paper's zero-shot accuracies.")
+    return out
+
+
+def to_markdown(res, args, argv) -> str:
+    rows, abl = res["rows"], res["ablation"]
+    L = [f"# ParetoQ study in miniature ({datetime.date.today().isoformat()})", "",
+         f"Command: `{' '.join(shlex.quote(a) for a in argv)}`", "",
+         f"Machine: {platform.node()} | {platform.platform()} | {platform.processor() or platform.machine()} | "
+         f"{os.cpu_count()} CPU cores | torch {torch.__version__} | Python {platform.python_version()}", "",
+         f"Runtime: {res['seconds']:.0f} s. Data: Python stdlib sources (train/validation split by file), BPE vocab "
+         f"{args.vocab_size}, blocks of {args.block_size} tokens, batch {args.batch_size}, "
+         f"{args.eval_blocks} held-out blocks. Budget: total T = {res['total_steps']:.0f} steps "
+         f"({res['total_steps'] * res['tokens_per_step']:,.0f} tokens); FP pre-training {args.pretrain_steps} steps "
+         f"(90 %), QAT {res['qat_steps']} steps (10 %). QAT LR = paper LR x {args.lr_scale:g}; seed {args.seed}.",
+         "", "## Results (held-out perplexity; linears MB = stored bytes of the quantized block linears)", "",
+         "| size | params | bits | method | linears MB | ppl |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        bits = "FP32" if r["bits"] is None else f"{r['bits']:g}"
+        L.append(f"| {r['size']} | {r['params']:,} | {bits} | {r['method']} | {r['linear_mb']:.4f} | {_fmt(r['ppl'])} |")
+    if abl:
+        L += ["", "## Ablations (first size)", "", "| study | bits | variant | linears MB | ppl |",
+              "|---|---|---|---|---|"]
+        for a in abl:
+            L.append(f"| {a['study']} | {a['bits']:g} | {a['variant']} | {a['linear_mb']:.4f} | {_fmt(a['ppl'])} |")
+    L += ["", "n/a: torchao has no ternary config, and torch.int1 symmetric is the grid {-1, 0}*s, not binary.",
+          "torchao / LSQ rows are given the ParetoQ row's bytes (same code width, one fp32 scale per row).",
+          "", "## What reproduces / what does not at this scale", ""]
+    L += [f"- {f}" for f in findings(res, args)]
+    L += ["", f"Plot: `{os.path.basename(args._png)}`", ""]
+    return "\n".join(L)
+
+
+def plot(res, args, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    styles = {"ParetoQ QAT": "o-", "RTN": "s--", "torchao QAT": "^:"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for si, size in enumerate(args.sizes):
+        c = colors[si % len(colors)]
+        for method, st in styles.items():
+            pts = sorted((r["linear_mb"], r["ppl"], r["bits"]) for r in res["rows"]
+                         if r["size"] == size and r["method"] == method and r["ppl"] is not None
+                         and math.isfinite(r["ppl"]))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], st, color=c, label=f"{size} {method}",
+                        alpha=1.0 if method == "ParetoQ QAT" else 0.6)
+                if method == "ParetoQ QAT":
+                    for x, y, b in pts:
+                        ax.annotate(f"{b:g}b", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        fp = next(r for r in res["rows"] if r["size"] == size and r["method"] == "FP")
+        ax.plot([fp["linear_mb"]], [fp["ppl"]], "*", color=c, markersize=12, label=f"{size} FP32")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bytes of the quantized block linears (MB, codes + scales)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("ParetoQ in miniature: size vs perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def _write_text(path, text) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def _parse_bits(s: str):
+    return [get_format(x).bits for x in s.split(",") if x.strip()]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="xs,s", help=f"comma-separated from {','.join(SIZES)}")
+    p.add_argument("--bits", default="4,3,2,1.58,1")
+    p.add_argument("--pretrain-steps", type=int, default=720, help="FP steps = 90 %% of the total budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tiny model and data)")
+    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--max-chars", type=int, default=1_500_000)
+    p.add_argument("--val-chars", type=int, default=200_000)
+    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--pretrain-lr", type=float, default=3e-3)
+    p.add_argument("--lr-scale", type=float, default=10.0)
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--progress", action="store_true", help="tqdm bars")
+    args = p.parse_args(argv)
+    if args.tiny:
+        given = set(a.split("=")[0] for a in argv)
+        defaults = {"--sizes": "xxs,xs", "--pretrain-steps": 9, "--batch-size": 4, "--block-size": 32,
+                    "--vocab-size": 300, "--max-chars": 150_000, "--val-chars": 30_000, "--eval-blocks": 8}
+        for k, v in defaults.items():
+            if k not in given:
+                setattr(args, k[2:].replace("-", "_"), v)
+    args.sizes = [s.strip() for s in str(args.sizes).split(",") if s.strip()]
+    bad = [s for s in args.sizes if s not in SIZES]
+    if bad:
+        p.error(f"unknown size(s) {bad}; choose from {list(SIZES)}")
+    args.bits = _parse_bits(args.bits)
+    torch.manual_seed(args.seed)
+    date = datetime.date.today().isoformat()
+    os.makedirs(args.results_dir, exist_ok=True)
+    stem = os.path.join(args.results_dir, f"pareto-{date}")
+    args._png = stem + ".png"
+    res = run_study(args)
+    plot(res, args, stem + ".png")
+    md = to_markdown(res, args, ["python", "benchmarks/pareto_study.py"] + argv)
+    _write_text(stem + ".json", json.dumps(res, indent=1))
+    _write_text(stem + ".md", md)
+    print(md)
+    print(f"wrote {stem}.md, {stem}.png, {stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
