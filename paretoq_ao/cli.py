@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-resume", action="store_true", help="refuse to continue an existing checkpoint")
     q.add_argument("--stop-after", type=int, default=None, help="stop (and checkpoint) after this step")
     q.add_argument("--no-progress", action="store_true")
+    m = q.add_argument_group("memory and multi-process (run under torchrun --nproc_per_node N for FSDP2)")
+    m.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward pass (less memory, ~1/3 more compute)")
+    m.add_argument("--checkpoint-format", choices=("auto", "dcp", "safetensors"), default="auto",
+                   help="auto: torch.distributed.checkpoint (sharded) under torchrun, else safetensors")
+    m.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective may wait before the job fails (default 600)")
 
     e = sub.add_parser("eval", help="held-out perplexity and lm-eval zero-shot tasks")
     e.add_argument("model", help="packed or QAT model folder, a qat --output-dir, or a hub id")
@@ -158,14 +165,26 @@ def _cmd_qat(a) -> None:
                   weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, bf16=a.bf16, compile=a.compile,
                   seed=a.seed, device=a.device, output_dir=a.output_dir, save_every=a.save_every,
                   keep_last=a.keep_last, resume=not a.no_resume, stop_after=a.stop_after,
-                  progress=not a.no_progress)
-    res = run_qat(r)
-    last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
-    resumed = f" (resumed at step {res.resumed_from})" if res.resumed_from is not None else ""
-    print(f"QAT {r.bits:g}-bit: step {res.steps}/{res.total_steps}{resumed}, {res.tokens:,} tokens{last}; "
-          f"checkpoint {res.checkpoint}; log {res.log_path}")
-    if res.steps == res.total_steps:
-        print(f"convert with: paretoq convert {r.output_dir} <out-dir>")
+                  progress=not a.no_progress, activation_checkpointing=a.activation_checkpointing,
+                  checkpoint_format=a.checkpoint_format, dist_timeout=a.dist_timeout)
+    from .distributed import world_info
+
+    try:
+        res = run_qat(r)
+        info = world_info()
+        if info.is_main:
+            last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
+            resumed = f" (resumed at step {res.resumed_from})" if res.resumed_from is not None else ""
+            ranks = f" on {info.world_size} ranks" if info.distributed else ""
+            print(f"QAT {r.bits:g}-bit{ranks}: step {res.steps}/{res.total_steps}{resumed}, {res.tokens:,} tokens"
+                  f"{last}; checkpoint {res.checkpoint}; log {res.log_path}")
+            if res.steps == res.total_steps:
+                print(f"convert with: paretoq convert {r.output_dir} <out-dir>")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _load_for_eval(path: str):
@@ -291,7 +310,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"paretoq {args.command}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except (CLIError, RecipeError, CheckpointError, ValueError, OSError, ImportError) as e:
-        print(f"paretoq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
+        where = f" (rank {rank})" if rank is not None else ""
+        print(f"paretoq {args.command}: error{where}: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
     return 0
 

@@ -274,14 +274,25 @@ class BlockSampler:
     when ``shuffle=False``). ``position`` counts blocks consumed; ``state_dict()`` /
     ``load_state_dict()`` (or setting ``position``) resume exactly where a run stopped. Batches
     never straddle epochs: the last ``len % batch_size`` blocks of an epoch are skipped.
+
+    Data parallel: with ``world_size`` > 1, ``batch_size`` is the global batch; rank ``r`` gets rows
+    ``[r * b, (r + 1) * b)`` of each global batch, ``b = batch_size // world_size``. ``position``
+    stays global, so the ranks together see exactly the single-process batches and a checkpoint
+    resumes with any world size that divides ``batch_size``.
     """
 
     def __init__(self, blocks: PackedBlocks, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 position: int = 0):
+                 position: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1 or batch_size > len(blocks):
             raise ValueError(f"batch_size must be between 1 and the number of blocks ({len(blocks)} in "
                              f"{blocks.source!r}), got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"BlockSampler: rank {rank} is not in [0, world_size={world_size})")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (the global batch) is not divisible by the world size "
+                             f"{world_size}: every rank must get the same number of blocks")
         self.blocks, self.batch_size, self.seed, self.shuffle = blocks, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.position = position
         self._perm_epoch, self._perm = None, None
 
@@ -309,6 +320,9 @@ class BlockSampler:
             raise ValueError(f"position {self.position} is not a multiple of batch_size {self.batch_size}")
         epoch, offset = divmod(self.position, self.per_epoch)
         idx = self._order(epoch)[offset: offset + self.batch_size]
+        if self.world_size > 1:
+            local = self.batch_size // self.world_size
+            idx = idx[self.rank * local: (self.rank + 1) * local]
         self.position += self.batch_size
         return self.blocks.blocks[idx]
 

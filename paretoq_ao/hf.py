@@ -80,6 +80,7 @@ __all__ = [
 QUANT_METHOD = "paretoq"
 WEIGHTS_NAME = "model.safetensors"
 QAT_NAME = "paretoq_qat.json"
+DCP_DIR = "dcp"  # sibling of a checkpoint's model/ folder when its weights are sharded (DCP)
 
 PathLike = Union[str, os.PathLike]
 
@@ -101,9 +102,18 @@ def packed_modules(model: nn.Module) -> Dict[str, Dict[str, object]]:
 
 
 def qat_modules(model: nn.Module) -> Dict[str, Dict[str, object]]:
-    """{module name: {"bits", "group_size"}} of every layer holding a ``ParetoQQATWeight``."""
-    return {name: _fmt(m.weight.bits, m.weight.group_size) for name, m in model.named_modules()
-            if isinstance(m._parameters.get("weight"), ParetoQQATWeight)}
+    """{module name: {"bits", "group_size"}} of every QAT layer: one holding a ``ParetoQQATWeight``,
+    or a ``ParetoQQATLinear`` (the form ``paretoq_ao.distributed`` gives QAT layers for FSDP)."""
+    from .distributed import ParetoQQATLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m._parameters.get("weight"), ParetoQQATWeight):
+            out[name] = _fmt(m.weight.bits, m.weight.group_size)
+        elif isinstance(m, ParetoQQATLinear):
+            bits100, gs = (int(v) for v in m.weight_qat_format.tolist())
+            out[name] = _fmt(bits100 / 100, gs or None)
+    return out
 
 
 def _uniform(modules: Dict[str, Dict[str, object]], key: str):
@@ -483,16 +493,54 @@ def load_qat_checkpoint(out_dir: PathLike, dtype=None, device=None):
         raise ValueError(f"load_qat_checkpoint: {meta_path!r} lists layers the model lacks: {unknown[:5]}")
     for (bits, gs), names in groups.items():
         quantize_(model, ParetoQQATConfig(bits=bits, group_size=gs), filter_fn=lambda m, fqn, s=names: fqn in s)
-    try:
-        state = load_safetensors(os.path.join(src, WEIGHTS_NAME))
-    except OSError as e:
-        raise ModelLoadError(f"load_qat_checkpoint: cannot read the weights in {src!r}: {e}") from e
-    _load_full_state(model, state, src)
+    dcp_dir = os.path.join(os.path.dirname(os.path.abspath(src)), DCP_DIR)
+    if not os.path.isfile(os.path.join(src, WEIGHTS_NAME)) and os.path.isdir(dcp_dir):
+        load_dcp_model_state(model, dcp_dir)  # a checkpoint of a distributed (sharded) run
+    else:
+        try:
+            state = load_safetensors(os.path.join(src, WEIGHTS_NAME))
+        except OSError as e:
+            raise ModelLoadError(f"load_qat_checkpoint: cannot read the weights in {src!r}: {e}") from e
+        _load_full_state(model, state, src)
     tok = _load_tokenizer(src)
     if device is not None:
         model.to(device)
     model.train()
     return model, tok
+
+
+def save_qat_metadata(model: nn.Module, out_dir: PathLike, tokenizer=None) -> None:
+    """The weightless part of ``save_qat_checkpoint`` (config, ``paretoq_qat.json``, tokenizer), for
+    checkpoints whose weights are saved elsewhere (sharded, by ``torch.distributed.checkpoint``,
+    in the sibling folder ``dcp/``)."""
+    mods = qat_modules(model)
+    if not mods:
+        raise ValueError("save_qat_metadata: the model has no ParetoQ QAT layers")
+    meta = json.dumps({"format": "paretoq-qat-v1", "modules": mods}, indent=2, sort_keys=True) + "\n"
+    out_dir = os.fspath(out_dir)
+    with _staging(out_dir) as stage:
+        _write_config(model, stage, None)
+        with open(os.path.join(stage, QAT_NAME), "w", encoding="utf-8") as f:
+            f.write(meta)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        _fsync_dir(stage)
+
+
+def load_dcp_model_state(model: nn.Module, dcp_dir: str) -> None:
+    """Load the model part (keys ``model.*``) of a ``torch.distributed.checkpoint`` folder into a
+    model of any sharding (plain, or FSDP2 on any number of ranks): DCP reshards as it reads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    msd = get_model_state_dict(model)
+    try:
+        dcp.load({"model": msd}, checkpoint_id=dcp_dir)
+    except Exception as e:  # DCP wraps every failure (missing files, shapes) in its own exception types
+        first = str(e).strip().splitlines()
+        raise ModelLoadError(f"cannot load the sharded checkpoint {dcp_dir!r}: "
+                             f"{type(e).__name__}: {first[-1] if first else ''}") from e
+    set_model_state_dict(model, msd)
 
 
 def _load_full_state(model: nn.Module, state: Dict[str, torch.Tensor], src: str) -> None:

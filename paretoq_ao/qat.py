@@ -144,11 +144,30 @@ def _check_loaded_format(module, state_dict, prefix, *args):
         )
 
 
+def _qat_guard(module, args):
+    """Forward pre-hook of a QAT layer: its weight must still be the ParetoQQATWeight (a wrapper that
+    swaps parameters, such as FSDP2's ``fully_shard``, would otherwise train it unquantized)."""
+    if not isinstance(module.weight, ParetoQQATWeight):
+        raise RuntimeError(
+            f"a ParetoQ QAT layer ({type(module).__name__}, weight {tuple(module.weight.shape)}) found a plain "
+            f"{type(module.weight).__name__} weight: something replaced its ParetoQQATWeight (FSDP's fully_shard "
+            "does). Call paretoq_ao.distributed.prepare_for_fsdp(model) before fully_shard, or use "
+            "paretoq_ao.distributed.shard_model(model)")
+
+
 def attach_qat_weight(module: nn.Module, weight: ParetoQQATWeight):
     module.weight = weight
     module.register_parameter("weight_scale", weight.scale)
     module.register_buffer("weight_qat_format", qat_format_code(weight.bits, weight.group_size).to(weight.device))
     module._paretoq_load_hook = module._register_load_state_dict_pre_hook(_check_loaded_format, with_module=True)
+    module.register_forward_pre_hook(_qat_guard)
+
+
+def remove_qat_guard(module: nn.Module) -> None:
+    # by identity, not by handle: a deep-copied module's handle would point at the original's hooks
+    for key, fn in list(module._forward_pre_hooks.items()):
+        if fn is _qat_guard:
+            del module._forward_pre_hooks[key]
 
 
 def detach_qat_state(module: nn.Module):
@@ -158,6 +177,7 @@ def detach_qat_state(module: nn.Module):
     hook = module.__dict__.pop("_paretoq_load_hook", None)
     if hook is not None:
         hook.remove()
+    remove_qat_guard(module)
 
 
 def _qat_problems(config):

@@ -27,7 +27,18 @@ What ``run_qat`` does:
    full, ...) leaves the previous checkpoint and ``latest`` untouched. Re-running with the same
    settings resumes exactly: the resumed run's losses and parameters are bit-identical to an
    uninterrupted run's. A checkpoint made with other settings is refused, naming what differs;
-5. logs the curve to ``output_dir/log.jsonl`` (one JSON object per optimizer step, flushed
+5. distributed: under ``torchrun --nproc_per_node N`` (or with a process group already initialised)
+   the same call joins the process group, shards the model with FSDP2
+   (``paretoq_ao.distributed.shard_model``: each transformer block, then the root; optimizer state
+   is sharded with the parameters), gives each rank ``batch_size / N`` rows of every global batch
+   (``batch_size`` stays the global batch, so the run is the single-process run up to float
+   summation order), averages the logged loss over ranks, and writes checkpoints with
+   ``torch.distributed.checkpoint``: ``checkpoint-<step>/dcp/`` (sharded model + optimizer),
+   ``model/`` (config, ``paretoq_qat.json``, tokenizer; no weights) and ``trainer_state.pt``. Such a
+   checkpoint resumes on any number of ranks (one included) and ``paretoq convert``/``eval`` read it
+   directly; a single-process checkpoint in the default format resumes on N ranks too.
+   ``activation_checkpointing`` recomputes each block in the backward pass (with or without FSDP);
+6. logs the curve to ``output_dir/log.jsonl`` (one JSON object per optimizer step, flushed
    line by line; a resumed run appends a ``{"event": "resume"}`` line; ``read_log`` keeps the last
    record of each step), and shows a tqdm bar with the loss and tokens/s.
 """
@@ -113,6 +124,10 @@ class QATRecipe:
     resume: bool = True
     stop_after: Optional[int] = None  # stop (and checkpoint) after this optimizer step
     progress: bool = True
+    # memory / distributed
+    activation_checkpointing: bool = False
+    checkpoint_format: str = "auto"  # "auto" (dcp when distributed, else safetensors), "dcp", "safetensors"
+    dist_timeout: float = 600.0  # seconds any collective may wait (a hung rank fails the job)
 
     def __post_init__(self):
         self.bits = get_format(self.bits).bits
@@ -122,6 +137,8 @@ class QATRecipe:
                 raise RecipeError(f"{name} must be a positive integer, got {v!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise RecipeError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+        if self.checkpoint_format not in ("auto", "dcp", "safetensors"):
+            raise RecipeError(f"checkpoint_format must be 'auto', 'dcp' or 'safetensors', got {self.checkpoint_format!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -237,14 +254,21 @@ def build_train_blocks(r: QATRecipe, tokenizer):
         raise RecipeError(str(e)) from None
 
 
-def _make_sampler(r: QATRecipe, blocks):
+def _make_sampler(r: QATRecipe, blocks, rank: int = 0, world_size: int = 1):
     from .data import BlockSampler
 
     if len(blocks) < r.batch_size:
         raise RecipeError(f"data {r.data!r} is too short: {len(blocks)} block(s) of {r.block_size} tokens, "
                           f"fewer than one batch of {r.batch_size}; use more text or a smaller "
                           "batch_size / block_size")
-    return BlockSampler(blocks, r.batch_size, seed=r.seed)
+    return BlockSampler(blocks, r.batch_size, seed=r.seed, rank=rank, world_size=world_size)
+
+
+def _check_world_size(r: QATRecipe, world_size: int) -> None:
+    if r.batch_size % world_size:
+        raise RecipeError(f"batch_size {r.batch_size} (the global batch) is not divisible by the world size "
+                          f"{world_size}: each rank takes batch_size / world_size blocks per micro-step; use a "
+                          f"batch_size that is a multiple of {world_size}")
 
 
 def _load_base_model(r: QATRecipe):
@@ -289,7 +313,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
         name, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -389,6 +413,144 @@ def _load_model_state(model, ckpt: str) -> None:
         raise CheckpointError(f"checkpoint {ckpt} does not match the model: {str(e).splitlines()[0]}") from None
 
 
+def _failure_reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _dcp_state(model, opt) -> Dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd}
+
+
+def _save_checkpoint_dcp(output_dir: str, step: int, model, tokenizer, opt, sched, sampler, r: QATRecipe,
+                         tokens_seen: int, world_size: int) -> str:
+    """A checkpoint written with ``torch.distributed.checkpoint`` by every rank (see the module doc).
+
+    Built in ``.tmp-checkpoint-<step>/``; rank 0 renames it into place and only then rewrites
+    ``latest``, after every rank's shards are on disk. A rank that fails (or a crash) at any point
+    leaves the previous checkpoint and ``latest`` as they were; a failure is raised on every rank."""
+    import torch.distributed.checkpoint as dcp
+
+    from .distributed import all_ok, world_info
+    from .hf import DCP_DIR, save_qat_metadata
+
+    main = world_info().is_main
+    name = f"checkpoint-{step:08d}"
+    final = os.path.join(output_dir, name)
+    tmp = os.path.join(output_dir, f".tmp-{name}")
+    previous, err = None, None
+    if main:
+        try:
+            previous = latest_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except (OSError, CheckpointError) as e:
+            err = e
+    ok = all_ok(err is None)
+    if ok:
+        try:
+            dcp.save(_dcp_state(model, opt), checkpoint_id=os.path.join(tmp, DCP_DIR))
+        except Exception as e:  # DCP raises (its CheckpointException) on every rank when one fails
+            err = e
+        ok = all_ok(err is None)
+    if ok and main:
+        state = {
+            "format": STATE_FORMAT, "step": step, "tokens": tokens_seen, "settings": r.fingerprint(),
+            "checkpoint_format": "dcp", "world_size": world_size,
+            "scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "rng": _rng_state(),
+        }
+        try:
+            save_qat_metadata(model, os.path.join(tmp, "model"), tokenizer)
+            serialization.save(state, os.path.join(tmp, STATE_NAME))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            serialization.atomic_write(os.path.join(output_dir, LATEST_NAME),
+                                       lambda p: _write_text(p, name + "\n"))
+        except OSError as e:
+            err = e
+    if ok:
+        ok = all_ok(err is None)
+    if not ok:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = _failure_reason(err) if err is not None else "another rank failed to write its part"
+        kept = (f"the previous checkpoint {previous} is intact" if previous else
+                "the previous checkpoint (if any) is intact") if main else "the previous checkpoint is intact"
+        raise CheckpointError(f"could not save the checkpoint of step {step} in {output_dir}: {reason}; "
+                              f"{kept}") from err
+    if main:
+        olds = sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n != name)
+        for n in olds[: max(0, len(olds) - (r.keep_last - 1))]:
+            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
+    return final
+
+
+def _check_layer_formats(model, ckpt: str) -> None:
+    from .hf import QAT_NAME, qat_modules
+
+    path = os.path.join(ckpt, "model", QAT_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f).get("modules", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    now = qat_modules(model)
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            raise CheckpointError(f"checkpoint {ckpt} layer {name!r} is {saved.get(name)} but this model's is "
+                                  f"{now.get(name)}")
+
+
+def _load_checkpoint(model, opt, ckpt: str, state: Dict[str, Any], sharded: bool) -> None:
+    """Model and optimizer state from ``ckpt``, whichever format it has, into a plain or FSDP model."""
+    from .hf import DCP_DIR
+
+    dcp_dir = os.path.join(ckpt, DCP_DIR)
+    if os.path.isdir(dcp_dir):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        _check_layer_formats(model, ckpt)
+        sd = _dcp_state(model, opt)
+        try:
+            dcp.load(sd, checkpoint_id=dcp_dir)
+        except Exception as e:
+            raise CheckpointError(f"cannot load the sharded checkpoint {dcp_dir}: {_failure_reason(e)}") from e
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        return
+    if not sharded:
+        _load_model_state(model, ckpt)
+        opt.load_state_dict(state["optimizer"])
+        return
+    # a single-process checkpoint (full tensors) resumed on several ranks: each rank keeps its shard
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from .serialization import load_safetensors
+
+    path = os.path.join(ckpt, "model", "model.safetensors")
+    try:
+        msd = load_safetensors(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    full = StateDictOptions(full_state_dict=True)
+    try:
+        set_model_state_dict(model, msd, options=full)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} does not match the model: {str(e).splitlines()[0]}") from None
+    names = [n for n, _ in model.named_parameters()]
+    osd = state["optimizer"]
+    fqn_osd = {"state": {names[i]: v for i, v in osd["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in osd["param_groups"]]}
+    set_optimizer_state_dict(model, opt, fqn_osd, options=full)
+
+
 # --------------------------------------------------------------------------- log
 
 class _Log:
@@ -484,8 +646,18 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
     ``model`` / ``tokenizer`` / ``train_blocks`` (a ``PackedBlocks``): pass objects to use them
     instead of loading ``recipe.model`` / ``recipe.data`` (the model must be full precision; it is
     quantized and trained in place)."""
+    from .distributed import apply_activation_checkpointing, init_from_env, mean_across_ranks, shard_model
+
     r = recipe
     total = resolve_steps(r)
+    info = init_from_env(timeout_s=r.dist_timeout, device=r.device)  # no-op outside torchrun
+    sharded = info.distributed
+    _check_world_size(r, info.world_size)
+    ckpt_format = r.checkpoint_format if r.checkpoint_format != "auto" else ("dcp" if sharded else "safetensors")
+    if sharded and ckpt_format != "dcp":
+        raise RecipeError("checkpoint_format='safetensors' is for single-process runs; a distributed run saves "
+                          "sharded checkpoints with torch.distributed.checkpoint (checkpoint_format='dcp')")
+    device = r.device or (str(info.device) if sharded else None)
     out = os.fspath(r.output_dir) if r.output_dir else None
     ckpt = latest_checkpoint(out) if out and os.path.isdir(out) else None
     state = None
@@ -507,21 +679,24 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
     if tokenizer is None and train_blocks is None:
         raise RecipeError("no tokenizer: pass tokenizer= or train_blocks=")
     _apply_qat(model, r)
-    if r.device:
-        model.to(r.device)
+    if device:
+        model.to(device)
+    if sharded:
+        shard_model(model, activation_checkpointing=r.activation_checkpointing)
+    elif r.activation_checkpointing:
+        apply_activation_checkpointing(model)
     if train_blocks is None:
         train_blocks = build_train_blocks(r, tokenizer)
-    sampler = _make_sampler(r, train_blocks)
+    sampler = _make_sampler(r, train_blocks, info.rank, info.world_size)
 
     opt = torch.optim.AdamW(model.parameters(), lr=r.learning_rate, weight_decay=r.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total))
     step, tokens_seen = 0, 0
     torch.manual_seed(r.seed)
     random.seed(r.seed)
-    log = _Log(os.path.join(out, LOG_NAME) if out else None)
+    log = _Log(os.path.join(out, LOG_NAME) if out and info.is_main else None)
     if state is not None:
-        _load_model_state(model, ckpt)
-        opt.load_state_dict(state["optimizer"])
+        _load_checkpoint(model, opt, ckpt, state, sharded)
         sched.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
@@ -535,11 +710,20 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
     model.train()
     end = total if r.stop_after is None else min(total, max(step, r.stop_after))
     losses: List[float] = []
-    bar = _bar(total, step, f"QAT {r.bits}-bit", r.progress)
+    bar = _bar(total, step, f"QAT {r.bits}-bit", r.progress and info.is_main)
     t_last = time.perf_counter()
     last_saved = step if state is not None else None
+
+    def save(step):
+        if ckpt_format == "dcp":
+            return _save_checkpoint_dcp(out, step, model, tokenizer, opt, sched, sampler, r, tokens_seen,
+                                        info.world_size)
+        return _save_checkpoint(out, step, model, tokenizer, opt, sched, sampler, r, tokens_seen)
+
     while step < end:
-        loss = _one_step(model, fwd, opt, sampler, r.grad_accum, r.max_grad_norm, r.bf16, r.device)
+        loss = _one_step(model, fwd, opt, sampler, r.grad_accum, r.max_grad_norm, r.bf16, device)
+        if sharded:
+            loss = mean_across_ranks(loss)
         lr = opt.param_groups[0]["lr"]
         sched.step()
         step += 1
@@ -553,11 +737,11 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
         if out and ((r.save_every and step % r.save_every == 0) or step == end):
-            ckpt = _save_checkpoint(out, step, model, tokenizer, opt, sched, sampler, r, tokens_seen)
+            ckpt = save(step)
             last_saved = step
     bar.close()
     if out and last_saved != step:  # nothing to run (already finished): make sure a checkpoint names it
-        ckpt = _save_checkpoint(out, step, model, tokenizer, opt, sched, sampler, r, tokens_seen)
+        ckpt = save(step)
     model.eval()
     return QATResult(model=model, tokenizer=tokenizer, steps=step, total_steps=total, tokens=tokens_seen,
                      losses=losses, checkpoint=ckpt, log_path=log.path, resumed_from=resumed_from)

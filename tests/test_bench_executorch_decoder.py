@@ -1,0 +1,86 @@
+"""benchmarks/bench_executorch_decoder.py --small: every variant is exported to a .pte, run in
+executorch.runtime, checked against its eager model, and written to a well-formed table.
+No timing assertions (tiny model, shared machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_executorch_decoder.py")
+VARIANTS = ["fp32", "8da4w", "pq2", "pq1.58"]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_executorch_decoder", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    pytest.importorskip("executorch")
+    pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp("decoder_bench")
+    results = tmp / "results.md"
+    out = _load().main(["--small", "--threads", "1", "--new-tokens", "3", "--check-tokens", "2",
+                        "--results", str(results), "--pte-dir", str(tmp / "pte")])
+    yield out, results, tmp / "pte"
+    import paretoq_ao.export as pe
+    pe.set_activation_mode("int8")
+
+
+def test_pte_files_written(small_run):
+    out, _, pte_dir = small_run
+    for v in VARIANTS:
+        path = pte_dir / f"decoder-{v}.pte"
+        assert path.is_file() and path.stat().st_size > 0, path
+        assert out["info"][v]["size"] == path.stat().st_size
+    # ours goes through our op, the others do not
+    assert b"paretoq::linear" in (pte_dir / "decoder-pq2.pte").read_bytes()
+    assert b"paretoq::linear" not in (pte_dir / "decoder-8da4w.pte").read_bytes()
+    # quantized block linears make the files smaller than fp32
+    sizes = {v: out["info"][v]["size"] for v in VARIANTS}
+    assert sizes["pq2"] < sizes["fp32"] and sizes["8da4w"] < sizes["fp32"]
+
+
+def test_results_table(small_run):
+    out, results, _ = small_run
+    text = results.read_text()
+    assert text == out["text"]
+    for key in ("Machine:", "Command:", "bench_executorch_decoder.py", "--small", "float32 in every variant"):
+        assert key in text, key
+    header = next(l for l in text.splitlines() if l.startswith("| variant | label"))
+    for col in (".pte MB", "tok/s 1T", "speed vs 8da4w 1T", "size vs 8da4w"):
+        assert col in header, col
+    rows = {l.split("|")[1].strip(): l for l in text.splitlines()
+            if l.startswith("| ") and ("(XNNPACK) |" in l or "(ours) |" in l)}
+    assert sorted(rows) == sorted(VARIANTS)
+    ncols = header.count("|")
+    for v, row in rows.items():
+        assert row.count("|") == ncols, row
+        assert re.search(r"\| \d+\.\d+ \(\d+\.\d+-\d+\.\d+\) \|", row), row  # tok/s (range)
+    assert "| 1.00x |" in rows["8da4w"] and "| 1.000x |" in rows["8da4w"]
+    assert "Targets (2-bit vs 8da4w):" in text
+    for (v, th), tps in out["tok_s"].items():
+        assert th == 1 and tps > 0
+
+
+def test_correctness_checks(small_run):
+    out, results, _ = small_run
+    info = out["info"]
+    # fp32 XNNPACK and ours with fp32 activations equal their eager models to float rounding
+    assert info["fp32"]["checks"]["xnnpack"]["all"] < 1e-4
+    for v in ("pq2", "pq1.58"):
+        assert info[v]["checks"]["fp32 acts"]["all"] < 1e-4
+        assert info[v]["checks"]["int8 acts"]["rel"] < 0.1
+    assert info["8da4w"]["checks"]["xnnpack"]["rel"] < 0.1
+    text = results.read_text()
+    for row in ("| fp32 | xnnpack |", "| 8da4w | xnnpack |", "| pq2 | fp32 acts |", "| pq2 | int8 acts |",
+                "| pq1.58 | fp32 acts |", "| pq1.58 | int8 acts |"):
+        assert row in text, row
