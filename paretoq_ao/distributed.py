@@ -156,14 +156,9 @@ def prepare_for_fsdp(model: nn.Module) -> List[str]:
             continue
         if not isinstance(w, ParetoQQATWeight):
             continue
-        if type(mod).forward is not nn.Linear.forward:
-            problems.append(f"{name or '<root>'} ({type(mod).__name__}): its forward is not nn.Linear's, so it "
-                            "cannot become a ParetoQQATLinear")
-            continue
-        if type(mod) is not nn.Linear:
-            problems.append(f"{name or '<root>'}: a {type(mod).__name__} (a subclass of nn.Linear); only "
-                            "plain nn.Linear QAT layers can be sharded")
-            continue
+        if type(mod) is not nn.Linear:  # its class (forward, methods) would be lost by the swap
+            problems.append(f"{name or '<root>'}: a {type(mod).__name__}, not a plain nn.Linear; only plain "
+                            "nn.Linear QAT layers can become ParetoQQATLinear for sharding")
     if problems:
         raise ValueError("prepare_for_fsdp: cannot prepare these QAT layers:\n  " + "\n  ".join(problems))
     seen = {}
@@ -264,3 +259,27 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _quiet_single_process(fn, *args, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():  # "assuming the intent is to save/load in a single process": it is
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        return fn(*args, **kwargs)
+
+
+def dcp_save(state, path: str) -> None:
+    """``torch.distributed.checkpoint.save`` (collective when a process group exists, else local)."""
+    import torch.distributed.checkpoint as dcp
+
+    _quiet_single_process(dcp.save, state, checkpoint_id=path)
+
+
+def dcp_load(state, path: str) -> None:
+    """``torch.distributed.checkpoint.load`` into ``state`` in place, resharding as needed."""
+    import torch.distributed.checkpoint as dcp
+
+    _quiet_single_process(dcp.load, state, checkpoint_id=path)

@@ -530,13 +530,16 @@ def save_qat_metadata(model: nn.Module, out_dir: PathLike, tokenizer=None) -> No
 def load_dcp_model_state(model: nn.Module, dcp_dir: str) -> None:
     """Load the model part (keys ``model.*``) of a ``torch.distributed.checkpoint`` folder into a
     model of any sharding (plain, or FSDP2 on any number of ranks): DCP reshards as it reads."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .distributed import dcp_load
 
     msd = get_model_state_dict(model)
     try:
-        dcp.load({"model": msd}, checkpoint_id=dcp_dir)
-    except Exception as e:  # DCP wraps every failure (missing files, shapes) in its own exception types
+        dcp_load({"model": msd}, dcp_dir)
+    except (Exception, CheckpointException) as e:  # DCP wraps failures (missing files, shapes) in its own types
         first = str(e).strip().splitlines()
         raise ModelLoadError(f"cannot load the sharded checkpoint {dcp_dir!r}: "
                              f"{type(e).__name__}: {first[-1] if first else ''}") from e

@@ -416,8 +416,27 @@ def _load_model_state(model, ckpt: str) -> None:
 def _failure_reason(e: BaseException) -> str:
     if isinstance(e, OSError):
         return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {rank}: {_failure_reason(exc[0] if isinstance(exc, tuple) else exc)}"
+                         for rank, exc in sorted(failures.items()))
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """A collective failed: a peer died, or hung past ``dist_timeout`` (gloo reports both as plain
+    RuntimeErrors, NCCL as DistBackendError)."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "NCCL", "Timed out", "Connection closed", "Connection reset"))
+
+
+def _dcp_errors():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)  # CheckpointException derives from BaseException
 
 
 def _dcp_state(model, opt) -> Dict[str, Any]:
@@ -434,9 +453,7 @@ def _save_checkpoint_dcp(output_dir: str, step: int, model, tokenizer, opt, sche
     Built in ``.tmp-checkpoint-<step>/``; rank 0 renames it into place and only then rewrites
     ``latest``, after every rank's shards are on disk. A rank that fails (or a crash) at any point
     leaves the previous checkpoint and ``latest`` as they were; a failure is raised on every rank."""
-    import torch.distributed.checkpoint as dcp
-
-    from .distributed import all_ok, world_info
+    from .distributed import all_ok, dcp_save, world_info
     from .hf import DCP_DIR, save_qat_metadata
 
     main = world_info().is_main
@@ -454,8 +471,8 @@ def _save_checkpoint_dcp(output_dir: str, step: int, model, tokenizer, opt, sche
     ok = all_ok(err is None)
     if ok:
         try:
-            dcp.save(_dcp_state(model, opt), checkpoint_id=os.path.join(tmp, DCP_DIR))
-        except Exception as e:  # DCP raises (its CheckpointException) on every rank when one fails
+            dcp_save(_dcp_state(model, opt), os.path.join(tmp, DCP_DIR))
+        except _dcp_errors() as e:  # DCP raises (its CheckpointException) on every rank when one fails
             err = e
         ok = all_ok(err is None)
     if ok and main:
@@ -513,14 +530,15 @@ def _load_checkpoint(model, opt, ckpt: str, state: Dict[str, Any], sharded: bool
 
     dcp_dir = os.path.join(ckpt, DCP_DIR)
     if os.path.isdir(dcp_dir):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from .distributed import dcp_load
 
         _check_layer_formats(model, ckpt)
         sd = _dcp_state(model, opt)
         try:
-            dcp.load(sd, checkpoint_id=dcp_dir)
-        except Exception as e:
+            dcp_load(sd, dcp_dir)
+        except _dcp_errors() as e:
             raise CheckpointError(f"cannot load the sharded checkpoint {dcp_dir}: {_failure_reason(e)}") from e
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         return
@@ -592,16 +610,25 @@ def read_log(path) -> List[Dict[str, Any]]:
 
 # --------------------------------------------------------------------------- training
 
-def _cosine(total: int):
-    return lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total))
+def _cosine(total: int, warmup: int = 0):
+    def factor(i):
+        if i < warmup:
+            return (i + 1) / warmup
+        span = max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(i - warmup, span) / span))
+
+    return factor
 
 
 def train_steps(model, sampler, steps: int, lr: float, *, grad_accum: int = 1, weight_decay: float = 0.0,
                 max_grad_norm: Optional[float] = 1.0, bf16: bool = False, device=None,
-                progress: bool = False, desc: str = "train") -> List[float]:
-    """A plain cosine-to-zero AdamW loop without checkpoints (used for full-precision pre-training)."""
+                progress: bool = False, desc: str = "train", warmup_steps: int = 0) -> List[float]:
+    """A plain AdamW loop without checkpoints (used for full-precision pre-training): linear warm-up
+    over ``warmup_steps``, then cosine decay to zero."""
+    if not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be in [0, steps={steps}], got {warmup_steps}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps, warmup_steps))
     losses = []
     model.train()
     bar = _bar(steps, 0, desc, progress)
@@ -721,9 +748,18 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
         return _save_checkpoint(out, step, model, tokenizer, opt, sched, sampler, r, tokens_seen)
 
     while step < end:
-        loss = _one_step(model, fwd, opt, sampler, r.grad_accum, r.max_grad_norm, r.bf16, device)
-        if sharded:
-            loss = mean_across_ranks(loss)
+        try:
+            loss = _one_step(model, fwd, opt, sampler, r.grad_accum, r.max_grad_norm, r.bf16, device)
+            if sharded:
+                loss = mean_across_ranks(loss)
+        except RuntimeError as e:  # a peer died, or hung past dist_timeout
+            if not (sharded and _is_comm_error(e)):
+                raise
+            last = latest_checkpoint(out) if out and os.path.isdir(out) else None
+            raise CheckpointError(f"rank {info.rank} lost contact with the other ranks in step {step + 1} "
+                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                                  f"; another rank probably died (torchrun names it). The last complete "
+                                  f"checkpoint is {last or 'none'}; re-run the same command to resume") from e
         lr = opt.param_groups[0]["lr"]
         sched.step()
         step += 1
