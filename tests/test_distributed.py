@@ -161,10 +161,14 @@ def test_activation_checkpointing_single_process_same_gradients():
     b = copy.deepcopy(a)
     assert apply_activation_checkpointing(b) == 2
     assert sorted(a.state_dict()) == sorted(b.state_dict())
+    calls = []
+    b.blocks[0].norm1.register_forward_pre_hook(lambda *args: calls.append(1))
     ids = torch.randint(0, 64, (2, 7))
     la, lb = a.loss(ids), b.loss(ids)
     la.backward()
+    assert len(calls) == 1
     lb.backward()
+    assert len(calls) == 2  # the block ran again in the backward pass (recomputation)
     assert torch.equal(la, lb)
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     for k in pa:
@@ -210,7 +214,8 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_then_converts(oracle, tmp_path
     out = tmp_path / "run"
     rc.run_qat(recipe(out, stop_after=2))  # single process, safetensors checkpoint
     assert os.path.isfile(os.path.join(rc.latest_checkpoint(out), "model", "model.safetensors"))
-    code, log = torchrun(COMMON + ["--output-dir", str(out)])
+    # with activation checkpointing (recomputation does not change the results)
+    code, log = torchrun(COMMON + ["--output-dir", str(out), "--activation-checkpointing"])
     assert code == 0, log
     assert "on 2 ranks: step 4/4 (resumed at step 2)" in log
     ckpt = rc.latest_checkpoint(out)
