@@ -315,3 +315,13 @@ def test_prepare_for_fsdp_refuses_what_it_cannot_shard():
     assert type(m[0]) is torch.nn.Linear  # nothing was changed before the error
     with pytest.raises(RuntimeError, match="no process group"):
         shard_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_compiled_two_ranks_match_one(oracle, tmp_path):
+    """torch.compile over the FSDP2-sharded QAT model: the same losses as eager on one process."""
+    out = tmp_path / "run"
+    code, log = torchrun(COMMON + ["--output-dir", str(out), "--compile", "--stop-after", "2"], timeout=600)
+    assert code == 0, log
+    got = losses(out)
+    for step in (1, 2):
+        assert abs(got[step] - oracle["losses"][step]) < TOL
