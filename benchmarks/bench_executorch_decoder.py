@@ -11,19 +11,26 @@ one token per call) and exported to ``.pte``:
   with ``paretoq_ao.export.export_executorch`` (our C++ kernels, int8 activations; the rest to
   XNNPACK).
 
-In every variant the token embedding and the ``lm_head`` stay float32 (embedding: portable
-``aten::embedding``; lm_head: XNNPACK fp32 linear), so the size comparison differs only in the block
-linears. Because those two fp32 tables (2 x vocab x hidden x 4 bytes) are a fixed part of every
-file, sizes are reported both for the whole file and without them.
+The token embedding is float32 in every variant (portable ``aten::embedding``). The ``lm_head`` is
+handled the same way in 8da4w and ours: float32 on XNNPACK (``--head fp32``, the default) or torchao
+8da4w group 32 on XNNPACK (``--head 8da4w``); the fp32 variant always keeps it float32. So the
+quantized files differ only in the block linears (q/k/v/o/gate/up/down). The embedding and head are
+a fixed part of every file, so sizes are also reported without them, and the lm_head alone (same
+weights, same handling, its own small ``.pte``) is timed too, to show how much of a decode step it
+takes.
 
     python benchmarks/bench_executorch_decoder.py                    # hidden 2048, 8 layers, vocab 32000
+    python benchmarks/bench_executorch_decoder.py --head 8da4w       # lm_head 8da4w in 8da4w and ours
     python benchmarks/bench_executorch_decoder.py --small --results /tmp/r.md   # tiny, for tests
 
 Decode timing: a prompt of ``--prompt-len`` tokens is fed one token per call (KV cache), then
-``--new-tokens`` tokens are generated greedily; each generated step is timed around
-``method.execute`` and the median step time gives tokens/s. Timing runs are interleaved
+``--new-tokens`` tokens are generated greedily; each step that produces a generated token is timed
+around ``method.execute`` and the median step time gives tokens/s. Timing runs are interleaved
 (for rep: for threads: for variant) so that load from other processes on the machine spreads over
-all variants; the table reports the median over reps of each rep's median (and the spread).
+all variants; the table reports the median over reps of each rep's median (and the min-max).
+Each timing run loads its program afresh after ``set_num_threads``: XNNPACK delegates capture
+ExecuTorch's pthreadpool when the method is loaded, and resizing the pool frees the old one, so a
+method loaded before ``set_num_threads`` must not be executed after it.
 
 Correctness: for each variant the eager model (``LlamaKVStep`` on the same quantized model) and
 the ``.pte`` are fed the same tokens (the eager model's greedy continuation); the max abs
@@ -64,6 +71,8 @@ def _parse(argv):
     for k in FULL:
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {FULL[k]} ({SMALL[k]} with --small)")
     ap.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {ALL_VARIANTS}")
+    ap.add_argument("--head", choices=("fp32", "8da4w"), default="fp32",
+                    help="lm_head in the quantized variants (the same for 8da4w and ours); embedding stays fp32")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 8 (3 with --small)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 32 (4 with --small)")
@@ -106,23 +115,40 @@ def _block_linear(mod, fqn):
     return isinstance(mod, nn.Linear) and ".layers." in f".{fqn}."
 
 
-def _build_model(cfg, state, variant):
-    """A fresh LlamaForCausalLM with ``state`` loaded, quantized for ``variant``."""
+def _8da4w():
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+
+
+def _build_model(cfg, state, variant, head):
+    """A fresh LlamaForCausalLM with ``state`` loaded, quantized for ``variant`` (lm_head: ``head``
+    for the quantized variants, fp32 for the fp32 variant)."""
     from transformers import LlamaForCausalLM
     from torchao import quantize_
     model = LlamaForCausalLM(cfg).eval()
     model.load_state_dict(state)
     model.float()
+    if variant != "fp32" and head == "8da4w":
+        quantize_(model, _8da4w(), filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn == "lm_head")
     if variant == "8da4w":
-        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                               weight_granularity=PerGroup(32)),
-                  filter_fn=_block_linear)
+        quantize_(model, _8da4w(), filter_fn=_block_linear)
     elif variant.startswith("pq"):
         from paretoq_ao import ParetoQWeightOnlyConfig
         bits = 1.58 if variant == "pq1.58" else int(variant[2:])
         quantize_(model, ParetoQWeightOnlyConfig(bits=bits), filter_fn=_block_linear)
     return model
+
+
+def _build_head(state, head):
+    """The lm_head alone (same weights), handled as ``head``."""
+    from torchao import quantize_
+    w = state["lm_head.weight"]
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False).eval()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    if head == "8da4w":
+        quantize_(lin, _8da4w(), filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+    return lin
 
 
 def _export_xnnpack(step, example, path):
@@ -197,6 +223,19 @@ def _fmt_mb(n):
     return f"{n / 1e6:.1f}"
 
 
+def _time_head(method, hidden, n):
+    """Per-call times (s) of the lm_head-alone program on one token."""
+    x = torch.randn(1, 1, hidden)
+    for _ in range(2):
+        method.execute([x])
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        method.execute([x])
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
 def main(argv=None):
     a = _parse(argv)
     from transformers import LlamaForCausalLM
@@ -218,20 +257,31 @@ def main(argv=None):
     state = LlamaForCausalLM(cfg).eval().float().state_dict()
     state = {k: v.clone() for k, v in state.items()}
     n_block = sum(v.numel() for k, v in state.items() if ".layers." in k and k.endswith("proj.weight"))
-    emb_head_bytes = 2 * a.vocab * a.hidden * 4
+    emb_bytes = a.vocab * a.hidden * 4
     print(f"config: hidden {a.hidden}, intermediate {a.intermediate}, layers {a.layers}, heads {a.heads}/"
           f"{a.kv_heads} kv, vocab {a.vocab}; block linear params {n_block / 1e6:.1f} M; "
-          f"fp32 embedding+lm_head {emb_head_bytes / 1e6:.1f} MB", flush=True)
+          f"fp32 embedding {emb_bytes / 1e6:.1f} MB; lm_head {a.head} in the quantized variants", flush=True)
 
     g = torch.Generator().manual_seed(a.seed + 1)
     prompt = torch.randint(0, a.vocab, (a.prompt_len,), generator=g).tolist()
     max_len = a.prompt_len + a.new_tokens
     example = (torch.tensor([[1]]), torch.tensor([0]))
 
-    info = {}  # variant -> dict(path, size, export_s, checks, method)
+    def head_of(v):
+        return "fp32" if v == "fp32" else a.head
+
+    # lm_head alone, for each head handling in use: size (subtracted below) and time per call
+    heads = {}
+    for h in sorted({head_of(v) for v in a.variants}, key=("fp32", "8da4w").index):
+        path = os.path.join(pte_dir, f"lm_head-{h}.pte")
+        _export_xnnpack(_build_head(state, h), (torch.randn(1, 1, a.hidden),), path)
+        heads[h] = dict(path=path, size=os.path.getsize(path))
+        print(f"lm_head alone ({h}): {path} {_fmt_mb(heads[h]['size'])} MB", flush=True)
+
+    info = {}  # variant -> dict(path, size, quant_s, export_s, checks)
     for v in a.variants:
         t0 = time.perf_counter()
-        model = _build_model(cfg, state, v)
+        model = _build_model(cfg, state, v, a.head)
         q_s = time.perf_counter() - t0
         path = os.path.join(pte_dir, f"decoder-{v}.pte")
         t0 = time.perf_counter()
@@ -254,34 +304,46 @@ def main(argv=None):
             checks["int8 acts"] = _diff(_pte_logits(method, seq, a.prompt_len, a.check_tokens), ref)
         else:
             checks["xnnpack"] = _diff(_pte_logits(method, seq, a.prompt_len, a.check_tokens), ref)
+        del method
+        gc.collect()
         size = os.path.getsize(path)
-        info[v] = dict(path=path, size=size, quant_s=q_s, export_s=ex_s, checks=checks, method=method)
+        info[v] = dict(path=path, size=size, quant_s=q_s, export_s=ex_s, checks=checks,
+                       core=size - emb_bytes - heads[head_of(v)]["size"])
         print(f"{v}: {path} {_fmt_mb(size)} MB (quantize {q_s:.1f} s, export {ex_s:.1f} s)", flush=True)
         for name, d in checks.items():
             print(f"  {v} .pte vs eager [{name}]: max|dlogits| first token {d['first']:.3e}, "
                   f"first {d['n']} tokens {d['all']:.3e}, rel L2 {d['rel']:.2e}, argmax agree {d['agree']}/{d['n']}",
                   flush=True)
 
-    # interleaved timing: warm up every variant at every thread count once, then reps
-    times = {(v, th): [] for v in a.variants for th in a.threads}
-    for th in a.threads:
-        pe.set_num_threads(th)
-        for v in a.variants:
-            _decode(info[v]["method"], prompt, min(a.new_tokens, 4))
+    # interleaved timing; every run loads its program after set_num_threads (see the docstring)
+    progs = [(v, info[v]["path"]) for v in a.variants] + [(f"head:{h}", heads[h]["path"]) for h in heads]
+    times = {(p, th): [] for p, _ in progs for th in a.threads}
     for rep in range(a.reps):
         for th in a.threads:
             pe.set_num_threads(th)
-            for v in a.variants:
-                ts = _decode(info[v]["method"], prompt, a.new_tokens)
+            for p, path in progs:
+                method = pe.load_executorch(path).method
+                if p.startswith("head:"):
+                    ts = _time_head(method, a.hidden, a.new_tokens)
+                else:
+                    _decode(method, prompt, min(2, a.new_tokens))  # warm-up (page-in, first-call setup)
+                    ts = _decode(method, prompt, a.new_tokens)
+                del method
+                gc.collect()
                 med = statistics.median(ts)
-                times[(v, th)].append(med)
-                print(f"rep {rep + 1}/{a.reps} threads {th} {v}: {1 / med:.2f} tok/s "
-                      f"(median of {len(ts)} steps {med * 1e3:.1f} ms)", flush=True)
+                times[(p, th)].append(med)
+                print(f"rep {rep + 1}/{a.reps} threads {th} {p}: {med * 1e3:.2f} ms/token "
+                      f"({1 / med:.2f}/s, median of {len(ts)})", flush=True)
+
+    def step_s(p, th):
+        return statistics.median(times[(p, th)])
 
     def tok_s(v, th):
-        return 1.0 / statistics.median(times[(v, th)])
+        return 1.0 / step_s(v, th)
 
     base = "8da4w" if "8da4w" in info else None
+    head_desc = ("float32 in every variant (XNNPACK fp32 linear)" if a.head == "fp32" else
+                 "torchao 8da4w group 32 (XNNPACK) in 8da4w and ours, float32 in the fp32 variant")
     lines = [f"# ExecuTorch decoder benchmark ({date})", "",
              f"Machine: {_cpu()}, {os.cpu_count()} cores, {platform.platform()}; ParetoQ kernel path "
              f"{pe.kernel_path()}; torch {torch.__version__}",
@@ -290,29 +352,45 @@ def main(argv=None):
              f"{a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} KV heads, vocab {a.vocab}, "
              f"untied; {n_block / 1e6:.1f} M block-linear parameters. Step = `LlamaKVStep` (static KV cache, "
              f"max_len {max_len}), one token per call.",
-             "Token embedding and lm_head are float32 in every variant (embedding: portable aten::embedding; "
-             f"lm_head: XNNPACK fp32), {_fmt_mb(emb_head_bytes)} MB of every file; only the block linears "
-             "(q/k/v/o/gate/up/down) are quantized.",
+             f"Token embedding: float32 in every variant (portable aten::embedding, {_fmt_mb(emb_bytes)} MB). "
+             f"lm_head: {head_desc}. Only the block linears (q/k/v/o/gate/up/down) differ between 8da4w and ours.",
              f"Decode: prompt of {a.prompt_len} tokens fed one per call, then {a.new_tokens} greedy tokens; "
-             f"tokens/s = 1 / median step time over the generated steps, median over {a.reps} interleaved reps "
-             "(for rep: for threads: for variant); range = min-max of the per-rep values.", ""]
+             f"tokens/s = 1 / median step time over the {a.new_tokens} steps that produce a token, median over "
+             f"{a.reps} interleaved reps (for rep: for threads: for variant, each run loads the .pte afresh); "
+             "range = min-max of the per-rep values.",
+             "\"MB w/o emb+head\" = file size - fp32 embedding bytes - size of the lm_head-alone .pte "
+             "(same weights and handling).", ""]
     th_cols = [f"tok/s {th}T" for th in a.threads]
     hdr = (["variant", "label", ".pte MB", "MB w/o emb+head"] + th_cols
            + ([f"speed vs 8da4w {th}T" for th in a.threads] + ["size vs 8da4w", "size w/o emb+head vs 8da4w"] if base else []))
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for v in a.variants:
-        s = info[v]["size"]
-        cells = [v, LABELS[v], _fmt_mb(s), _fmt_mb(s - emb_head_bytes)]
+        s, core = info[v]["size"], info[v]["core"]
+        cells = [v, LABELS[v], _fmt_mb(s), _fmt_mb(core)]
         for th in a.threads:
             vals = [1 / t for t in times[(v, th)]]
             cells.append(f"{tok_s(v, th):.2f} ({min(vals):.2f}-{max(vals):.2f})")
         if base:
             for th in a.threads:
                 cells.append(f"{tok_s(v, th) / tok_s(base, th):.2f}x")
-            sb = info[base]["size"]
-            cells.append(f"{s / sb:.3f}x")
-            cells.append(f"{(s - emb_head_bytes) / (sb - emb_head_bytes):.3f}x")
+            cells.append(f"{s / info[base]['size']:.3f}x")
+            cells.append(f"{core / info[base]['core']:.3f}x")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Where the step time goes: the lm_head alone (its own .pte, one token) and the rest of the "
+              "step (median step time - median lm_head time), ms:", "",
+              "| variant | lm_head | " + " | ".join(f"step {th}T | lm_head {th}T | rest {th}T" for th in a.threads) + " |",
+              "|---|---|" + "---|---|---|" * len(a.threads)]
+    for v in a.variants:
+        hp = f"head:{head_of(v)}"
+        cells = [v, head_of(v)]
+        for th in a.threads:
+            cells += [f"{step_s(v, th) * 1e3:.2f}", f"{step_s(hp, th) * 1e3:.2f}",
+                      f"{(step_s(v, th) - step_s(hp, th)) * 1e3:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if base:
+        lines += ["", "Rest-of-step speed vs 8da4w (lm_head time removed): " + "; ".join(
+            f"{v} {th}T {(step_s(base, th) - step_s(f'head:{head_of(base)}', th)) / (step_s(v, th) - step_s(f'head:{head_of(v)}', th)):.2f}x"
+            for v in a.variants if v.startswith("pq") for th in a.threads)]
     lines += ["", "Correctness (.pte vs its eager model, same tokens; max abs logit difference at the step "
               f"that predicts the first generated token, and over the first {a.check_tokens}):", "",
               "| variant | check | max abs diff (1st token) | max abs diff (first N) | rel L2 | argmax agree |",
@@ -323,12 +401,12 @@ def main(argv=None):
     lines += ["", "Export (this machine): " + "; ".join(
         f"{v} quantize {info[v]['quant_s']:.0f} s + export {info[v]['export_s']:.0f} s" for v in a.variants)]
     if base:
-        lines += ["", "Targets (2-bit vs 8da4w):"]
+        lines += ["", "Targets (ours vs 8da4w):"]
         for v in [x for x in a.variants if x.startswith("pq")]:
             sr = info[v]["size"] / info[base]["size"]
-            sr2 = (info[v]["size"] - emb_head_bytes) / (info[base]["size"] - emb_head_bytes)
+            sr2 = info[v]["core"] / info[base]["core"]
             lines.append(f"- {v}: size {sr:.3f}x of 8da4w (whole file; target <= 0.6: {'met' if sr <= 0.6 else 'NOT met'}), "
-                         f"{sr2:.3f}x without the fp32 embedding+lm_head ({'met' if sr2 <= 0.6 else 'NOT met'}); "
+                         f"{sr2:.3f}x without embedding+lm_head ({'met' if sr2 <= 0.6 else 'NOT met'}); "
                          + ", ".join(f"{th}T decode {tok_s(v, th) / tok_s(base, th):.2f}x of 8da4w "
                                      f"({'faster' if tok_s(v, th) > tok_s(base, th) else 'NOT faster'})"
                                      for th in a.threads))
@@ -338,9 +416,8 @@ def main(argv=None):
     with open(results, "w") as f:
         f.write(text)
     print("written", results, "; .pte files in", pte_dir)
-    for v in info:
-        info[v].pop("method")
-    return dict(results=results, pte_dir=pte_dir, text=text, info=info,
+    return dict(results=results, pte_dir=pte_dir, text=text, info=info, heads=heads,
+                step_s={k: statistics.median(t) for k, t in times.items()},
                 tok_s={(v, th): tok_s(v, th) for v in a.variants for th in a.threads})
 
 

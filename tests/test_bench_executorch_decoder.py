@@ -44,6 +44,7 @@ def test_pte_files_written(small_run):
     # ours goes through our op, the others do not
     assert b"paretoq::linear" in (pte_dir / "decoder-pq2.pte").read_bytes()
     assert b"paretoq::linear" not in (pte_dir / "decoder-8da4w.pte").read_bytes()
+    assert (pte_dir / "lm_head-fp32.pte").is_file()
     # quantized block linears make the files smaller than fp32
     sizes = {v: out["info"][v]["size"] for v in VARIANTS}
     assert sizes["pq2"] < sizes["fp32"] and sizes["8da4w"] < sizes["fp32"]
@@ -66,7 +67,10 @@ def test_results_table(small_run):
         assert row.count("|") == ncols, row
         assert re.search(r"\| \d+\.\d+ \(\d+\.\d+-\d+\.\d+\) \|", row), row  # tok/s (range)
     assert "| 1.00x |" in rows["8da4w"] and "| 1.000x |" in rows["8da4w"]
-    assert "Targets (2-bit vs 8da4w):" in text
+    assert "Targets (ours vs 8da4w):" in text
+    # the lm_head-alone breakdown: one row per variant
+    for v in VARIANTS:
+        assert any(l.startswith(f"| {v} | fp32 | ") for l in text.splitlines()), v
     for (v, th), tps in out["tok_s"].items():
         assert th == 1 and tps > 0
 
