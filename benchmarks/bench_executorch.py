@@ -50,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--variants", default="pq2,pq1.58,pq4,xnn_fp32,xnn_8da4w")
+    ap.add_argument("--out", default=None, help="results file (default: results/executorch-<date>.md)")
     a = ap.parse_args(argv)
     from torchao import quantize_
     from paretoq_ao import ParetoQWeightOnlyConfig
@@ -111,10 +112,15 @@ def main(argv=None):
         lines.append(f"| {k} | {n} | {mm} | {th} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    out = os.path.join(os.path.dirname(__file__), "results", f"executorch-{date[:10]}.md")
-    with open(out, "w") as f:
-        f.write(text)
+    from paretoq_ao import atomic_write
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"executorch-{date[:10]}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(out, write)
     print("written", out)
 
 

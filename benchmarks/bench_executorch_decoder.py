@@ -11,7 +11,10 @@ one token per call) and exported to ``.pte``:
   with ``paretoq_ao.export.export_executorch`` (our C++ kernels, int8 activations; the rest to
   XNNPACK).
 
-The token embedding is float32 in every variant (portable ``aten::embedding``). The ``lm_head`` is
+The token embedding is float32 in every variant (portable ``aten::embedding``), or, with
+``--embedding 4`` / ``8``, group-32 quantized in 8da4w and ours alike
+(``paretoq_ao.export.embedding``: ExecuTorch's own ``quantized_decomposed::embedding_4bit`` /
+``embedding_byte`` kernels; the fp32 variant keeps it float32). The ``lm_head`` is
 handled the same way in 8da4w and ours: float32 on XNNPACK (``--head fp32``, the default) or torchao
 8da4w group 32 on XNNPACK (``--head 8da4w``); the fp32 variant always keeps it float32. So the
 quantized files differ only in the block linears (q/k/v/o/gate/up/down). The embedding and head are
@@ -21,6 +24,7 @@ takes.
 
     python benchmarks/bench_executorch_decoder.py                    # hidden 2048, 8 layers, vocab 32000
     python benchmarks/bench_executorch_decoder.py --head 8da4w       # lm_head 8da4w in 8da4w and ours
+    python benchmarks/bench_executorch_decoder.py --head 8da4w --embedding 4   # deployable: all quantized
     python benchmarks/bench_executorch_decoder.py --small --results /tmp/r.md   # tiny, for tests
 
 Decode timing: a prompt of ``--prompt-len`` tokens is fed one token per call (KV cache), then
@@ -72,7 +76,9 @@ def _parse(argv):
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {FULL[k]} ({SMALL[k]} with --small)")
     ap.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {ALL_VARIANTS}")
     ap.add_argument("--head", choices=("fp32", "8da4w"), default="fp32",
-                    help="lm_head in the quantized variants (the same for 8da4w and ours); embedding stays fp32")
+                    help="lm_head in the quantized variants (the same for 8da4w and ours)")
+    ap.add_argument("--embedding", choices=("fp32", "4", "8"), default="fp32",
+                    help="token embedding in the quantized variants (the same for 8da4w and ours; group 32)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 8 (3 with --small)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 32 (4 with --small)")
@@ -120,7 +126,7 @@ def _8da4w():
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
 
 
-def _build_model(cfg, state, variant, head):
+def _build_model(cfg, state, variant, head, embedding="fp32"):
     """A fresh LlamaForCausalLM with ``state`` loaded, quantized for ``variant`` (lm_head: ``head``
     for the quantized variants, fp32 for the fp32 variant)."""
     from transformers import LlamaForCausalLM
@@ -130,6 +136,9 @@ def _build_model(cfg, state, variant, head):
     model.float()
     if variant != "fp32" and head == "8da4w":
         quantize_(model, _8da4w(), filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn == "lm_head")
+    if variant != "fp32" and embedding != "fp32":
+        from paretoq_ao.export.embedding import quantize_embeddings
+        quantize_embeddings(model, int(embedding), 32)
     if variant == "8da4w":
         quantize_(model, _8da4w(), filter_fn=_block_linear)
     elif variant.startswith("pq"):
@@ -270,6 +279,11 @@ def main(argv=None):
     def head_of(v):
         return "fp32" if v == "fp32" else a.head
 
+    def emb_of(v):  # stored bytes of the token embedding in variant v
+        if v == "fp32" or a.embedding == "fp32":
+            return emb_bytes
+        return a.vocab * a.hidden * int(a.embedding) // 8 + a.vocab * (a.hidden // 32) * 4
+
     # lm_head alone, for each head handling in use: size (subtracted below) and time per call
     heads = {}
     for h in sorted({head_of(v) for v in a.variants}, key=("fp32", "8da4w").index):
@@ -281,7 +295,7 @@ def main(argv=None):
     info = {}  # variant -> dict(path, size, quant_s, export_s, checks)
     for v in a.variants:
         t0 = time.perf_counter()
-        model = _build_model(cfg, state, v, a.head)
+        model = _build_model(cfg, state, v, a.head, a.embedding)
         q_s = time.perf_counter() - t0
         path = os.path.join(pte_dir, f"decoder-{v}.pte")
         t0 = time.perf_counter()
@@ -308,7 +322,7 @@ def main(argv=None):
         gc.collect()
         size = os.path.getsize(path)
         info[v] = dict(path=path, size=size, quant_s=q_s, export_s=ex_s, checks=checks,
-                       core=size - emb_bytes - heads[head_of(v)]["size"])
+                       core=size - emb_of(v) - heads[head_of(v)]["size"])
         print(f"{v}: {path} {_fmt_mb(size)} MB (quantize {q_s:.1f} s, export {ex_s:.1f} s)", flush=True)
         for name, d in checks.items():
             print(f"  {v} .pte vs eager [{name}]: max|dlogits| first token {d['first']:.3e}, "
@@ -352,13 +366,16 @@ def main(argv=None):
              f"{a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} KV heads, vocab {a.vocab}, "
              f"untied; {n_block / 1e6:.1f} M block-linear parameters. Step = `LlamaKVStep` (static KV cache, "
              f"max_len {max_len}), one token per call.",
-             f"Token embedding: float32 in every variant (portable aten::embedding, {_fmt_mb(emb_bytes)} MB). "
+             (f"Token embedding: float32 in every variant (portable aten::embedding, {_fmt_mb(emb_bytes)} MB). "
+              if a.embedding == "fp32" else
+              f"Token embedding: {a.embedding}-bit group 32 in 8da4w and ours (ExecuTorch quantized_decomposed kernels, "
+              f"{_fmt_mb(emb_of('8da4w'))} MB), float32 in fp32 ({_fmt_mb(emb_bytes)} MB). ") +
              f"lm_head: {head_desc}. Only the block linears (q/k/v/o/gate/up/down) differ between 8da4w and ours.",
              f"Decode: prompt of {a.prompt_len} tokens fed one per call, then {a.new_tokens} greedy tokens; "
              f"tokens/s = 1 / median step time over the {a.new_tokens} steps that produce a token, median over "
              f"{a.reps} interleaved reps (for rep: for threads: for variant, each run loads the .pte afresh); "
              "range = min-max of the per-rep values.",
-             "\"MB w/o emb+head\" = file size - fp32 embedding bytes - size of the lm_head-alone .pte "
+             "\"MB w/o emb+head\" = file size - embedding bytes - size of the lm_head-alone .pte "
              "(same weights and handling).", ""]
     th_cols = [f"tok/s {th}T" for th in a.threads]
     hdr = (["variant", "label", ".pte MB", "MB w/o emb+head"] + th_cols

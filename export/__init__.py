@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Optional, Sequence
+import weakref
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -57,8 +58,25 @@ def kernel_path() -> str:
     return kernel_library_handle().paretoq_kernel_path().decode()
 
 
+_LOADED: "weakref.WeakSet" = weakref.WeakSet()  # callables returned by load_executorch, while alive
+
+
 def set_num_threads(n: int) -> None:
-    """Resize ExecuTorch's shared thread pool (used by our kernels and by XNNPACK)."""
+    """Resize ExecuTorch's shared thread pool (used by our kernels and by XNNPACK).
+
+    Call it before ``load_executorch``: an XNNPACK delegate keeps the pool that existed when its
+    method was loaded, and resizing frees that pool, so a method loaded earlier would run on freed
+    memory. While a program returned by ``load_executorch`` is alive this raises instead (drop the
+    program, resize, load it again). Programs loaded directly through ``executorch.runtime`` are
+    not tracked: the same rule applies to them."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive integer, got {n!r}")
+    alive = len(_LOADED)
+    if alive:
+        raise RuntimeError(
+            f"set_num_threads({n}): {alive} program(s) loaded with load_executorch are still alive; XNNPACK "
+            "keeps the thread pool a method was loaded with and resizing frees it, so their next call would use "
+            "freed memory. Call set_num_threads before load_executorch, or delete those programs first")
     from ._build import kernel_library_handle
     if not kernel_library_handle().paretoq_set_num_threads(int(n)):
         raise RuntimeError(f"could not resize the ExecuTorch thread pool to {n} threads")
@@ -112,12 +130,33 @@ def _plain_packed_linears(model: torch.nn.Module):
             setattr(mod, cname, child)
 
 
+@contextlib.contextmanager
+def _quantized_embeddings(model: torch.nn.Module, bits: Optional[int], group_size: int):
+    """Temporarily replace nn.Embedding modules by ``QuantizedEmbedding`` (restored on exit)."""
+    if bits is None:
+        yield model
+        return
+    from .embedding import quantize_embeddings
+
+    originals = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Embedding}
+    quantize_embeddings(model, bits, group_size)
+    try:
+        yield model
+    finally:
+        for name, m in originals.items():
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, m)
+
+
 def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], path,
-                      dynamic_shapes=None, strict: bool = False) -> str:
+                      dynamic_shapes=None, strict: bool = False, embedding_bits: Optional[int] = None,
+                      embedding_group_size: int = 32) -> str:
     """Converted model -> torch.export -> XNNPACK for everything else -> ``.pte`` (atomic write).
 
     Packed ParetoQ linears stay ``paretoq::linear`` (lowered to ``paretoq::linear.out``, run by
-    the C++ kernels); returns the written path.
+    the C++ kernels). ``embedding_bits`` (4 or 8) stores every ``nn.Embedding`` group-wise quantized
+    in the program, looked up by ExecuTorch's quantized embedding kernels (see
+    ``paretoq_ao.export.embedding``); the model itself is not changed. Returns the written path.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -126,7 +165,8 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
 
     _check_float32(model)
     model = model.eval()
-    with torch.no_grad(), _plain_packed_linears(model):
+    with torch.no_grad(), _plain_packed_linears(model), \
+            _quantized_embeddings(model, embedding_bits, embedding_group_size):
         ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=strict)
     edge = to_edge_transform_and_lower(
         ep, partitioner=[XnnpackPartitioner()],
@@ -143,9 +183,20 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
     return os.fspath(path)
 
 
-def _uses_paretoq(path) -> bool:
+def _ops_used(path) -> Dict[str, bool]:
+    """Which separately loaded kernel libraries the program needs (operator names in the file)."""
+    found = {b"paretoq::linear": False, b"quantized_decomposed::": False}
+    tail = b""
     with open(path, "rb") as f:
-        return b"paretoq::linear" in f.read()
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                break
+            chunk = tail + block
+            for k in found:
+                found[k] = found[k] or k in chunk
+            tail = chunk[-64:]
+    return {"paretoq": found[b"paretoq::linear"], "quantized": found[b"quantized_decomposed::"]}
 
 
 def load_executorch(path, method: str = "forward", load_library: bool = True) -> Callable[..., Any]:
@@ -162,7 +213,12 @@ def load_executorch(path, method: str = "forward", load_library: bool = True) ->
     if load_library:
         load_kernels()
     runtime = Runtime.get()
-    if _uses_paretoq(path):
+    used = _ops_used(path)
+    if used["quantized"] and load_library:
+        from .embedding import load_quantized_kernels
+
+        load_quantized_kernels()
+    if used["paretoq"]:
         registered = _OP_NAME in runtime.operator_registry.operator_names
         if not registered:
             raise MissingKernelsError(
@@ -181,4 +237,5 @@ def load_executorch(path, method: str = "forward", load_library: bool = True) ->
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     run.method = m  # type: ignore[attr-defined]
+    _LOADED.add(run)
     return run

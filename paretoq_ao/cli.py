@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model", help="packed Hugging Face folder (paretoq convert) or any Llama model path")
     x.add_argument("out", help=".pte path (written atomically)")
     x.add_argument("--max-len", type=int, default=256, help="KV-cache length (default 256)")
+    x.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
+                   help="store the token embedding at 4 or 8 bits (group 32, ExecuTorch's quantized embedding "
+                        "kernels); default: float32")
 
     d = sub.add_parser("demo", help="offline end-to-end demo: pre-train, QAT at 4/3/2/1.58/1 bits, table + plot")
     d.add_argument("--bits", default="4,3,2,1.58,1", help="comma-separated bit widths")
@@ -261,8 +264,9 @@ def _cmd_export(a) -> None:
         raise CLIError(f"export supports Llama-family decoders (a KV-cache decode step); {a.model!r} is {kind!r}")
     step = LlamaKVStep(model, a.max_len)  # export_executorch checks for float32 weights
     # one decode step: ids [1, 1], position [1]; the program is called token by token
-    export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), a.out)
-    print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions)")
+    export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), a.out, embedding_bits=a.embedding_bits)
+    emb = f"; {a.embedding_bits}-bit embedding" if a.embedding_bits else ""
+    print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions{emb})")
 
 
 def _cmd_demo(a) -> None:

@@ -28,7 +28,7 @@ def small_run(tmp_path_factory):
     pytest.importorskip("transformers")
     tmp = tmp_path_factory.mktemp("decoder_bench")
     results = tmp / "results.md"
-    out = _load().main(["--small", "--threads", "1", "--new-tokens", "3", "--check-tokens", "2",
+    out = _load().main(["--small", "--threads", "1", "--new-tokens", "3", "--check-tokens", "2", "--embedding", "4",
                         "--results", str(results), "--pte-dir", str(tmp / "pte")])
     yield out, results, tmp / "pte"
     import paretoq_ao.export as pe
@@ -54,7 +54,8 @@ def test_results_table(small_run):
     out, results, _ = small_run
     text = results.read_text()
     assert text == out["text"]
-    for key in ("Machine:", "Command:", "bench_executorch_decoder.py", "--small", "float32 in every variant"):
+    for key in ("Machine:", "Command:", "bench_executorch_decoder.py", "--small", "4-bit group 32 in 8da4w and ours",
+                "float32 in every variant (XNNPACK fp32 linear)"):
         assert key in text, key
     header = next(l for l in text.splitlines() if l.startswith("| variant | label"))
     for col in (".pte MB", "tok/s 1T", "speed vs 8da4w 1T", "size vs 8da4w"):

@@ -126,6 +126,20 @@ def test_export_packed_model_to_pte_matches_eager(tmp_path, capsys):
     got = got[0] if isinstance(got, (list, tuple)) else got
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # int8 activations in the kernels
     fails(capsys, ["export", packed, pte, "--max-len", "0"], "--max-len must be positive")
+    # a 4-bit embedding: a smaller file whose output equals the model with that embedding
+    from paretoq_ao.export.embedding import quantize_embeddings
+
+    pte4 = os.fspath(tmp_path / "m4.pte")
+    assert main(["export", packed, pte4, "--max-len", "8", "--embedding-bits", "4"]) == 0
+    assert "4-bit embedding" in capsys.readouterr().out
+    emb = model.get_input_embeddings().weight
+    assert os.path.getsize(pte) - os.path.getsize(pte4) > emb.numel() * 3  # 4 -> ~0.6 bytes per value
+    quantize_embeddings(model, 4, 32)
+    with torch.no_grad():
+        want4 = LlamaKVStep(model, 8)(ids, pos)
+    got4 = pe.load_executorch(pte4)(ids, pos)
+    got4 = got4[0] if isinstance(got4, (list, tuple)) else got4
+    torch.testing.assert_close(got4, want4, atol=0.05, rtol=0.05)
 
 
 def test_bad_flags_exit_2(capsys):

@@ -1,5 +1,6 @@
 """ExecuTorch export: .pte programs run by executorch.runtime with our C++ kernels vs eager."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -165,3 +166,28 @@ def test_no_cmake_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "cmake", None)
     with pytest.raises(pe.KernelBuildError, match="CMake"):
         _build.build_kernels()
+
+
+def test_set_num_threads_refuses_while_a_loaded_program_is_alive(tmp_path):
+    import gc
+
+    m = _quantized_mlp(2)
+    x = torch.randn(3, 100)
+    path = pe.export_executorch(m, (x,), tmp_path / "m.pte")
+    gc.collect()
+    f = pe.load_executorch(path)
+    before = f(x)
+    with pytest.raises(RuntimeError, match="1 program.*still alive.*before load_executorch"):
+        pe.set_num_threads(1)
+    with pytest.raises(ValueError, match="positive integer"):
+        pe.set_num_threads(0)
+    del f
+    gc.collect()
+    pe.set_num_threads(1)  # nothing alive: allowed
+    try:
+        g = pe.load_executorch(path)
+        torch.testing.assert_close(g(x), before, rtol=0, atol=0)
+        del g
+        gc.collect()
+    finally:
+        pe.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
