@@ -75,11 +75,34 @@ SIZES = {
     "m": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
               num_key_value_heads=2),
 }
+# FP pre-training LR rule (see "Pre-training hyperparameters" in the module docstring):
+#   lr(size) = PRETRAIN_LR_BASE * (PRETRAIN_LR_WIDTH / hidden_size) ** PRETRAIN_LR_EXP
+# -> xxs 1.7e-2, xs 6.0e-3, s 2.1e-3, m 1.15e-3; linear warm-up over PRETRAIN_WARMUP of the steps.
+PRETRAIN_LR_BASE = 6e-3
+PRETRAIN_LR_WIDTH = 64
+PRETRAIN_LR_EXP = 1.5
+PRETRAIN_WARMUP = 0.07
 METHODS = ("ParetoQ QAT", "RTN", "torchao QAT")
 TORCHAO_BITS = {2: "int2", 3: "int3", 4: "int4"}
 
 
 # --------------------------------------------------------------------------- helpers
+
+def pretrain_lr(size: str, base: float = PRETRAIN_LR_BASE, exp: float = PRETRAIN_LR_EXP) -> float:
+    """The FP pre-training LR of ``size`` under the per-size rule base * (64 / hidden_size) ** exp."""
+    return base * (PRETRAIN_LR_WIDTH / SIZES[size]["hidden_size"]) ** exp
+
+
+def warmup_steps(steps: int, fraction: float) -> int:
+    """Linear warm-up steps for a pre-training of ``steps`` steps (``fraction`` of them, rounded)."""
+    return min(steps, max(0, round(fraction * steps)))
+
+
+def _size_lr(args, size: str) -> float:
+    if args.pretrain_lr is not None:  # one LR for every size (the study before the per-size rule)
+        return args.pretrain_lr
+    return pretrain_lr(size, args.pretrain_lr_base, args.pretrain_lr_exp)
+
 
 def _block_linear_filter(model):
     from paretoq_ao._targets import output_head_names
@@ -193,10 +216,14 @@ def run_study(args, log=print) -> Dict:
     rows: List[Dict] = []
     ablation: List[Dict] = []
 
-    def pretrain(cfg, steps):
-        m = tiny_llama(len(tok), seed=args.seed, **cfg)
-        train_steps(m, _sampler(train_blocks, args.batch_size, args.seed), steps, args.pretrain_lr,
+    pre_hp: Dict[str, Dict] = {}
+
+    def pretrain(size, steps):
+        lr, warm = _size_lr(args, size), warmup_steps(steps, args.pretrain_warmup)
+        m = tiny_llama(len(tok), seed=args.seed, **SIZES[size])
+        train_steps(m, _sampler(train_blocks, args.batch_size, args.seed), steps, lr, warmup_steps=warm,
                     progress=args.progress, desc="pre-train FP")
+        pre_hp.setdefault(size, dict(lr=lr, warmup_steps=warm, steps=steps))
         return m
 
     def qat_lr(bits):
@@ -217,13 +244,13 @@ def run_study(args, log=print) -> Dict:
         return m
 
     for si, size in enumerate(args.sizes):
-        cfg = SIZES[size]
-        fp = pretrain(cfg, P)
+        fp = pretrain(size, P)
         n_params = sum(p.numel() for p in fp.parameters())
         fp_ppl = _ppl(fp, val)
         rows.append(dict(size=size, params=n_params, bits=None, method="FP", linear_mb=_fp_linear_mb(fp),
-                         ppl=fp_ppl))
-        log(f"[{size}] {n_params:,} params, FP ppl {fp_ppl:.2f} ({time.time() - t0:.0f}s)")
+                         ppl=fp_ppl, pretrain_lr=pre_hp[size]["lr"], warmup_steps=pre_hp[size]["warmup_steps"]))
+        log(f"[{size}] {n_params:,} params, FP ppl {fp_ppl:.2f} (LR {pre_hp[size]['lr']:.3g}, "
+            f"{pre_hp[size]['warmup_steps']} warm-up steps; {time.time() - t0:.0f}s)")
         qmb = {}
         for bits in args.bits:
             b = get_format(bits).bits
@@ -279,13 +306,13 @@ def run_study(args, log=print) -> Dict:
             ablation.append(dict(study="split", size=size, bits=2, variant=f"90/10 ({P} FP + {qat_steps} QAT steps)",
                                  ppl=main["ppl"], linear_mb=main["linear_mb"]))
             fp_steps = max(1, round(0.7 * total))
-            fp70 = pretrain(cfg, fp_steps)
+            fp70 = pretrain(size, fp_steps)
             m = paretoq_qat(fp70, 2, max(1, round(total) - fp_steps))
             ablation.append(dict(study="split", size=size, bits=2,
                                  variant=f"70/30 ({fp_steps} FP + {round(total) - fp_steps} QAT steps)",
                                  ppl=_ppl(m, val), linear_mb=_linear_mb(m)))
             del m, fp70
-            fp100 = pretrain(cfg, round(total))
+            fp100 = pretrain(size, round(total))
             m = copy.deepcopy(fp100)
             quantize_(m, ParetoQWeightOnlyConfig(bits=2))
             ablation.append(dict(study="split", size=size, bits=2, variant=f"100/0 ({round(total)} FP steps, RTN)",
@@ -295,7 +322,10 @@ def run_study(args, log=print) -> Dict:
                 + f" ({time.time() - t0:.0f}s)")
         del fp
     return dict(rows=rows, ablation=ablation, seconds=time.time() - t0, qat_steps=qat_steps,
-                total_steps=total, tokens_per_step=tok_per_step)
+                total_steps=total, tokens_per_step=tok_per_step, pretrain=pre_hp,
+                pretrain_rule=None if args.pretrain_lr is not None else dict(
+                    base=args.pretrain_lr_base, width=PRETRAIN_LR_WIDTH, exp=args.pretrain_lr_exp),
+                pretrain_warmup=args.pretrain_warmup)
 
 
 # --------------------------------------------------------------------------- report
@@ -337,9 +367,11 @@ def findings(res, args) -> List[str]:
         mono = all(fps[i][1] > fps[i + 1][1] for i in range(len(fps) - 1))
         out.append("FP perplexity " + ("falls" if mono else "does NOT fall") + " with model size ("
                    + ", ".join(f"{s} {_fmt(v)}" for s, v in fps) + ")"
-                   + ("" if mono else ": with the same pre-training LR and steps for every size the larger model ends worse "
-                      "(under-trained or mis-tuned; not investigated), so cross-size "
-                      "comparisons (the paper's 'lower bits on a bigger model' trade-off) are not meaningful here")
+                   + (" under the per-size pre-training LR rule with warm-up (one LR of 3e-3 without warm-up "
+                      "for every size made s worse than xs; see the pre-training sweep below)" if mono else
+                      ": the larger model ends worse with these pre-training settings, so cross-size comparisons "
+                      "(the paper's 'lower bits on a bigger model' trade-off) are not meaningful here; see the "
+                      "pre-training sweep below")
                    + ".")
     # ordering of the bit widths
     for size in args.sizes:
@@ -370,7 +402,26 @@ def findings(res, args) -> List[str]:
         if r["ppl"] < best:
             best = r["ppl"]
             frontier.append(f"{r['size']}/{r['bits']:g}b")
-    out.append("ParetoQ QAT size-vs-perplexity frontier (smallest bytes first): " + ", ".join(frontier) + ".")
+    out.append("ParetoQ QAT size-vs-perplexity frontier over all sizes (smallest bytes first): "
+               + ", ".join(frontier) + ".")
+    # the paper's trade-off: a bigger model at fewer bits vs a smaller model at more bits
+    order = {s: i for i, s in enumerate(args.sizes)}
+    dom = []
+    for big in qpts:
+        for small in qpts:
+            if (order[big["size"]] > order[small["size"]] and big["bits"] < small["bits"]
+                    and big["linear_mb"] <= small["linear_mb"]):
+                dom.append((big, small, big["ppl"] < small["ppl"]))
+    if dom:
+        won = [d for d in dom if d[2]]
+        out.append("Bigger model at fewer bits vs smaller model at more bits, at no more stored bytes: the bigger "
+                   f"one is better in {len(won)} of {len(dom)} such pairs ("
+                   + "; ".join(f"{b['size']}/{b['bits']:g}b {b['linear_mb']:.3f} MB ppl {_fmt(b['ppl'])} "
+                               f"{'<' if w else '>='} {a['size']}/{a['bits']:g}b {a['linear_mb']:.3f} MB ppl "
+                               f"{_fmt(a['ppl'])}" for b, a, w in dom) + ").")
+    elif len(args.sizes) > 1:
+        out.append("No larger-model/fewer-bits point stores as few bytes as a smaller-model/more-bits point, so "
+                   "the bigger-model-at-fewer-bits trade-off is not tested by these sizes.")
     grid = [a for a in abl if a["study"] == "grid"]
     for b in (2, 1.58):
         g = {a["variant"].split()[0]: a["ppl"] for a in grid if a["bits"] == b}
@@ -400,7 +451,8 @@ def to_markdown(res, args, argv) -> str:
          f"{args.vocab_size}, blocks of {args.block_size} tokens, batch {args.batch_size}, "
          f"{args.eval_blocks} held-out blocks. Budget: total T = {res['total_steps']:.0f} steps "
          f"({res['total_steps'] * res['tokens_per_step']:,.0f} tokens); FP pre-training {args.pretrain_steps} steps "
-         f"(90 %), QAT {res['qat_steps']} steps (10 %). QAT LR = paper LR x {args.lr_scale:g}; seed {args.seed}.",
+         f"(90 %), QAT {res['qat_steps']} steps (10 %). QAT LR = paper LR x {args.lr_scale:g}, no warm-up; "
+         f"seed {args.seed}.", "", _pretrain_line(res, args),
          "", "## Results (held-out perplexity; linears MB = stored bytes of the quantized block linears)", "",
          "| size | params | bits | method | linears MB | ppl |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -415,8 +467,20 @@ def to_markdown(res, args, argv) -> str:
           "torchao / LSQ rows are given the ParetoQ row's bytes (same code width, one fp32 scale per row).",
           "", "## What reproduces / what does not at this scale", ""]
     L += [f"- {f}" for f in findings(res, args)]
+    L += ["", "## Pre-training hyperparameters: the sweep behind the per-size rule", ""] + PRETRAIN_SWEEP
     L += ["", f"Plot: `{os.path.basename(args._png)}`", ""]
     return "\n".join(L)
+
+
+def _pretrain_line(res, args) -> str:
+    hp = res["pretrain"]
+    per = ", ".join(f"{s} {hp[s]['lr']:.3g}" for s in args.sizes if s in hp)
+    rule = res.get("pretrain_rule")
+    how = (f"per-size rule LR = {rule['base']:g} x ({rule['width']} / hidden_size)^{rule['exp']:g}" if rule
+           else "one LR for every size (--pretrain-lr)")
+    warm = ", ".join(f"{s} {hp[s]['warmup_steps']}" for s in args.sizes if s in hp)
+    return (f"FP pre-training: AdamW (no weight decay), grad-norm clip 1.0, {how}: {per}; linear warm-up over "
+            f"{100 * res['pretrain_warmup']:g} % of the steps ({warm} steps), then cosine to zero.")
 
 
 def plot(res, args, path) -> None:
@@ -483,7 +547,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-chars", type=int, default=1_500_000)
     p.add_argument("--val-chars", type=int, default=200_000)
     p.add_argument("--eval-blocks", type=int, default=64)
-    p.add_argument("--pretrain-lr", type=float, default=3e-3)
+    p.add_argument("--pretrain-lr", type=float, default=None,
+                   help="one FP pre-training LR for every size (default: the per-size rule below)")
+    p.add_argument("--pretrain-lr-base", type=float, default=PRETRAIN_LR_BASE,
+                   help=f"per-size rule: LR = base * ({PRETRAIN_LR_WIDTH} / hidden_size) ** exp")
+    p.add_argument("--pretrain-lr-exp", type=float, default=PRETRAIN_LR_EXP)
+    p.add_argument("--pretrain-warmup", type=float, default=PRETRAIN_WARMUP,
+                   help="linear warm-up over this fraction of each FP pre-training's steps, then cosine")
     p.add_argument("--lr-scale", type=float, default=10.0)
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--progress", action="store_true", help="tqdm bars")
@@ -500,6 +570,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         p.error(f"unknown size(s) {bad}; choose from {list(SIZES)}")
     args.bits = _parse_bits(args.bits)
+    if not 0 <= args.pretrain_warmup <= 1:
+        p.error("--pretrain-warmup is a fraction of the pre-training steps, in [0, 1]")
+    if (args.pretrain_lr is not None and args.pretrain_lr <= 0) or args.pretrain_lr_base <= 0:
+        p.error("pre-training LRs must be positive")
     torch.manual_seed(args.seed)
     date = datetime.date.today().isoformat()
     os.makedirs(args.results_dir, exist_ok=True)

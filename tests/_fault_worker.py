@@ -25,28 +25,20 @@ def _install(spec: str) -> None:
     if int(os.environ["RANK"]) != int(rank):
         return
     count = {"n": 0}
-    if kind == "step":
+    if kind in ("step", "hang"):
+        import time
+
         real = recipe._one_step
 
         def one_step(*args, **kwargs):
             count["n"] += 1
             if count["n"] == int(n):
-                os._exit(3)
+                if kind == "step":
+                    os._exit(3)
+                time.sleep(600)
             return real(*args, **kwargs)
 
         recipe._one_step = one_step
-    elif kind == "hang":
-        import time
-
-        real_hang = recipe._one_step
-
-        def one_step_hang(*args, **kwargs):
-            count["n"] += 1
-            if count["n"] == int(n):
-                time.sleep(600)
-            return real_hang(*args, **kwargs)
-
-        recipe._one_step = one_step_hang
     elif kind == "save":
         real_save = dcp.save
 
