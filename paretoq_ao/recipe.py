@@ -932,7 +932,9 @@ def demo(*, bits_list=(4, 3, 2, 1.58, 1), pretrain_steps: int = 400, qat_fractio
     fp = tiny_llama(len(tok), seed=seed, **(model_config or {}))
     log(f"demo: {sum(p.numel() for p in fp.parameters()):,} parameters, {len(train_blocks)} training blocks "
         f"of {block_size} tokens, {val.shape[0]} held-out blocks")
-    train_steps(fp, sampler, pretrain_steps, pretrain_lr, progress=progress, desc="pre-train FP")
+    # 7 % linear warm-up: without it LR 3e-3 diverges early on wider models (benchmarks/pareto_study.py sweep)
+    train_steps(fp, sampler, pretrain_steps, pretrain_lr, progress=progress, desc="pre-train FP",
+                warmup_steps=pretrain_steps * 7 // 100)
     pre_tokens = pretrain_steps * batch_size * block_size
     fp_mb, fp_lin = _size_mb_fp(fp)
     rows = [DemoRow("full precision", None, fp_mb, fp_lin, perplexity(fp, val)["ppl"])]
