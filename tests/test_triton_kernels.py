@@ -35,7 +35,9 @@ from paretoq_ao.triton_kernels import (  # noqa: E402
     KernelConfig, clear_cache, model_shapes, supports, triton_linear, tuned_configs, warmup,
 )
 from paretoq_ao.triton_kernels import tuning  # noqa: E402
-from paretoq_ao.triton_kernels.linear import Problem, scale_mode, split_plan  # noqa: E402
+from paretoq_ao.triton_kernels.linear import (  # noqa: E402
+    GEMV_MAX_M, Problem, scale_mode, split_plan,
+)
 
 if _PREVIOUS_INTERPRET is None:
     del os.environ["TRITON_INTERPRET"]
@@ -111,6 +113,80 @@ def test_forced_configs(bits, name, M, cfg, group_size):
     x = make_x((M, K))
     out = triton_linear(x, packed, scale, bits, config=cfg)
     assert_close(out, reference_linear(x, packed, scale, bits), torch.float32)
+
+
+# The word GEMV (kind "gemvw"): 1/2/4-bit codes read as int32 words. K = 160 is a whole number
+# of words at every width but not of 64-column tiles (the masked tail tile); K = 256 takes the
+# unmasked path. M = 3 runs three program rows; split-K 3 makes uneven splits.
+WORDS_CASES = [
+    ("even_nosplit", 1, 256, dict(kind="gemvw", block_n=16, block_k=64, split_k=1)),
+    ("even_split3", 1, 256, dict(kind="gemvw", block_n=32, block_k=32, split_k=3)),
+    ("tail_split2", 1, 160, dict(kind="gemvw", block_n=16, block_k=64, split_k=2)),
+    ("tail_M3", 3, 160, dict(kind="gemvw", block_n=64, block_k=128, split_k=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("group_size", [None, 32], ids=["row", "g32"])
+@pytest.mark.parametrize("name,M,K,cfg", WORDS_CASES, ids=[c[0] for c in WORDS_CASES])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4])
+def test_word_gemv(bits, name, M, K, cfg, group_size, dtype):
+    if group_size and group_size % cfg["block_k"]:
+        cfg = dict(cfg, block_k=32)  # the word GEMV needs groups that hold whole K tiles
+    N = 37
+    packed, scale = make_weight(N, K, bits, group_size, dtype, seed=K + M)
+    x = make_x((M, K), dtype) * 3
+    out = triton_linear(x, packed, scale, bits, config=cfg)
+    assert_close(out, reference_linear(x, packed, scale, bits), dtype)
+
+
+def test_word_gemv_every_code_value():
+    # All codes at every position of a word (both 16-bit halves), x = identity rows.
+    for bits in (1, 1.58, 2, 4):
+        fmt = pq.get_format(bits)
+        K = 32 * fmt.n_codes  # a whole number of words at every width
+        codes = (torch.arange(3 * K).reshape(3, K) % fmt.n_codes).to(torch.uint8)
+        codes[1] = codes[1].flip(0)
+        packed = pq.pack_codes(codes, bits)
+        scale = torch.tensor([[1.0], [0.5], [2.0]])
+        want = pq.dequantize_codes(codes, scale, bits)
+        for k in (0, 7, 8, 15, 16, 31, K - 1):
+            x = torch.zeros(1, K)
+            x[0, k] = 1.0
+            out = triton_linear(x, packed, scale, bits,
+                                config=dict(kind="gemvw", block_n=16, block_k=32))
+            assert torch.equal(out[0], want[:, k]), (bits, k)
+
+
+def test_word_gemv_eligibility():
+    from paretoq_ao.triton_kernels.linear import word_kernel_ok, words_view
+
+    packed, scale = make_weight(9, 64, 2)  # 16-byte rows
+    assert words_view(packed) is not None and words_view(packed).shape == (9, 4)
+    assert words_view(packed[:, 1:]) is None  # data pointer and row bytes off by one
+    wide = torch.zeros(9, 18, dtype=torch.uint8)
+    assert words_view(wide[:, :16]) is None  # row stride 18 is not a multiple of 4
+    wide = torch.zeros(9, 20, dtype=torch.uint8)
+    assert words_view(wide[:, :16]) is not None  # row stride 20 is
+    assert words_view(make_weight(9, 60, 2)[0]) is None  # 15-byte rows
+    cfg = KernelConfig("gemvw", block_n=16, block_k=64)
+    base = dict(M=1, N=4096, K=4096, bits=2, code_bits=2, groups=1, x_dtype=torch.float16,
+                out_dtype=torch.float16, dot_precision=None, device="x", word_aligned=True)
+    assert word_kernel_ok(Problem(**base), cfg)
+    assert not word_kernel_ok(Problem(**dict(base, bits=3, code_bits=3)), cfg)
+    assert not word_kernel_ok(Problem(**dict(base, word_aligned=False)), cfg)
+    assert not word_kernel_ok(Problem(**dict(base, M=GEMV_MAX_M + 1)), cfg)
+    assert not word_kernel_ok(Problem(**dict(base, groups=128)), cfg)  # groups of 32 < tile 64
+    assert word_kernel_ok(Problem(**dict(base, groups=64)), cfg)  # groups of 64
+    with pytest.raises(ValueError, match="block_k >= 32"):
+        KernelConfig("gemvw", block_n=16, block_k=16).check()
+    # A forced word config where it cannot serve: a clear error naming the problem.
+    p3, s3 = make_weight(9, 64, 3)
+    with pytest.raises(ValueError, match=r"cannot serve.*bits=3"):
+        triton_linear(torch.randn(1, 64), p3, s3, 3, config=cfg)
+    p2, s2 = make_weight(9, 60, 2)
+    with pytest.raises(ValueError, match=r"cannot serve.*packed \(9, 15\)"):
+        triton_linear(torch.randn(1, 60), p2, s2, 2, config=cfg)
 
 
 def test_scale_modes_are_exercised():
@@ -254,6 +330,21 @@ def test_pruner_on_gpu_shapes(monkeypatch):
         d = tuning.default_config(p)
         d.check()
         assert d.kind == ("gemv" if M == 1 else "gemm")
+    # the word GEMV: a candidate (and the default) for M = 1 on word-aligned 1/2/4-bit rows only
+    for M, groups, bits, code_bits, aligned, want in [
+            (1, 1, 2, 2, True, True), (1, 32, 1.58, 2, True, True), (4, 1, 4, 4, True, True),
+            (1, 1, 3, 3, True, False), (1, 1, 2, 2, False, False), (1, 512, 2, 2, True, False),
+            (16, 1, 2, 2, True, False)]:
+        p = Problem(M=M, N=4096, K=4096, bits=bits, code_bits=code_bits, groups=groups,
+                    x_dtype=torch.bfloat16, out_dtype=torch.bfloat16, dot_precision=None,
+                    device="NVIDIA H100", num_sms=132, smem_bytes=232448, word_aligned=aligned)
+        kept = tuning.prune(tuning.candidate_configs(p), p)
+        assert any(c.kind == "gemvw" for c in kept) == want, (M, groups, bits, aligned)
+        if M == 1:
+            assert (tuning.default_config(p).kind == "gemvw") == want, (groups, bits, aligned)
+        for c in kept:
+            if c.kind == "gemvw":
+                assert groups == 1 or (4096 // groups) % c.block_k == 0
     # large M: no split-K, tensor-core tiles only; M bucket in the key
     p = gpu_problem(300, 4096, 4096)
     assert all(c.kind == "gemm" and c.split_k == 1 for c in tuning.prune(tuning.candidate_configs(p), p))
@@ -350,7 +441,7 @@ def test_kernels_compile_for_sm90():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "5/5 kernels compiled" in r.stdout
+    assert "7/7 kernels compiled" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,18 +33,23 @@ def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic
     from . import linear as L
 
     x = _DT[x_dtype]
-    sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "s_ptr": f"*{x}",
+    words = cfg.kind == "gemvw"
+    sig = {"x_ptr": f"*{x}", "w_ptr": "*i32" if words else "*u8", "s_ptr": f"*{x}",
            "out_ptr": "*fp32" if atomic else f"*{x}"}
     ints = (["M"] if cfg.kind == "gemm" else []) + [
-        "N", "K", "row_bytes", "k_per_split", "stride_xm", "stride_om", "stride_wn", "stride_sn",
-        "stride_sg"]
+        "N", "K", "row_words" if words else "row_bytes", "k_per_split", "stride_xm", "stride_om",
+        "stride_wn", "stride_sn", "stride_sg"] + (["zero_i"] if words else [])
     for name in ints:
         sig[name] = "i32"
     cons = dict(
-        CODE_BITS=code_bits, PER_UNIT=8 if code_bits == 3 else 8 // code_bits, TWO_ZERO=8.0,
+        CODE_BITS=code_bits, TWO_ZERO=8.0,
         HALF_STEP=0.5, SCALE_MODE=mode, GROUP_SIZE=group_size if mode else 1, SCALE_EPS_=1e-5,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
     )
+    if words:
+        cons["EVEN_K"] = aligned
+    else:
+        cons["PER_UNIT"] = L._per_unit(code_bits)
     if cfg.kind == "gemm":
         prec = None if x_dtype != torch.float32 else "ieee"
         cons.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_PRECISION=prec)
@@ -53,8 +58,8 @@ def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic
     attrs = {}
     if aligned:  # what a launch with 16-divisible pointers, sizes and strides specialises to
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
-                 if sig[name] != "constexpr" and name not in ("stride_sg",)}
-    fn = L._gemm_kernel if cfg.kind == "gemm" else L._gemv_kernel
+                 if sig[name] != "constexpr" and name not in ("stride_sg", "zero_i")}
+    fn = {"gemm": L._gemm_kernel, "gemv": L._gemv_kernel, "gemvw": L._gemv_words_kernel}[cfg.kind]
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -67,12 +72,15 @@ def _jobs(which: str):
     g = KernelConfig("gemm", block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
     g16 = KernelConfig("gemm", block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=3)
     v = KernelConfig("gemv", block_n=32, block_k=128, num_warps=4)
+    vw = KernelConfig("gemvw", block_n=128, block_k=256, num_warps=4)
     if which == "quick":
         yield g16, 3, 2, torch.float16, True, False
         yield g, 1, 1, torch.bfloat16, False, True
         yield g, 4, 0, torch.float32, False, True
         yield v, 3, 1, torch.float16, True, True
         yield v, 2, 2, torch.bfloat16, False, False
+        yield vw, 2, 0, torch.bfloat16, False, True
+        yield vw, 1, 1, torch.float16, True, False
         return
     if which == "configs":
         seen = set()
@@ -88,9 +96,15 @@ def _jobs(which: str):
             if c not in seen:
                 seen.add(c)
                 yield c, 3, 1, torch.float16, c.split_k > 1, True
+        for c in tuning._word_candidates():
+            if c not in seen:
+                seen.add(c)
+                yield c, 2, 0, torch.bfloat16, c.split_k > 1, True
         return
     for c, cb, mode, dt, atomic in itertools.product(
-            (g, g16, v), (1, 2, 3, 4), (0, 1, 2), tuple(_DT), (False, True)):
+            (g, g16, v, vw), (1, 2, 3, 4), (0, 1, 2), tuple(_DT), (False, True)):
+        if c is vw and (cb == 3 or mode == 2):
+            continue  # the word GEMV serves neither
         yield c, cb, mode, dt, atomic, cb != 4
 
 

@@ -54,10 +54,45 @@ Kernels and paths
   program adds its partial sums to a zero-initialised fp32 buffer with relaxed ``atomic_add`` and
   the buffer is cast to the output dtype afterwards (no cast when the output is fp32). With
   ``SPLIT_K == 1`` results are stored directly in the output dtype (no buffer, no extra kernels).
+* ``_gemv_words_kernel`` ("gemvw"; 1/2/4-bit codes -- 1.58 included -- on rows of whole 4-byte
+  words): the GEMV the tuner prefers where it applies; see "The word GEMV" below. Same grid and
+  split-K scheme as ``_gemv_kernel``.
 * ``_gemm_kernel`` (2 <= M): ``tl.dot`` tiles (all block sizes >= 16), grouped (``GROUP_M``)
   program order for L2 reuse, optional split-K with the same fp32 atomic scheme (small M, where the
   op is memory bound and N tiles alone do not fill the GPU). The small-M (2..64) and large-M paths
   use this kernel with different config sets.
+
+The word GEMV
+-------------
+``_gemv_kernel`` keeps the ``[BLOCK_N, units, P]`` shape, and Triton moves the loaded bytes into
+that layout through shared memory: the sm_90 code of a 2-bit tile has two barriers and a
+shared-memory round trip per K tile and about 7 instructions per weight code, several times what a
+memory-bound GEMV can afford (an H100 streams 2-bit codes faster than it can issue 4
+instructions for each). ``_gemv_words_kernel`` reads the same bytes as int32 words
+(``words_view``: rows of whole, 4-byte-aligned words; no repacking -- word ``j`` is bytes
+``4j .. 4j+3``, little-endian, so code ``k`` of the word sits at bits ``b*k .. b*k+b-1``) and never
+changes layout inside the K loop:
+
+* the tile is ``[BLOCK_N, WORDS]`` words (``WORDS = BLOCK_K / (32 / b)``), one accumulator of
+  the same shape; a thread owns several rows and several whole words (16-byte loads);
+* code ``p`` of every word is taken with one AND of a constant mask, no shift: ``lo = word << 1``
+  holds codes ``p < 16/b`` and ``hi = (word >> 15) & 0x1FFFE`` the others, each at bits
+  ``b*(p mod 16/b) + 1 ..``; OR-ing the exponent of 2**23 makes the float ``2**23 + 2c * 2**e``
+  (``e = b*(p mod 16/b)``), exact because the value fits the 23-bit mantissa; one subtraction
+  leaves ``2c * 2**e`` (one LOP3 + one FADD, no integer-to-float conversion);
+* the activations of code ``p`` (one per word: ``x[w * 32/b + p]``) are loaded once per thread
+  and multiplied by ``2**-e / 2``, exact, then shared by the thread's rows, so the multiply-add
+  gives ``c * x``; the zero point comes out of the sum: ``sum((c - z) x) = sum(c x) - z sum(x)``
+  with ``sum(x)`` accumulated per word from the same loads;
+* per-row scales are applied in the epilogue; group scales (groups holding whole K tiles) once
+  per tile and row to the tile's partial sums (``(part - z * xsum) * s``).
+
+That is 3 instructions per code (LOP3, FADD, FFMA) plus the loads, shifts and address arithmetic
+shared by a thread's rows and words: 3.75 per code for the 128 x 256 tile on sm_90, no shared
+memory or barrier in the loop (``benchmarks/kernel_sass.py`` prints these counts for any config).
+3-bit codes straddle words and stay on ``_gemv_kernel``, as do rows that are not whole words
+(e.g. 2-bit with K not a multiple of 16), narrow groups, and row slices at odd offsets. Whether the
+word GEMV wins is still decided per shape by the autotuner on the GPU; both kinds are candidates.
 
 Configs are chosen by the autotuner of ``tuning.py`` (keyed on path, M bucket, N, K, format,
 groups, dtypes); under ``TRITON_INTERPRET=1`` one fixed config per path is used.
@@ -89,8 +124,9 @@ __all__ = ["triton_linear", "supports", "KernelConfig", "interpreting", "SUPPORT
 LAYOUT_READ = "paretoq-rowbits-v1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# The largest M served by the GEMV kernel (it uses grid axis 2 for M, one program per row).
+# The largest M served by the GEMV kernels (they use grid axis 2 for M, one program per row).
 GEMV_MAX_M = 8
+KERNEL_KINDS = ("gemv", "gemvw", "gemm")
 
 
 def interpreting() -> bool:
@@ -201,6 +237,88 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _gemv_words_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr,
+    N, K, row_words, k_per_split,
+    stride_xm, stride_om, stride_wn, stride_sn, stride_sg, zero_i,
+    CODE_BITS: tl.constexpr, TWO_ZERO: tl.constexpr,
+    HALF_STEP: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    SCALE_EPS_: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """GEMV over the packed rows read as int32 words (b = 1, 2, 4; see "The word GEMV" above)."""
+    WC: tl.constexpr = 32 // CODE_BITS  # codes per word
+    HC: tl.constexpr = WC // 2  # codes per 16-bit half
+    WORDS: tl.constexpr = BLOCK_K // WC
+    MASK: tl.constexpr = (1 << CODE_BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)
+    offs_w = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + offs_n64[:, None] * stride_wn + offs_w[None, :]
+    s_rows = s_ptr + offs_n64 * stride_sn
+    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_w * WC  # column of code 0 of each word
+    # A runtime 0 keeps the exponent pattern in a register, so that each code's mask is the
+    # immediate operand of one LOP3 ((word & mask) | magic).
+    magic = 0x4B000000 | zero_i
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.full([BLOCK_N, WORDS], 0.0, tl.float32)
+    xsum = tl.full([WORDS], 0.0, tl.float32)
+    for k_it in range(k_start, k_end, BLOCK_K):
+        k0 = tl.multiple_of(k_it, BLOCK_K)  # tiles start on multiples of BLOCK_K
+        w0 = k0 // WC
+        if EVEN_K:
+            word = tl.load(w_ptrs + w0, mask=n_mask[:, None], other=0)
+        else:
+            w_mask = n_mask[:, None] & ((w0 + offs_w) < row_words)[None, :]
+            word = tl.load(w_ptrs + w0, mask=w_mask, other=0)
+        lo = word << 1  # code p < HC at bits b*p+1 ..
+        hi = (word >> 15) & 0x1FFFE  # code HC + p at the same bits
+        part = tl.full([BLOCK_N, WORDS], 0.0, tl.float32)
+        xw = tl.full([WORDS], 0.0, tl.float32)
+        for p in tl.static_range(WC):
+            if EVEN_K:
+                xv = tl.load(x_ptrs + (k0 + p)).to(tl.float32)
+            else:
+                xv = tl.load(x_ptrs + (k0 + p), mask=(offs_w * WC + (k0 + p)) < K,
+                             other=0.0).to(tl.float32)
+            xw += xv
+            if p < HC:
+                src = lo
+            else:
+                src = hi
+            # (2 * code) * 2**(b * (p % HC)) exactly, as float: 2**23 + v with v's bits in the mantissa
+            f = ((src & (MASK << (CODE_BITS * (p % HC) + 1))) | magic).to(tl.float32, bitcast=True)
+            f = f - 8388608.0
+            part += f * (xv * (0.5 / (1 << (CODE_BITS * (p % HC)))))[None, :]
+        if SCALE_MODE == 1:  # the tile lies inside one group: one scale per row
+            s = tl.load(s_rows + (k0 // GROUP_SIZE) * stride_sg, mask=n_mask, other=1.0)
+            s = tl.maximum(s.to(tl.float32), SCALE_EPS_)
+            acc += (part - (TWO_ZERO * 0.5) * xw[None, :]) * s[:, None]
+        else:
+            acc += part
+            xsum += xw
+    res = tl.reduce(acc, 1, _add)
+    if SCALE_MODE == 0:
+        res = res - (TWO_ZERO * 0.5) * tl.reduce(xsum, 0, _add)
+        s = tl.load(s_rows, mask=n_mask, other=1.0)
+        res = res * tl.maximum(s.to(tl.float32), SCALE_EPS_)
+    res = res * (2.0 * HALF_STEP)
+
+    out_ptrs = out_ptr + pid_m.to(tl.int64) * stride_om + offs_n
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, res, mask=n_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr,
     M, N, K, row_bytes, k_per_split,
@@ -277,7 +395,8 @@ def _gemm_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration. ``kind`` is "gemv" (no tensor cores) or "gemm" (tl.dot)."""
+    """One launch configuration. ``kind`` is "gemv" (no tensor cores, any format), "gemvw" (the
+    word GEMV: b = 1, 2, 4 on word-aligned rows) or "gemm" (tl.dot)."""
 
     kind: str
     block_n: int
@@ -292,12 +411,14 @@ class KernelConfig:
         def pow2(v):
             return v >= 1 and (v & (v - 1)) == 0
 
-        if self.kind not in ("gemv", "gemm"):
-            raise ValueError(f"KernelConfig.kind must be 'gemv' or 'gemm', got {self.kind!r}")
+        if self.kind not in KERNEL_KINDS:
+            raise ValueError(f"KernelConfig.kind must be one of {KERNEL_KINDS}, got {self.kind!r}")
         if not all(pow2(v) for v in (self.block_n, self.block_k, self.block_m, self.num_warps)):
             raise ValueError(f"block sizes and num_warps must be powers of two: {self}")
         if self.block_k < 8:
             raise ValueError(f"block_k must be >= 8 (a tile holds whole units of 8 codes): {self}")
+        if self.kind == "gemvw" and self.block_k < 32:
+            raise ValueError(f"gemvw needs block_k >= 32 (whole 32-bit words of codes): {self}")
         if self.kind == "gemm" and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError(f"tl.dot tiles need BLOCK_M/N/K >= 16 (GPU-legal): {self}")
         if self.split_k < 1 or self.group_m < 1 or self.num_stages < 1:
@@ -329,10 +450,34 @@ class Problem:
     device: str  # device name (part of the tuning key)
     num_sms: int = 1  # streaming multiprocessors (0/1 on the CPU interpreter)
     smem_bytes: int = 0  # shared memory a block may opt into (0: unknown)
+    word_aligned: bool = False  # packed rows readable as int32 words (see words_view)
 
     @property
     def group_size(self) -> int:
         return self.K // self.groups
+
+
+def words_view(packed: torch.Tensor) -> Optional[torch.Tensor]:
+    """``packed`` reinterpreted as int32 words ``[N, row_bytes / 4]`` when every row is a whole
+    number of 4-byte-aligned words (row bytes, row stride and data pointer divisible by 4), else
+    None. Word ``j`` of a row holds its bytes ``4j .. 4j + 3`` little-endian, i.e. the codes'
+    bit stream unchanged (CUDA GPUs and x86 are little-endian)."""
+    if packed.dim() != 2 or packed.shape[0] == 0 or packed.shape[1] == 0:
+        return None
+    if packed.shape[1] % 4 or packed.stride(1) != 1 or packed.data_ptr() % 4:
+        return None
+    if packed.shape[0] > 1 and packed.stride(0) % 4:
+        return None
+    return packed.view(torch.int32)
+
+
+def word_kernel_ok(problem: Problem, cfg: KernelConfig) -> bool:
+    """Whether the "gemvw" config can serve the problem: 1/2/4-bit codes (not 3: its codes
+    straddle words), word-aligned rows, per-row scales or groups that hold whole K tiles, and an
+    M small enough for the GEMV grid."""
+    return (problem.code_bits in (1, 2, 4) and problem.word_aligned and problem.M <= GEMV_MAX_M
+            and cfg.block_k % (32 // problem.code_bits) == 0
+            and (problem.groups == 1 or problem.group_size % cfg.block_k == 0))
 
 
 def scale_mode(problem: Problem, cfg: KernelConfig) -> int:
@@ -351,6 +496,11 @@ def split_plan(K: int, block_k: int, split_k: int):
     return split, tiles_per_split * block_k
 
 
+def _per_unit(code_bits: int) -> int:
+    """Codes per unit of ``_load_unit_codes``: 8 for b = 3 (three bytes), else 8 / b (one byte)."""
+    return 8 if code_bits == 3 else 8 // code_bits
+
+
 def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Tensor:
     M, N, K = problem.M, problem.N, problem.K
     fmt = get_format(problem.bits)
@@ -363,7 +513,6 @@ def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Ten
         buf = torch.empty((M, N), dtype=problem.out_dtype, device=x2.device)
     common = dict(
         CODE_BITS=fmt.code_bits,
-        PER_UNIT=8 if fmt.code_bits == 3 else 8 // fmt.code_bits,
         TWO_ZERO=float(2 * fmt.zero),
         HALF_STEP=float(fmt.step / 2),
         SCALE_MODE=mode,
@@ -375,15 +524,31 @@ def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Ten
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if cfg.kind == "gemv":
-        if M > 65535:
-            raise ValueError(f"the GEMV kernel serves M <= 65535 (grid axis 2), got M={M}")
+    if cfg.kind in ("gemv", "gemvw") and M > 65535:
+        raise ValueError(f"the GEMV kernels serve M <= 65535 (grid axis 2), got M={M}")
+    if cfg.kind == "gemvw":
+        words = words_view(packed) if word_kernel_ok(problem, cfg) else None
+        if words is None:
+            raise ValueError(
+                f"triton_linear: config {cfg} cannot serve this problem (the word GEMV needs 1/2/4-bit "
+                f"codes, M <= {GEMV_MAX_M}, rows of whole 4-byte-aligned words and groups holding "
+                f"whole K tiles): M={M}, N={N}, K={K}, bits={problem.bits}, "
+                f"packed {tuple(packed.shape)} strides {tuple(packed.stride())}, groups={problem.groups}")
+        grid = (triton.cdiv(N, cfg.block_n), split, M)
+        _gemv_words_kernel[grid](
+            x2, words, scale, buf,
+            N, K, words.shape[1], k_per_split,
+            x2.stride(0), buf.stride(0), words.stride(0), scale.stride(0), scale.stride(1), 0,
+            EVEN_K=K % cfg.block_k == 0,
+            **common,
+        )
+    elif cfg.kind == "gemv":
         grid = (triton.cdiv(N, cfg.block_n), split, M)
         _gemv_kernel[grid](
             x2, packed, scale, buf,
             N, K, packed.shape[1], k_per_split,
             x2.stride(0), buf.stride(0), packed.stride(0), scale.stride(0), scale.stride(1),
-            **common,
+            PER_UNIT=_per_unit(fmt.code_bits), **common,
         )
     else:
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
@@ -392,7 +557,7 @@ def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Ten
             M, N, K, packed.shape[1], k_per_split,
             x2.stride(0), buf.stride(0), packed.stride(0), scale.stride(0), scale.stride(1),
             BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_PRECISION=problem.dot_precision,
-            **common,
+            PER_UNIT=_per_unit(fmt.code_bits), **common,
         )
     if atomic and problem.out_dtype != torch.float32:
         return buf.to(problem.out_dtype)
@@ -467,6 +632,7 @@ def make_problem(x2, packed, scale, fmt, out_dtype) -> Problem:
         M=M, N=packed.shape[0], K=K, bits=fmt.bits, code_bits=fmt.code_bits,
         groups=scale.shape[1], x_dtype=x2.dtype, out_dtype=out_dtype,
         dot_precision=_dot_precision(x2.dtype), device=name, num_sms=sms, smem_bytes=smem,
+        word_aligned=words_view(packed) is not None,
     )
 
 

@@ -2,9 +2,11 @@
 
 Paths (by M, the number of activation rows):
 
-* ``gemv``  M == 1: ``_gemv_kernel`` configs, split-K 1..16;
-* ``small`` 2 <= M <= 64: ``_gemm_kernel`` with BLOCK_M 16..64 and split-K 1..8, plus GEMV
-  configs (one program row per activation row) while M <= 4;
+* ``gemv``  M == 1: ``_gemv_kernel`` and (1/2/4-bit codes, word-aligned rows)
+  ``_gemv_words_kernel`` configs, split-K 1..16; the untuned default is the word GEMV where it
+  applies;
+* ``small`` 2 <= M <= 64: ``_gemm_kernel`` with BLOCK_M 16..64 and split-K 1..8, plus both GEMV
+  kernels' configs (one program row per activation row) while M <= 4;
 * ``large`` M > 64: ``_gemm_kernel`` tensor-core tiles, no split-K, grouped program order.
 
 With narrow scale groups (group size not a multiple of 64, e.g. 16 or 32) the candidate sets use
@@ -38,6 +40,7 @@ import triton
 
 from .linear import (
     GEMV_MAX_M, KernelConfig, Problem, _prepare, interpreting, scale_mode, triton_linear,
+    word_kernel_ok,
 )
 
 __all__ = [
@@ -95,6 +98,15 @@ def _gemv_candidates(splits=(1, 2, 4, 8, 16), problem: Optional[Problem] = None)
     return out
 
 
+def _word_candidates(splits=(1, 2, 4, 8, 16)) -> List[KernelConfig]:
+    """Word-GEMV tiles: BLOCK_N x BLOCK_K large enough that each thread owns several rows (the
+    activations it loads are reused across them) and several words (16-byte loads)."""
+    tiles = [(64, 256, 4), (128, 256, 4), (64, 512, 4), (128, 128, 4), (256, 128, 8),
+             (256, 64, 4), (256, 256, 8), (128, 64, 4)]
+    return [KernelConfig("gemvw", block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=2)
+            for bn, bk, w in tiles for sk in splits]
+
+
 def _small_candidates(M: int, problem: Optional[Problem] = None) -> List[KernelConfig]:
     out = []
     bm_max = max(16, min(64, _np2(M)))
@@ -107,6 +119,7 @@ def _small_candidates(M: int, problem: Optional[Problem] = None) -> List[KernelC
                                             group_m=8, num_warps=4, num_stages=3))
     if M <= 4:
         out += _gemv_candidates(splits=(1, 2, 4, 8), problem=problem)
+        out += _word_candidates(splits=(1, 2, 4, 8))
     return out
 
 
@@ -132,7 +145,7 @@ def candidate_configs(problem: Problem) -> List[KernelConfig]:
         return [default_config(problem)]
     path = path_of(problem.M)
     if path == "gemv":
-        return _gemv_candidates(problem=problem)
+        return _gemv_candidates(problem=problem) + _word_candidates()
     if path == "small":
         return _small_candidates(problem.M, problem)
     return _large_candidates(problem)
@@ -158,6 +171,8 @@ def prune(configs: Iterable[KernelConfig], problem: Problem) -> List[KernelConfi
             continue  # tl.dot does not compile below 16 on GPU
         if c.kind == "gemv" and M > GEMV_MAX_M:
             continue
+        if c.kind == "gemvw" and not word_kernel_ok(problem, c):
+            continue
         if c.block_k > max(16, _np2(K)) or c.block_n > max(16, _np2(N)):
             continue
         if c.kind == "gemm" and c.block_m > max(16, _np2(M)):
@@ -166,7 +181,7 @@ def prune(configs: Iterable[KernelConfig], problem: Problem) -> List[KernelConfi
         if c.split_k > 1:
             if det or c.split_k > k_tiles:
                 continue
-            m_tiles = M if c.kind == "gemv" else triton.cdiv(M, c.block_m)
+            m_tiles = triton.cdiv(M, c.block_m) if c.kind == "gemm" else M
             if m_tiles * triton.cdiv(N, c.block_n) * c.split_k > 8 * max(1, problem.num_sms):
                 continue  # enough programs without this many splits
         if problem.smem_bytes and _smem_estimate(problem, c) > problem.smem_bytes:
@@ -209,11 +224,21 @@ def default_config(problem: Problem) -> KernelConfig:
     if interpreting():
         # One small config per path; split-K is exercised (clamped by split_plan when K is short).
         if path == "gemv":
+            words = KernelConfig("gemvw", block_n=16, block_k=64, split_k=2)
+            if word_kernel_ok(problem, words):
+                return words
             return KernelConfig("gemv", block_n=16, block_k=32, split_k=2)
         if path == "small":
             return KernelConfig("gemm", block_m=16, block_n=16, block_k=32, split_k=2, group_m=2)
         return KernelConfig("gemm", block_m=32, block_n=32, block_k=32, split_k=1, group_m=2)
     if path == "gemv":
+        # The word GEMV where it applies (fewer instructions per code, no shared memory in the
+        # loop; see linear.py), with a tile of 128 rows x 256 columns or the group size.
+        bk = _pick_block_k(problem, 256, lo=32)
+        words = KernelConfig("gemvw", block_n=128 if N >= 4096 else 64, block_k=bk, num_warps=4)
+        if word_kernel_ok(problem, words):
+            sk = _pick_split(problem, triton.cdiv(N, words.block_n), bk, 16)
+            return KernelConfig("gemvw", block_n=words.block_n, block_k=bk, split_k=sk, num_warps=4)
         bn = 32 if N >= 2048 else 16
         bk = _pick_block_k(problem, 128)
         sk = _pick_split(problem, triton.cdiv(N, bn), bk, 16)
