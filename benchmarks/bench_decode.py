@@ -89,12 +89,13 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 from typing import List, Optional
+
+from _meta import git_commit  # benchmarks/_meta.py (this folder is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BITS = "4,3,2,1.58,1"
@@ -426,14 +427,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def tensor_bytes(t) -> int:
@@ -849,7 +842,7 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": device_name, "device_type": dev.type, "capability": capability,
         "torch": torch.__version__, "triton": triton_version, "torchao": torchao_version,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "git": _git_commit(),
+        "cuda": torch.version.cuda, "python": platform.python_version(), "git": git_commit(),
         "host": platform.node(), "config": args.config, "model": asdict(args.model_args),
         "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "reps": args.reps, "warmup_reps": args.warmup_reps, "compile_mode": args.compile_mode,

@@ -35,9 +35,10 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
+
+from _meta import git_commit  # benchmarks/_meta.py (this folder is sys.path[0])
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 MS = [1, 4, 16, 64, 256]
@@ -148,14 +149,6 @@ def measure(torch, args, make_fns, bytes_per_copy: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def _nbytes(t):
     return t.numel() * t.element_size()
 
@@ -222,7 +215,7 @@ def main(argv=None) -> int:
         "sms": props.multi_processor_count, "l2_bytes": _l2_bytes(torch),
         "peak_tbps": args.peak_tbps, "timer": args.timer, "dtype": args.dtype,
         "group_size": args.group_size, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "git": _git_commit(), "host": platform.node(),
+        "cuda": torch.version.cuda, "git": git_commit(), "host": platform.node(),
         "autotune": not args.no_autotune,
     }
     try:

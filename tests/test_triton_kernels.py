@@ -189,6 +189,55 @@ def test_word_gemv_eligibility():
         triton_linear(torch.randn(1, 60), p2, s2, 2, config=cfg)
 
 
+# The word GEMM (kind "gemmw"): tl.dot tiles decoded from int32 words. Group 24 (g24) does not
+# hold whole 32-column tiles: per-element scales (scale mode 2) on the word path.
+GEMMW_CASES = [
+    ("M2_split3", 2, 256, dict(kind="gemmw", block_m=16, block_n=16, block_k=32, split_k=3)),
+    ("M17_tail", 17, 160, dict(kind="gemmw", block_m=16, block_n=32, block_k=64, split_k=1)),
+    ("M70_tail_split2", 70, 160, dict(kind="gemmw", block_m=32, block_n=16, block_k=32,
+                                      split_k=2, group_m=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("group_size", [None, 32, 24], ids=["row", "g32", "g24"])
+@pytest.mark.parametrize("name,M,K,cfg", GEMMW_CASES, ids=[c[0] for c in GEMMW_CASES])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4])
+def test_word_gemm(bits, name, M, K, cfg, group_size, dtype):
+    if group_size == 24:
+        K = 192  # 24 divides K; 192 is a whole number of words at every width
+    N = 37
+    packed, scale = make_weight(N, K, bits, group_size, dtype, seed=K + M)
+    x = make_x((M, K), dtype)
+    out = triton_linear(x, packed, scale, bits, config=cfg)
+    assert_close(out, reference_linear(x, packed, scale, bits), dtype)
+
+
+def test_word_gemm_every_code_value():
+    for bits in (1, 1.58, 2, 4):
+        fmt = pq.get_format(bits)
+        K = 32 * fmt.n_codes
+        codes = (torch.arange(3 * K).reshape(3, K) % fmt.n_codes).to(torch.uint8)
+        codes[1] = codes[1].flip(0)
+        packed = pq.pack_codes(codes, bits)
+        scale = torch.tensor([[1.0], [0.5], [2.0]])
+        out = triton_linear(torch.eye(K), packed, scale, bits,
+                            config=dict(kind="gemmw", block_m=16, block_n=16, block_k=32))
+        assert torch.equal(out, pq.dequantize_codes(codes, scale, bits).t()), bits
+
+
+def test_word_gemm_refuses_what_it_cannot_serve():
+    cfg = dict(kind="gemmw", block_m=16, block_n=16, block_k=32)
+    p3, s3 = make_weight(9, 64, 3)
+    with pytest.raises(ValueError, match=r"word GEMM.*bits=3"):
+        triton_linear(torch.randn(4, 64), p3, s3, 3, config=cfg)
+    p2, s2 = make_weight(9, 60, 2)  # 15-byte rows
+    with pytest.raises(ValueError, match=r"word GEMM.*packed \(9, 15\)"):
+        triton_linear(torch.randn(4, 60), p2, s2, 2, config=cfg)
+    with pytest.raises(ValueError, match="block_k >= 32"):
+        KernelConfig("gemmw", block_m=16, block_n=16, block_k=16).check()
+
+
 def test_scale_modes_are_exercised():
     p = Problem(M=1, N=8, K=96, bits=2, code_bits=2, groups=4, x_dtype=torch.float32,
                 out_dtype=torch.float32, dot_precision=None, device="cpu")
@@ -345,9 +394,24 @@ def test_pruner_on_gpu_shapes(monkeypatch):
         for c in kept:
             if c.kind == "gemvw":
                 assert groups == 1 or (4096 // groups) % c.block_k == 0
+    # the word GEMM: a twin of every tl.dot candidate with BLOCK_K >= 32, kept on word-aligned
+    # 1/2/4-bit rows only, and the default there
+    for M, bits, code_bits, aligned, want in [(16, 2, 2, True, True), (256, 4, 4, True, True),
+                                              (16, 3, 3, True, False), (256, 2, 2, False, False)]:
+        p = Problem(M=M, N=4096, K=4096, bits=bits, code_bits=code_bits, groups=1,
+                    x_dtype=torch.bfloat16, out_dtype=torch.bfloat16, dot_precision=None,
+                    device="NVIDIA H100", num_sms=132, smem_bytes=232448, word_aligned=aligned)
+        cands = tuning.candidate_configs(p)
+        twins = [c for c in cands if c.kind == "gemmw"]
+        assert len(twins) == len([c for c in cands if c.kind == "gemm" and c.block_k >= 32])
+        kept = tuning.prune(cands, p)
+        assert any(c.kind == "gemmw" for c in kept) == want, (M, bits, aligned)
+        assert any(c.kind == "gemm" for c in kept)  # the byte kernel stays a candidate
+        assert (tuning.default_config(p).kind == "gemmw") == want, (M, bits, aligned)
     # large M: no split-K, tensor-core tiles only; M bucket in the key
     p = gpu_problem(300, 4096, 4096)
-    assert all(c.kind == "gemm" and c.split_k == 1 for c in tuning.prune(tuning.candidate_configs(p), p))
+    assert all(c.kind in ("gemm", "gemmw") and c.split_k == 1
+               for c in tuning.prune(tuning.candidate_configs(p), p))
     assert tuning.tuning_key(p)[:2] == ("large", 512)
     assert tuning.tuning_key(gpu_problem(3, 64, 64))[:2] == ("small", 4)
     assert tuning.tuning_key(gpu_problem(5000, 64, 64))[:2] == ("large", 1024)
@@ -441,7 +505,7 @@ def test_kernels_compile_for_sm90():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "7/7 kernels compiled" in r.stdout
+    assert "9/9 kernels compiled" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic: bool = False,
                    aligned: bool = True, arch: int = 90, group_size: int = 128):
-    """Compile ``_gemv_kernel`` / ``_gemm_kernel`` for ``cfg`` on cuda:sm_<arch>; returns the kernel."""
+    """Compile the kernel of ``cfg.kind`` for ``cfg`` on cuda:sm_<arch>; returns the kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,12 +33,13 @@ def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic
     from . import linear as L
 
     x = _DT[x_dtype]
-    words = cfg.kind == "gemvw"
+    words = cfg.kind in ("gemvw", "gemmw")  # the packed rows are read as int32 words
+    gemm = cfg.kind in ("gemm", "gemmw")
     sig = {"x_ptr": f"*{x}", "w_ptr": "*i32" if words else "*u8", "s_ptr": f"*{x}",
            "out_ptr": "*fp32" if atomic else f"*{x}"}
-    ints = (["M"] if cfg.kind == "gemm" else []) + [
-        "N", "K", "row_words" if words else "row_bytes", "k_per_split", "stride_xm", "stride_om",
-        "stride_wn", "stride_sn", "stride_sg"] + (["zero_i"] if words else [])
+    ints = (["M"] if gemm else []) + [
+        "N", "K", "row_words" if cfg.kind == "gemvw" else "row_bytes", "k_per_split", "stride_xm",
+        "stride_om", "stride_wn", "stride_sn", "stride_sg"] + (["zero_i"] if cfg.kind != "gemv" else [])
     for name in ints:
         sig[name] = "i32"
     cons = dict(
@@ -46,20 +47,22 @@ def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic
         HALF_STEP=0.5, SCALE_MODE=mode, GROUP_SIZE=group_size if mode else 1, SCALE_EPS_=1e-5,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
     )
-    if words:
+    if cfg.kind == "gemvw":
         cons["EVEN_K"] = aligned
     else:
         cons["PER_UNIT"] = L._per_unit(code_bits)
-    if cfg.kind == "gemm":
+    if gemm:
         prec = None if x_dtype != torch.float32 else "ieee"
-        cons.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_PRECISION=prec)
+        cons.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_PRECISION=prec,
+                    WORDS_IN=cfg.kind == "gemmw")
     for name in cons:
         sig[name] = "constexpr"
     attrs = {}
     if aligned:  # what a launch with 16-divisible pointers, sizes and strides specialises to
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
                  if sig[name] != "constexpr" and name not in ("stride_sg", "zero_i")}
-    fn = {"gemm": L._gemm_kernel, "gemv": L._gemv_kernel, "gemvw": L._gemv_words_kernel}[cfg.kind]
+    fn = {"gemm": L._gemm_kernel, "gemmw": L._gemm_kernel, "gemv": L._gemv_kernel,
+          "gemvw": L._gemv_words_kernel}[cfg.kind]
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -73,6 +76,7 @@ def _jobs(which: str):
     g16 = KernelConfig("gemm", block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=3)
     v = KernelConfig("gemv", block_n=32, block_k=128, num_warps=4)
     vw = KernelConfig("gemvw", block_n=128, block_k=256, num_warps=4)
+    gw = KernelConfig("gemmw", block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
     if which == "quick":
         yield g16, 3, 2, torch.float16, True, False
         yield g, 1, 1, torch.bfloat16, False, True
@@ -81,6 +85,8 @@ def _jobs(which: str):
         yield v, 2, 2, torch.bfloat16, False, False
         yield vw, 2, 0, torch.bfloat16, False, True
         yield vw, 1, 1, torch.float16, True, False
+        yield gw, 2, 1, torch.bfloat16, False, True
+        yield gw, 1, 2, torch.float32, True, False
         return
     if which == "configs":
         seen = set()
@@ -102,9 +108,9 @@ def _jobs(which: str):
                 yield c, 2, 0, torch.bfloat16, c.split_k > 1, True
         return
     for c, cb, mode, dt, atomic in itertools.product(
-            (g, g16, v, vw), (1, 2, 3, 4), (0, 1, 2), tuple(_DT), (False, True)):
-        if c is vw and (cb == 3 or mode == 2):
-            continue  # the word GEMV serves neither
+            (g, g16, v, vw, gw), (1, 2, 3, 4), (0, 1, 2), tuple(_DT), (False, True)):
+        if (c is vw and (cb == 3 or mode == 2)) or (c is gw and cb == 3):
+            continue  # the word kernels do not serve 3-bit codes; the word GEMV no narrow groups
         yield c, cb, mode, dt, atomic, cb != 4
 
 

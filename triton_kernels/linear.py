@@ -126,7 +126,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The largest M served by the GEMV kernels (they use grid axis 2 for M, one program per row).
 GEMV_MAX_M = 8
-KERNEL_KINDS = ("gemv", "gemvw", "gemm")
+KERNEL_KINDS = ("gemv", "gemvw", "gemm", "gemmw")
 
 
 def interpreting() -> bool:
@@ -237,6 +237,33 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _word_tile(acc, lo, hi, x_ptrs, k0, K, magic, offs_w, CODE_BITS: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """``acc + sum_p c_p * x_p`` over the 32 / b codes of every word of a K tile, and the sum of
+    the tile's activations per word (see "The word GEMV" above for the decode)."""
+    WC: tl.constexpr = 32 // CODE_BITS
+    HC: tl.constexpr = WC // 2
+    MASK: tl.constexpr = (1 << CODE_BITS) - 1
+    xw = offs_w.to(tl.float32) * 0.0  # [WORDS] zeros (tl.zeros_like is not a builtin)
+    for p in tl.static_range(WC):
+        if EVEN_K:
+            xv = tl.load(x_ptrs + (k0 + p)).to(tl.float32)
+        else:
+            xv = tl.load(x_ptrs + (k0 + p), mask=(offs_w * WC + (k0 + p)) < K,
+                         other=0.0).to(tl.float32)
+        xw += xv
+        if p < HC:
+            src = lo
+        else:
+            src = hi
+        # (2 * code) * 2**(b * (p % HC)) exactly, as float: 2**23 + v with v's bits in the mantissa
+        f = ((src & (MASK << (CODE_BITS * (p % HC) + 1))) | magic).to(tl.float32, bitcast=True)
+        f = f - 8388608.0
+        acc += f * (xv * (0.5 / (1 << (CODE_BITS * (p % HC)))))[None, :]
+    return acc, xw
+
+
+@triton.jit
 def _gemv_words_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr,
     N, K, row_words, k_per_split,
@@ -248,9 +275,7 @@ def _gemv_words_kernel(
 ):
     """GEMV over the packed rows read as int32 words (b = 1, 2, 4; see "The word GEMV" above)."""
     WC: tl.constexpr = 32 // CODE_BITS  # codes per word
-    HC: tl.constexpr = WC // 2  # codes per 16-bit half
     WORDS: tl.constexpr = BLOCK_K // WC
-    MASK: tl.constexpr = (1 << CODE_BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -280,29 +305,14 @@ def _gemv_words_kernel(
             word = tl.load(w_ptrs + w0, mask=w_mask, other=0)
         lo = word << 1  # code p < HC at bits b*p+1 ..
         hi = (word >> 15) & 0x1FFFE  # code HC + p at the same bits
-        part = tl.full([BLOCK_N, WORDS], 0.0, tl.float32)
-        xw = tl.full([WORDS], 0.0, tl.float32)
-        for p in tl.static_range(WC):
-            if EVEN_K:
-                xv = tl.load(x_ptrs + (k0 + p)).to(tl.float32)
-            else:
-                xv = tl.load(x_ptrs + (k0 + p), mask=(offs_w * WC + (k0 + p)) < K,
-                             other=0.0).to(tl.float32)
-            xw += xv
-            if p < HC:
-                src = lo
-            else:
-                src = hi
-            # (2 * code) * 2**(b * (p % HC)) exactly, as float: 2**23 + v with v's bits in the mantissa
-            f = ((src & (MASK << (CODE_BITS * (p % HC) + 1))) | magic).to(tl.float32, bitcast=True)
-            f = f - 8388608.0
-            part += f * (xv * (0.5 / (1 << (CODE_BITS * (p % HC)))))[None, :]
         if SCALE_MODE == 1:  # the tile lies inside one group: one scale per row
+            part, xw = _word_tile(tl.full([BLOCK_N, WORDS], 0.0, tl.float32), lo, hi, x_ptrs, k0, K, magic, offs_w,
+                                  CODE_BITS, EVEN_K)
             s = tl.load(s_rows + (k0 // GROUP_SIZE) * stride_sg, mask=n_mask, other=1.0)
             s = tl.maximum(s.to(tl.float32), SCALE_EPS_)
             acc += (part - (TWO_ZERO * 0.5) * xw[None, :]) * s[:, None]
-        else:
-            acc += part
+        else:  # per-row scale: accumulate in place, scale in the epilogue
+            acc, xw = _word_tile(acc, lo, hi, x_ptrs, k0, K, magic, offs_w, CODE_BITS, EVEN_K)
             xsum += xw
     res = tl.reduce(acc, 1, _add)
     if SCALE_MODE == 0:
@@ -318,18 +328,83 @@ def _gemv_words_kernel(
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
+# Decode of a [BLOCK_N, BLOCK_K] tile from int32 words for the tl.dot kernel ("gemmw"). A word of
+# WC = 32 / b codes is split into 16-bit halves (lo: codes 0 .. WC/2 - 1, hi: the rest, both at
+# bits b * (p mod WC/2)); each code is isolated in place by one AND with a constant mask, made a
+# float by OR-ing the exponent of 2**23 (2**23 + code * 2**S, exact) and turned into
+# ``code - zero`` by one FMA (times 2**-S, minus 2**(23-S) + zero: exact). tl.join assembles the
+# leaves in registers: the first join separates code p from p + WC/2 (lo / hi), each further one
+# halves the distance, so that the joined dims flatten to p = 0 .. WC-1 in order. The halves are
+# taken one bit up (S = b * (p mod WC/2) + 1), which keeps 2**(23-S) + zero exact in fp32.
+
+@triton.jit
+def _leaf(half, magic, S: tl.constexpr, CODE_BITS: tl.constexpr, ZERO: tl.constexpr):
+    f = ((half & (((1 << CODE_BITS) - 1) << S)) | magic).to(tl.float32, bitcast=True)
+    return f * (1.0 / (1 << S)) - ((8388608.0 / (1 << S)) + ZERO)
+
+
+@triton.jit
+def _join1(lo, hi, magic, S: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
+    return tl.join(_leaf(lo, magic, S, B, ZERO), _leaf(hi, magic, S, B, ZERO))
+
+
+@triton.jit
+def _join2(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
+    return tl.join(_join1(lo, hi, magic, S, B, ZERO), _join1(lo, hi, magic, S + D, B, ZERO))
+
+
+@triton.jit
+def _join3(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
+    return tl.join(_join2(lo, hi, magic, S, 2 * D, B, ZERO),
+                   _join2(lo, hi, magic, S + D, 2 * D, B, ZERO))
+
+
+@triton.jit
+def _join4(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
+    return tl.join(_join3(lo, hi, magic, S, 2 * D, B, ZERO),
+                   _join3(lo, hi, magic, S + D, 2 * D, B, ZERO))
+
+
+@triton.jit
+def _join5(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
+    return tl.join(_join4(lo, hi, magic, S, 2 * D, B, ZERO),
+                   _join4(lo, hi, magic, S + D, 2 * D, B, ZERO))
+
+
+@triton.jit
+def _word_levels(word, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 CODE_BITS: tl.constexpr, ZERO: tl.constexpr):
+    """fp32 ``code - zero`` ``[BLOCK_N, BLOCK_K]`` of int32 words ``[BLOCK_N, BLOCK_K * b / 32]``."""
+    # One bit up (S >= 1): 2**(23 - S) + zero is then exact in fp32 for the half-integer zero
+    # points (0.5 and 1.5 of the 1- and 2-bit grids).
+    lo = word << 1
+    hi = (word >> 15) & 0x1FFFE
+    if CODE_BITS == 4:  # 8 codes a word: distances 4, 2, 1 codes = 16, 8, 4 bits
+        t = _join3(lo, hi, magic, 1, 4, CODE_BITS, ZERO)
+    elif CODE_BITS == 2:  # 16 codes: 8, 4, 2, 1 codes
+        t = _join4(lo, hi, magic, 1, 2, CODE_BITS, ZERO)
+    else:  # 32 codes: 16, 8, 4, 2, 1 codes
+        t = _join5(lo, hi, magic, 1, 1, CODE_BITS, ZERO)
+    return tl.reshape(t, [BLOCK_N, BLOCK_K])
+
+
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr,
     M, N, K, row_bytes, k_per_split,
-    stride_xm, stride_om, stride_wn, stride_sn, stride_sg,
+    stride_xm, stride_om, stride_wn, stride_sn, stride_sg, zero_i,
     CODE_BITS: tl.constexpr, PER_UNIT: tl.constexpr, TWO_ZERO: tl.constexpr,
     HALF_STEP: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
     SCALE_EPS_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WORDS_IN: tl.constexpr,
 ):
+    """tl.dot GEMM. WORDS_IN ("gemmw"): ``w_ptr`` is the rows as int32 words and ``row_bytes``
+    counts words; the tile is decoded by ``_word_levels`` to ``code - zero``. Otherwise bytes,
+    decoded by ``_load_unit_codes`` to ``2 * code - 2 * zero``."""
     UNITS: tl.constexpr = BLOCK_K // PER_UNIT
+    WC: tl.constexpr = 32 // CODE_BITS
+    magic = 0x4B000000 | zero_i  # a register: the masks of _leaf become LOP3 immediates
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -360,9 +435,15 @@ def _gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K  # K tiles never cross a split boundary
         a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        codes = _load_unit_codes(w_rows, k0, n_mask, row_bytes, CODE_BITS, UNITS, PER_UNIT)
-        codes = tl.reshape(codes, [BLOCK_N, BLOCK_K])  # column k0 + u * PER_UNIT + p, in order
-        lvl = codes.to(tl.float32) * 2.0 - TWO_ZERO  # exact small integers
+        if WORDS_IN:
+            offs_w = k0 // WC + tl.arange(0, BLOCK_K // WC)
+            word = tl.load(w_rows + offs_w[None, :],
+                           mask=n_mask[:, None] & (offs_w < row_bytes)[None, :], other=0)
+            lvl = _word_levels(word, magic, BLOCK_N, BLOCK_K, CODE_BITS, TWO_ZERO * 0.5)
+        else:
+            codes = _load_unit_codes(w_rows, k0, n_mask, row_bytes, CODE_BITS, UNITS, PER_UNIT)
+            codes = tl.reshape(codes, [BLOCK_N, BLOCK_K])  # column k0 + u * PER_UNIT + p, in order
+            lvl = codes.to(tl.float32) * 2.0 - TWO_ZERO  # exact small integers
         if SCALE_MODE == 2:
             s = tl.load(s_rows[:, None] + ((offs_k // GROUP_SIZE) * stride_sg)[None, :],
                         mask=n_mask[:, None] & k_mask[None, :], other=1.0)
@@ -378,7 +459,10 @@ def _gemm_kernel(
     if SCALE_MODE == 0:
         s = tl.load(s_rows, mask=n_mask, other=1.0)
         acc = acc * tl.maximum(s.to(tl.float32), SCALE_EPS_)[None, :]
-    acc = acc * HALF_STEP
+    if WORDS_IN:
+        acc = acc * (2.0 * HALF_STEP)  # levels were code - zero
+    else:
+        acc = acc * HALF_STEP  # levels were 2 * (code - zero)
 
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
@@ -417,9 +501,9 @@ class KernelConfig:
             raise ValueError(f"block sizes and num_warps must be powers of two: {self}")
         if self.block_k < 8:
             raise ValueError(f"block_k must be >= 8 (a tile holds whole units of 8 codes): {self}")
-        if self.kind == "gemvw" and self.block_k < 32:
-            raise ValueError(f"gemvw needs block_k >= 32 (whole 32-bit words of codes): {self}")
-        if self.kind == "gemm" and min(self.block_m, self.block_n, self.block_k) < 16:
+        if self.kind in ("gemvw", "gemmw") and self.block_k < 32:
+            raise ValueError(f"{self.kind} needs block_k >= 32 (whole 32-bit words of codes): {self}")
+        if self.kind in ("gemm", "gemmw") and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError(f"tl.dot tiles need BLOCK_M/N/K >= 16 (GPU-legal): {self}")
         if self.split_k < 1 or self.group_m < 1 or self.num_stages < 1:
             raise ValueError(f"split_k, group_m and num_stages must be >= 1: {self}")
@@ -478,6 +562,13 @@ def word_kernel_ok(problem: Problem, cfg: KernelConfig) -> bool:
     return (problem.code_bits in (1, 2, 4) and problem.word_aligned and problem.M <= GEMV_MAX_M
             and cfg.block_k % (32 // problem.code_bits) == 0
             and (problem.groups == 1 or problem.group_size % cfg.block_k == 0))
+
+
+def word_gemm_ok(problem: Problem, cfg: KernelConfig) -> bool:
+    """Whether the "gemmw" config can serve the problem: 1/2/4-bit codes, word-aligned rows and
+    K tiles of whole words (any scale layout; per-element group scales included)."""
+    return (problem.code_bits in (1, 2, 4) and problem.word_aligned
+            and cfg.block_k % (32 // problem.code_bits) == 0)
 
 
 def scale_mode(problem: Problem, cfg: KernelConfig) -> int:
@@ -551,13 +642,21 @@ def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Ten
             PER_UNIT=_per_unit(fmt.code_bits), **common,
         )
     else:
+        w = packed
+        if cfg.kind == "gemmw":
+            w = words_view(packed) if word_gemm_ok(problem, cfg) else None
+            if w is None:
+                raise ValueError(
+                    f"triton_linear: config {cfg} cannot serve this problem (the word GEMM needs "
+                    f"1/2/4-bit codes and rows of whole 4-byte-aligned words): M={M}, N={N}, K={K}, "
+                    f"bits={problem.bits}, packed {tuple(packed.shape)} strides {tuple(packed.stride())}")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         _gemm_kernel[grid](
-            x2, packed, scale, buf,
-            M, N, K, packed.shape[1], k_per_split,
-            x2.stride(0), buf.stride(0), packed.stride(0), scale.stride(0), scale.stride(1),
+            x2, w, scale, buf,
+            M, N, K, w.shape[1], k_per_split,
+            x2.stride(0), buf.stride(0), w.stride(0), scale.stride(0), scale.stride(1), 0,
             BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_PRECISION=problem.dot_precision,
-            PER_UNIT=_per_unit(fmt.code_bits), **common,
+            PER_UNIT=_per_unit(fmt.code_bits), WORDS_IN=cfg.kind == "gemmw", **common,
         )
     if atomic and problem.out_dtype != torch.float32:
         return buf.to(problem.out_dtype)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -40,8 +41,10 @@ import triton
 
 from .linear import (
     GEMV_MAX_M, KernelConfig, Problem, _prepare, interpreting, scale_mode, triton_linear,
-    word_kernel_ok,
+    word_gemm_ok, word_kernel_ok,
 )
+
+GEMM_KINDS = ("gemm", "gemmw")
 
 __all__ = [
     "path_of", "m_bucket", "tuning_key", "candidate_configs", "prune", "default_config",
@@ -107,6 +110,16 @@ def _word_candidates(splits=(1, 2, 4, 8, 16)) -> List[KernelConfig]:
             for bn, bk, w in tiles for sk in splits]
 
 
+def _with_word_twins(cfgs: List[KernelConfig]) -> List[KernelConfig]:
+    """Each tl.dot config followed by its "gemmw" twin (same tiles, words in) where BLOCK_K >= 32."""
+    out = []
+    for c in cfgs:
+        out.append(c)
+        if c.kind == "gemm" and c.block_k >= 32:
+            out.append(replace(c, kind="gemmw"))
+    return out
+
+
 def _small_candidates(M: int, problem: Optional[Problem] = None) -> List[KernelConfig]:
     out = []
     bm_max = max(16, min(64, _np2(M)))
@@ -117,6 +130,7 @@ def _small_candidates(M: int, problem: Optional[Problem] = None) -> List[KernelC
                 for sk in (1, 2, 4, 8):
                     out.append(KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=sk,
                                             group_m=8, num_warps=4, num_stages=3))
+    out = _with_word_twins(out)
     if M <= 4:
         out += _gemv_candidates(splits=(1, 2, 4, 8), problem=problem)
         out += _word_candidates(splits=(1, 2, 4, 8))
@@ -127,16 +141,18 @@ def _large_candidates(problem: Optional[Problem] = None) -> List[KernelConfig]:
     if _narrow_groups(problem):
         tiles = [(128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
                  (64, 256, 32, 4, 4), (128, 128, 16, 4, 4), (64, 128, 16, 4, 4)]
-        return [KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=1, group_m=8,
-                             num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
+        return _with_word_twins([
+            KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=1, group_m=8,
+                         num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles])
     tiles = [
         # BM, BN, BK, warps, stages
         (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
         (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 256, 32, 4, 4),
         (128, 128, 128, 8, 2), (64, 128, 128, 4, 3),
     ]
-    return [KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=1, group_m=8,
-                         num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
+    return _with_word_twins([
+        KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=1, group_m=8,
+                     num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles])
 
 
 def candidate_configs(problem: Problem) -> List[KernelConfig]:
@@ -153,7 +169,7 @@ def candidate_configs(problem: Problem) -> List[KernelConfig]:
 
 def _smem_estimate(problem: Problem, cfg: KernelConfig) -> int:
     """Bytes of shared memory the software pipeline of ``_gemm_kernel`` needs (upper estimate)."""
-    if cfg.kind != "gemm":
+    if cfg.kind not in GEMM_KINDS:
         return 0
     xb = torch.empty((), dtype=problem.x_dtype).element_size()
     w_bytes = cfg.block_n * cfg.block_k * (2 if problem.code_bits == 3 else 1)
@@ -167,21 +183,23 @@ def prune(configs: Iterable[KernelConfig], problem: Problem) -> List[KernelConfi
     det = _deterministic()
     keep = []
     for c in configs:
-        if c.kind == "gemm" and min(c.block_m, c.block_n, c.block_k) < 16:
+        if c.kind in GEMM_KINDS and min(c.block_m, c.block_n, c.block_k) < 16:
             continue  # tl.dot does not compile below 16 on GPU
+        if c.kind == "gemmw" and not word_gemm_ok(problem, c):
+            continue
         if c.kind == "gemv" and M > GEMV_MAX_M:
             continue
         if c.kind == "gemvw" and not word_kernel_ok(problem, c):
             continue
         if c.block_k > max(16, _np2(K)) or c.block_n > max(16, _np2(N)):
             continue
-        if c.kind == "gemm" and c.block_m > max(16, _np2(M)):
+        if c.kind in GEMM_KINDS and c.block_m > max(16, _np2(M)):
             continue
         k_tiles = triton.cdiv(K, c.block_k)
         if c.split_k > 1:
             if det or c.split_k > k_tiles:
                 continue
-            m_tiles = triton.cdiv(M, c.block_m) if c.kind == "gemm" else M
+            m_tiles = triton.cdiv(M, c.block_m) if c.kind in GEMM_KINDS else M
             if m_tiles * triton.cdiv(N, c.block_n) * c.split_k > 8 * max(1, problem.num_sms):
                 continue  # enough programs without this many splits
         if problem.smem_bytes and _smem_estimate(problem, c) > problem.smem_bytes:
@@ -229,8 +247,10 @@ def default_config(problem: Problem) -> KernelConfig:
                 return words
             return KernelConfig("gemv", block_n=16, block_k=32, split_k=2)
         if path == "small":
-            return KernelConfig("gemm", block_m=16, block_n=16, block_k=32, split_k=2, group_m=2)
-        return KernelConfig("gemm", block_m=32, block_n=32, block_k=32, split_k=1, group_m=2)
+            cfg = KernelConfig("gemm", block_m=16, block_n=16, block_k=32, split_k=2, group_m=2)
+        else:
+            cfg = KernelConfig("gemm", block_m=32, block_n=32, block_k=32, split_k=1, group_m=2)
+        return _prefer_words(problem, cfg)
     if path == "gemv":
         # The word GEMV where it applies (fewer instructions per code, no shared memory in the
         # loop; see linear.py), with a tile of 128 rows x 256 columns or the group size.
@@ -248,11 +268,20 @@ def default_config(problem: Problem) -> KernelConfig:
         bn = 64
         bk = _pick_block_k(problem, 128)
         sk = _pick_split(problem, triton.cdiv(M, bm) * triton.cdiv(N, bn), bk, 8)
-        return KernelConfig("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=sk, group_m=8,
-                            num_warps=4, num_stages=3)
+        return _prefer_words(problem, KernelConfig(
+            "gemm", block_m=bm, block_n=bn, block_k=bk, split_k=sk, group_m=8, num_warps=4,
+            num_stages=3))
     bk = _pick_block_k(problem, 64)
-    return KernelConfig("gemm", block_m=128, block_n=128, block_k=bk, split_k=1, group_m=8,
-                        num_warps=8, num_stages=3)
+    return _prefer_words(problem, KernelConfig(
+        "gemm", block_m=128, block_n=128, block_k=bk, split_k=1, group_m=8, num_warps=8,
+        num_stages=3))
+
+
+def _prefer_words(problem: Problem, cfg: KernelConfig) -> KernelConfig:
+    """The "gemmw" twin of a tl.dot config where it applies (its decode takes about half the
+    instructions per code, see linear.py), else the config itself."""
+    twin = replace(cfg, kind="gemmw")
+    return twin if cfg.block_k >= 32 and word_gemm_ok(problem, twin) else cfg
 
 
 # ---------------------------------------------------------------------------------------------
