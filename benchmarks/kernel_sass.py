@@ -175,7 +175,7 @@ def default_jobs(bits_list, ms, candidates: bool):
 
 def render(rows, args, meta) -> str:
     lines = [
-        "# Static SASS analysis of the GEMV kernels",
+        "# Static SASS analysis of the paretoq::linear Triton kernels",
         "",
         f"- Date: {meta['date']}; command: `{meta['command']}`",
         f"- Target: sm_{args.arch}; Triton {meta['triton']}; commit {meta['git']}; machine: "
@@ -183,7 +183,8 @@ def render(rows, args, meta) -> str:
         f"- Issue bound assumes {args.sms} SMs x 4 schedulers x 32 lanes at {args.clock_ghz} GHz "
         f"and {args.peak_tbps} TB/s peak HBM bandwidth.",
         "- Static instruction counts, **not timings**: the bound is a ceiling that the code cannot "
-        "pass, not a prediction.",
+        "pass, not a prediction. For M > 1 it bounds the rate at which a tile's weights can be "
+        "decoded (each code then feeds BLOCK_M rows of tensor-core math).",
         "",
         "| M | kernel | code bits | BLOCK_M x N x K | warps | regs | spill B | loop instr | "
         "codes/thread | instr/code | LDS+STS in loop | BAR in loop | I2F in loop | issue bound TB/s "
