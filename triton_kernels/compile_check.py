@@ -87,6 +87,8 @@ def _jobs(which: str):
         yield vw, 1, 1, torch.float16, True, False
         yield gw, 2, 1, torch.bfloat16, False, True
         yield gw, 1, 2, torch.float32, True, False
+        yield vw, 3, 0, torch.float16, False, False
+        yield gw, 3, 1, torch.bfloat16, True, True
         return
     if which == "configs":
         seen = set()
@@ -109,8 +111,8 @@ def _jobs(which: str):
         return
     for c, cb, mode, dt, atomic in itertools.product(
             (g, g16, v, vw, gw), (1, 2, 3, 4), (0, 1, 2), tuple(_DT), (False, True)):
-        if (c is vw and (cb == 3 or mode == 2)) or (c is gw and cb == 3):
-            continue  # the word kernels do not serve 3-bit codes; the word GEMV no narrow groups
+        if c is vw and mode == 2:
+            continue  # the word GEMV does not serve groups narrower than its K tile
         yield c, cb, mode, dt, atomic, cb != 4
 
 

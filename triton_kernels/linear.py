@@ -54,45 +54,56 @@ Kernels and paths
   program adds its partial sums to a zero-initialised fp32 buffer with relaxed ``atomic_add`` and
   the buffer is cast to the output dtype afterwards (no cast when the output is fp32). With
   ``SPLIT_K == 1`` results are stored directly in the output dtype (no buffer, no extra kernels).
-* ``_gemv_words_kernel`` ("gemvw"; 1/2/4-bit codes -- 1.58 included -- on rows of whole 4-byte
-  words): the GEMV the tuner prefers where it applies; see "The word GEMV" below. Same grid and
-  split-K scheme as ``_gemv_kernel``.
+* ``_gemv_words_kernel`` ("gemvw"; every format, on rows of whole 4-byte words): the GEMV
+  that is the default where it applies; see "The word kernels" below. Same grid and split-K scheme
+  as ``_gemv_kernel``.
 * ``_gemm_kernel`` (2 <= M): ``tl.dot`` tiles (all block sizes >= 16), grouped (``GROUP_M``)
   program order for L2 reuse, optional split-K with the same fp32 atomic scheme (small M, where the
   op is memory bound and N tiles alone do not fill the GPU). The small-M (2..64) and large-M paths
-  use this kernel with different config sets.
+  use this kernel with different config sets; its word variant ("gemmw", ``WORDS_IN``) reads
+  word units like the word GEMV.
 
-The word GEMV
--------------
+The word kernels
+----------------
 ``_gemv_kernel`` keeps the ``[BLOCK_N, units, P]`` shape, and Triton moves the loaded bytes into
-that layout through shared memory: the sm_90 code of a 2-bit tile has two barriers and a
-shared-memory round trip per K tile and about 7 instructions per weight code, several times what a
-memory-bound GEMV can afford (an H100 streams 2-bit codes faster than it can issue 4
-instructions for each). ``_gemv_words_kernel`` reads the same bytes as int32 words
-(``words_view``: rows of whole, 4-byte-aligned words; no repacking -- word ``j`` is bytes
-``4j .. 4j+3``, little-endian, so code ``k`` of the word sits at bits ``b*k .. b*k+b-1``) and never
-changes layout inside the K loop:
+that layout through shared memory. On sm_90 a 2-bit tile then costs two barriers, a
+shared-memory round trip and about 7 instructions per weight code. ``_gemm_kernel`` converts every
+code with I2F and stores it to shared memory one element at a time: about 11. A memory-bound GEMV
+cannot afford that, because an H100 streams 2-bit codes faster than it can issue 4 instructions
+for each.
 
-* the tile is ``[BLOCK_N, WORDS]`` words (``WORDS = BLOCK_K / (32 / b)``), one accumulator of
-  the same shape; a thread owns several rows and several whole words (16-byte loads);
-* code ``p`` of every word is taken with one AND of a constant mask, no shift: ``lo = word << 1``
-  holds codes ``p < 16/b`` and ``hi = (word >> 15) & 0x1FFFE`` the others, each at bits
-  ``b*(p mod 16/b) + 1 ..``; OR-ing the exponent of 2**23 makes the float ``2**23 + 2c * 2**e``
-  (``e = b*(p mod 16/b)``), exact because the value fits the 23-bit mantissa; one subtraction
-  leaves ``2c * 2**e`` (one LOP3 + one FADD, no integer-to-float conversion);
-* the activations of code ``p`` (one per word: ``x[w * 32/b + p]``) are loaded once per thread
-  and multiplied by ``2**-e / 2``, exact, then shared by the thread's rows, so the multiply-add
-  gives ``c * x``; the zero point comes out of the sum: ``sum((c - z) x) = sum(c x) - z sum(x)``
-  with ``sum(x)`` accumulated per word from the same loads;
-* per-row scales are applied in the epilogue; group scales (groups holding whole K tiles) once
-  per tile and row to the tile's partial sums (``(part - z * xsum) * s``).
+The word kernels ("gemvw" ``_gemv_words_kernel`` and "gemmw" ``_gemm_kernel`` with ``WORDS_IN``)
+read the same bytes as int32 words. ``words_view`` checks that the rows are whole 4-byte-aligned
+words; nothing is repacked. Word ``j`` is bytes ``4j .. 4j+3`` little-endian, so the bit stream is
+unchanged. The decode is:
 
-That is 3 instructions per code (LOP3, FADD, FFMA) plus the loads, shifts and address arithmetic
-shared by a thread's rows and words: 3.75 per code for the 128 x 256 tile on sm_90, no shared
-memory or barrier in the loop (``benchmarks/kernel_sass.py`` prints these counts for any config).
-3-bit codes straddle words and stay on ``_gemv_kernel``, as do rows that are not whole words
-(e.g. 2-bit with K not a multiple of 16), narrow groups, and row slices at odd offsets. Whether the
-word GEMV wins is still decided per shape by the autotuner on the GPU; both kinds are candidates.
+* A *unit* is one word (32 / b codes) for b = 1, 2, 4, and three words (32 codes) for b = 3.
+  ``_load_windows`` turns a ``[BLOCK_N, UNITS]`` tile of units into at most five int32 *windows*.
+  Each window holds a run of codes at bit positions ``S <= 20``:
+  - b = 1, 2, 4: the two 16-bit halves, one bit up;
+  - b = 3: the 96-bit unit cut every 21 bits. One shift-or per window joins the codes that
+    straddle words.
+* Code ``p`` of every unit takes one AND with a constant mask, in place, and one OR with the
+  exponent of 2**23. The OR makes the float ``2**23 + code * 2**S``, exact because it fits the
+  23-bit mantissa. ``_affine`` then needs one more instruction:
+  - the GEMV subtracts 2**23 and multiplies by ``x * 2**-S`` (exact), giving ``code * x``;
+  - the GEMM uses one FMA to get ``code - zero``, exact; the one-bit-up halves keep
+    ``2**(23-S) + zero`` exact for the half-integer zero points.
+  Either way there is no integer-to-float conversion.
+* The GEMV keeps one ``[BLOCK_N, UNITS]`` accumulator. It loads the activation of code ``p`` once
+  per thread (``x[u * UC + p]``) and shares it across the thread's rows, and never changes layout
+  in the K loop: no shared memory, no barrier. The zero point comes out of the sum:
+  ``sum((c - z) x) = sum(c x) - z sum(x)``, with ``sum(x)`` taken from the same loads. Per-row
+  scales are applied in the epilogue. Group scales, when groups hold whole K tiles, are applied
+  once per tile and row: ``(part - z * xsum) * s``.
+* The GEMM assembles the ``[BLOCK_N, BLOCK_K]`` tile of levels in registers with a ``tl.join``
+  tree (``_t1 .. _t5``, flattened to columns ``u * UC + p`` in order) and feeds ``tl.dot``.
+
+On sm_90 that is about 3.75-4.3 instructions per code for the GEMV, against 7-9, and about 6 for
+the GEMM's decode, against 11-17. ``benchmarks/kernel_sass.py`` prints these counts for any
+config. Rows that are not whole words (e.g. 2-bit with K not a multiple of 16, or a row slice at an
+odd offset) stay on the byte kernels. So do groups narrower than the GEMV's K tile. The autotuner
+still decides per shape on the GPU: every byte config has its word twin, and both are candidates.
 
 Configs are chosen by the autotuner of ``tuning.py`` (keyed on path, M bucket, N, K, format,
 groups, dtypes); under ``TRITON_INTERPRET=1`` one fixed config per path is used.
@@ -236,31 +247,157 @@ def _gemv_kernel(
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# Word units (the "gemvw" and "gemmw" kernels; see "The word kernels" in the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+
 @triton.jit
-def _word_tile(acc, lo, hi, x_ptrs, k0, K, magic, offs_w, CODE_BITS: tl.constexpr,
-               EVEN_K: tl.constexpr):
-    """``acc + sum_p c_p * x_p`` over the 32 / b codes of every word of a K tile, and the sum of
-    the tile's activations per word (see "The word GEMV" above for the decode)."""
-    WC: tl.constexpr = 32 // CODE_BITS
-    HC: tl.constexpr = WC // 2
-    MASK: tl.constexpr = (1 << CODE_BITS) - 1
-    xw = offs_w.to(tl.float32) * 0.0  # [WORDS] zeros (tl.zeros_like is not a builtin)
-    for p in tl.static_range(WC):
-        if EVEN_K:
-            xv = tl.load(x_ptrs + (k0 + p)).to(tl.float32)
+def _load_windows(w_rows, u0, offs_u, n_mask, row_words, CODE_BITS: tl.constexpr,
+                  EVEN: tl.constexpr):
+    """The windows ``W0 .. W4`` (int32 ``[BLOCK_N, UNITS]``) of the word units ``u0 + offs_u``.
+
+    A unit is one word (32 / b codes) for b = 1, 2, 4 and three words (32 codes) for b = 3. Window
+    ``W[i]`` holds the codes ``i * CPW .. i * CPW + CPW - 1`` of the unit at bits ``S(p)`` <= 20:
+    b = 1, 2, 4: ``W0 = word << 1``, ``W1 = (word >> 15) & 0x1FFFE`` (the 16-bit halves, one bit
+    up), CPW = 16 / b, ``S(p) = b * (p mod CPW) + 1``; b = 3: the 96-bit unit cut every 21 bits,
+    CPW = 7, ``S(p) = 3p - 21 * (p // 7)``. Bits above a code's mask are ignored. Units past the
+    row end load as 0 (``EVEN``: every unit of the tile is inside the row, no column mask).
+    """
+    if CODE_BITS == 3:
+        base = (u0 + offs_u) * 3
+        if EVEN:
+            w0 = tl.load(w_rows + base[None, :], mask=n_mask[:, None], other=0)
+            w1 = tl.load(w_rows + (base + 1)[None, :], mask=n_mask[:, None], other=0)
+            w2 = tl.load(w_rows + (base + 2)[None, :], mask=n_mask[:, None], other=0)
         else:
-            xv = tl.load(x_ptrs + (k0 + p), mask=(offs_w * WC + (k0 + p)) < K,
-                         other=0.0).to(tl.float32)
-        xw += xv
-        if p < HC:
-            src = lo
+            w0 = tl.load(w_rows + base[None, :], other=0,
+                         mask=n_mask[:, None] & (base < row_words)[None, :])
+            w1 = tl.load(w_rows + (base + 1)[None, :], other=0,
+                         mask=n_mask[:, None] & ((base + 1) < row_words)[None, :])
+            w2 = tl.load(w_rows + (base + 2)[None, :], other=0,
+                         mask=n_mask[:, None] & ((base + 2) < row_words)[None, :])
+        W0 = w0  # stream bits 0 ..
+        W1 = ((w0 >> 21) & 0x7FF) | (w1 << 11)  # 21 ..
+        W2 = w1 >> 10  # 42 ..
+        W3 = ((w1 >> 31) & 1) | (w2 << 1)  # 63 ..
+        W4 = w2 >> 20  # 84 ..
+    else:
+        if EVEN:
+            w = tl.load(w_rows + (u0 + offs_u)[None, :], mask=n_mask[:, None], other=0)
         else:
-            src = hi
-        # (2 * code) * 2**(b * (p % HC)) exactly, as float: 2**23 + v with v's bits in the mantissa
-        f = ((src & (MASK << (CODE_BITS * (p % HC) + 1))) | magic).to(tl.float32, bitcast=True)
-        f = f - 8388608.0
-        acc += f * (xv * (0.5 / (1 << (CODE_BITS * (p % HC)))))[None, :]
-    return acc, xw
+            w = tl.load(w_rows + (u0 + offs_u)[None, :], other=0,
+                        mask=n_mask[:, None] & ((u0 + offs_u) < row_words)[None, :])
+        W0 = w << 1
+        W1 = (w >> 15) & 0x1FFFE
+        W2 = W0
+        W3 = W0
+        W4 = W0
+    return W0, W1, W2, W3, W4
+
+
+@triton.jit
+def _affine(f, S: tl.constexpr, ZERO: tl.constexpr, xv, PRODUCT: tl.constexpr):
+    """From ``f = 2**23 + code * 2**S`` (exact): ``code * x`` (PRODUCT, the GEMV: one subtraction,
+    and x times 2**-S, which is exact) or ``code - zero`` (the GEMM: one FMA, exact since the
+    result is a small integer or half-integer and 2**(23-S) + zero is exact for S >= 1 or integer
+    zero)."""
+    if PRODUCT:
+        out = (f - 8388608.0) * (xv * (1.0 / (1 << S)))
+    else:
+        out = f * (1.0 / (1 << S)) - ((8388608.0 / (1 << S)) + ZERO)
+    return out
+
+
+@triton.jit
+def _leaf3(W0, W1, W2, W3, W4, magic, P: tl.constexpr, ZERO: tl.constexpr, xv,
+           PRODUCT: tl.constexpr):
+    I: tl.constexpr = P // 7
+    S: tl.constexpr = 3 * P - 21 * I
+    if I == 0:
+        src = W0
+    elif I == 1:
+        src = W1
+    elif I == 2:
+        src = W2
+    elif I == 3:
+        src = W3
+    else:
+        src = W4
+    f = ((src & (7 << S)) | magic).to(tl.float32, bitcast=True)
+    return _affine(f, S, ZERO, xv, PRODUCT)
+
+
+@triton.jit
+def _leaf124(W0, W1, magic, P: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr, xv,
+             PRODUCT: tl.constexpr):
+    I: tl.constexpr = P // (16 // B)
+    S: tl.constexpr = B * P - 16 * I + 1
+    if I == 0:
+        src = W0
+    else:
+        src = W1
+    f = ((src & (((1 << B) - 1) << S)) | magic).to(tl.float32, bitcast=True)
+    return _affine(f, S, ZERO, xv, PRODUCT)
+
+
+@triton.jit
+def _leaf(W0, W1, W2, W3, W4, magic, P: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr, xv,
+          PRODUCT: tl.constexpr):
+    """Code ``P`` of every unit: one AND with a constant mask and one OR with the exponent of
+    2**23 (``magic``, a register so that the mask is the LOP3 immediate), then ``_affine``."""
+    if B == 3:
+        out = _leaf3(W0, W1, W2, W3, W4, magic, P, ZERO, xv, PRODUCT)
+    else:
+        out = _leaf124(W0, W1, magic, P, B, ZERO, xv, PRODUCT)
+    return out
+
+
+# tl.join trees: _tL(P, D) holds codes P + D * j, j = 0 .. 2**L - 1, in order along its L joined
+# dims (the first join pairs codes UC/2 apart, the last adjacent ones), so that the root _tL(0, 1)
+# of a unit of UC = 2**L codes reshapes to columns u * UC + p. All in registers.
+
+@triton.jit
+def _t1(W0, W1, W2, W3, W4, m, P: tl.constexpr, D: tl.constexpr, B: tl.constexpr, Z: tl.constexpr):
+    return tl.join(_leaf(W0, W1, W2, W3, W4, m, P, B, Z, 0.0, False),
+                   _leaf(W0, W1, W2, W3, W4, m, P + D, B, Z, 0.0, False))
+
+
+@triton.jit
+def _t2(W0, W1, W2, W3, W4, m, P: tl.constexpr, D: tl.constexpr, B: tl.constexpr, Z: tl.constexpr):
+    return tl.join(_t1(W0, W1, W2, W3, W4, m, P, 2 * D, B, Z),
+                   _t1(W0, W1, W2, W3, W4, m, P + D, 2 * D, B, Z))
+
+
+@triton.jit
+def _t3(W0, W1, W2, W3, W4, m, P: tl.constexpr, D: tl.constexpr, B: tl.constexpr, Z: tl.constexpr):
+    return tl.join(_t2(W0, W1, W2, W3, W4, m, P, 2 * D, B, Z),
+                   _t2(W0, W1, W2, W3, W4, m, P + D, 2 * D, B, Z))
+
+
+@triton.jit
+def _t4(W0, W1, W2, W3, W4, m, P: tl.constexpr, D: tl.constexpr, B: tl.constexpr, Z: tl.constexpr):
+    return tl.join(_t3(W0, W1, W2, W3, W4, m, P, 2 * D, B, Z),
+                   _t3(W0, W1, W2, W3, W4, m, P + D, 2 * D, B, Z))
+
+
+@triton.jit
+def _t5(W0, W1, W2, W3, W4, m, P: tl.constexpr, D: tl.constexpr, B: tl.constexpr, Z: tl.constexpr):
+    return tl.join(_t4(W0, W1, W2, W3, W4, m, P, 2 * D, B, Z),
+                   _t4(W0, W1, W2, W3, W4, m, P + D, 2 * D, B, Z))
+
+
+@triton.jit
+def _unit_levels(W0, W1, W2, W3, W4, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 CODE_BITS: tl.constexpr, ZERO: tl.constexpr):
+    """fp32 ``code - zero`` ``[BLOCK_N, BLOCK_K]`` of a tile of word units (the GEMM decode)."""
+    if CODE_BITS == 4:  # 8 codes a unit
+        t = _t3(W0, W1, W2, W3, W4, magic, 0, 1, CODE_BITS, ZERO)
+    elif CODE_BITS == 2:  # 16
+        t = _t4(W0, W1, W2, W3, W4, magic, 0, 1, CODE_BITS, ZERO)
+    else:  # 32 (b = 1 and b = 3)
+        t = _t5(W0, W1, W2, W3, W4, magic, 0, 1, CODE_BITS, ZERO)
+    return tl.reshape(t, [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
@@ -273,9 +410,9 @@ def _gemv_words_kernel(
     SCALE_EPS_: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """GEMV over the packed rows read as int32 words (b = 1, 2, 4; see "The word GEMV" above)."""
-    WC: tl.constexpr = 32 // CODE_BITS  # codes per word
-    WORDS: tl.constexpr = BLOCK_K // WC
+    """GEMV over the packed rows read as int32 word units (see "The word kernels" above)."""
+    UC: tl.constexpr = 32 if CODE_BITS == 3 else 32 // CODE_BITS  # codes per unit
+    UNITS: tl.constexpr = BLOCK_K // UC
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -283,36 +420,41 @@ def _gemv_words_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_n64 = offs_n.to(tl.int64)
-    offs_w = tl.arange(0, WORDS)
-    w_ptrs = w_ptr + offs_n64[:, None] * stride_wn + offs_w[None, :]
+    offs_u = tl.arange(0, UNITS)
+    w_rows = w_ptr + offs_n64[:, None] * stride_wn
     s_rows = s_ptr + offs_n64 * stride_sn
-    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_w * WC  # column of code 0 of each word
+    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_u * UC  # column of code 0 of each unit
     # A runtime 0 keeps the exponent pattern in a register, so that each code's mask is the
-    # immediate operand of one LOP3 ((word & mask) | magic).
+    # immediate operand of one LOP3 ((window & mask) | magic).
     magic = 0x4B000000 | zero_i
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.full([BLOCK_N, WORDS], 0.0, tl.float32)
-    xsum = tl.full([WORDS], 0.0, tl.float32)
+    acc = tl.full([BLOCK_N, UNITS], 0.0, tl.float32)
+    xsum = tl.full([UNITS], 0.0, tl.float32)
     for k_it in range(k_start, k_end, BLOCK_K):
         k0 = tl.multiple_of(k_it, BLOCK_K)  # tiles start on multiples of BLOCK_K
-        w0 = k0 // WC
-        if EVEN_K:
-            word = tl.load(w_ptrs + w0, mask=n_mask[:, None], other=0)
+        W0, W1, W2, W3, W4 = _load_windows(w_rows, k0 // UC, offs_u, n_mask, row_words,
+                                           CODE_BITS, EVEN_K)
+        if SCALE_MODE == 1:
+            part = tl.full([BLOCK_N, UNITS], 0.0, tl.float32)
         else:
-            w_mask = n_mask[:, None] & ((w0 + offs_w) < row_words)[None, :]
-            word = tl.load(w_ptrs + w0, mask=w_mask, other=0)
-        lo = word << 1  # code p < HC at bits b*p+1 ..
-        hi = (word >> 15) & 0x1FFFE  # code HC + p at the same bits
+            part = acc  # per-row scale: accumulate in place, scale in the epilogue
+        xw = tl.full([UNITS], 0.0, tl.float32)
+        for p in tl.static_range(UC):
+            if EVEN_K:
+                xv = tl.load(x_ptrs + (k0 + p)).to(tl.float32)
+            else:
+                xv = tl.load(x_ptrs + (k0 + p), mask=(offs_u * UC + (k0 + p)) < K,
+                             other=0.0).to(tl.float32)
+            xw += xv
+            part += _leaf(W0, W1, W2, W3, W4, magic, p, CODE_BITS, 0.0, xv[None, :], True)
         if SCALE_MODE == 1:  # the tile lies inside one group: one scale per row
-            part, xw = _word_tile(tl.full([BLOCK_N, WORDS], 0.0, tl.float32), lo, hi, x_ptrs, k0, K, magic, offs_w,
-                                  CODE_BITS, EVEN_K)
             s = tl.load(s_rows + (k0 // GROUP_SIZE) * stride_sg, mask=n_mask, other=1.0)
             s = tl.maximum(s.to(tl.float32), SCALE_EPS_)
             acc += (part - (TWO_ZERO * 0.5) * xw[None, :]) * s[:, None]
-        else:  # per-row scale: accumulate in place, scale in the epilogue
-            acc, xw = _word_tile(acc, lo, hi, x_ptrs, k0, K, magic, offs_w, CODE_BITS, EVEN_K)
+        else:
+            acc = part
             xsum += xw
     res = tl.reduce(acc, 1, _add)
     if SCALE_MODE == 0:
@@ -328,66 +470,6 @@ def _gemv_words_kernel(
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# Decode of a [BLOCK_N, BLOCK_K] tile from int32 words for the tl.dot kernel ("gemmw"). A word of
-# WC = 32 / b codes is split into 16-bit halves (lo: codes 0 .. WC/2 - 1, hi: the rest, both at
-# bits b * (p mod WC/2)); each code is isolated in place by one AND with a constant mask, made a
-# float by OR-ing the exponent of 2**23 (2**23 + code * 2**S, exact) and turned into
-# ``code - zero`` by one FMA (times 2**-S, minus 2**(23-S) + zero: exact). tl.join assembles the
-# leaves in registers: the first join separates code p from p + WC/2 (lo / hi), each further one
-# halves the distance, so that the joined dims flatten to p = 0 .. WC-1 in order. The halves are
-# taken one bit up (S = b * (p mod WC/2) + 1), which keeps 2**(23-S) + zero exact in fp32.
-
-@triton.jit
-def _leaf(half, magic, S: tl.constexpr, CODE_BITS: tl.constexpr, ZERO: tl.constexpr):
-    f = ((half & (((1 << CODE_BITS) - 1) << S)) | magic).to(tl.float32, bitcast=True)
-    return f * (1.0 / (1 << S)) - ((8388608.0 / (1 << S)) + ZERO)
-
-
-@triton.jit
-def _join1(lo, hi, magic, S: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
-    return tl.join(_leaf(lo, magic, S, B, ZERO), _leaf(hi, magic, S, B, ZERO))
-
-
-@triton.jit
-def _join2(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
-    return tl.join(_join1(lo, hi, magic, S, B, ZERO), _join1(lo, hi, magic, S + D, B, ZERO))
-
-
-@triton.jit
-def _join3(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
-    return tl.join(_join2(lo, hi, magic, S, 2 * D, B, ZERO),
-                   _join2(lo, hi, magic, S + D, 2 * D, B, ZERO))
-
-
-@triton.jit
-def _join4(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
-    return tl.join(_join3(lo, hi, magic, S, 2 * D, B, ZERO),
-                   _join3(lo, hi, magic, S + D, 2 * D, B, ZERO))
-
-
-@triton.jit
-def _join5(lo, hi, magic, S: tl.constexpr, D: tl.constexpr, B: tl.constexpr, ZERO: tl.constexpr):
-    return tl.join(_join4(lo, hi, magic, S, 2 * D, B, ZERO),
-                   _join4(lo, hi, magic, S + D, 2 * D, B, ZERO))
-
-
-@triton.jit
-def _word_levels(word, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 CODE_BITS: tl.constexpr, ZERO: tl.constexpr):
-    """fp32 ``code - zero`` ``[BLOCK_N, BLOCK_K]`` of int32 words ``[BLOCK_N, BLOCK_K * b / 32]``."""
-    # One bit up (S >= 1): 2**(23 - S) + zero is then exact in fp32 for the half-integer zero
-    # points (0.5 and 1.5 of the 1- and 2-bit grids).
-    lo = word << 1
-    hi = (word >> 15) & 0x1FFFE
-    if CODE_BITS == 4:  # 8 codes a word: distances 4, 2, 1 codes = 16, 8, 4 bits
-        t = _join3(lo, hi, magic, 1, 4, CODE_BITS, ZERO)
-    elif CODE_BITS == 2:  # 16 codes: 8, 4, 2, 1 codes
-        t = _join4(lo, hi, magic, 1, 2, CODE_BITS, ZERO)
-    else:  # 32 codes: 16, 8, 4, 2, 1 codes
-        t = _join5(lo, hi, magic, 1, 1, CODE_BITS, ZERO)
-    return tl.reshape(t, [BLOCK_N, BLOCK_K])
-
-
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr,
@@ -400,10 +482,10 @@ def _gemm_kernel(
     DOT_PRECISION: tl.constexpr, WORDS_IN: tl.constexpr,
 ):
     """tl.dot GEMM. WORDS_IN ("gemmw"): ``w_ptr`` is the rows as int32 words and ``row_bytes``
-    counts words; the tile is decoded by ``_word_levels`` to ``code - zero``. Otherwise bytes,
+    counts words; the tile is decoded by ``_unit_levels`` to ``code - zero``. Otherwise bytes,
     decoded by ``_load_unit_codes`` to ``2 * code - 2 * zero``."""
     UNITS: tl.constexpr = BLOCK_K // PER_UNIT
-    WC: tl.constexpr = 32 // CODE_BITS
+    UC: tl.constexpr = 32 if CODE_BITS == 3 else 32 // CODE_BITS  # codes per word unit
     magic = 0x4B000000 | zero_i  # a register: the masks of _leaf become LOP3 immediates
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -436,10 +518,10 @@ def _gemm_kernel(
         k_mask = offs_k < K  # K tiles never cross a split boundary
         a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if WORDS_IN:
-            offs_w = k0 // WC + tl.arange(0, BLOCK_K // WC)
-            word = tl.load(w_rows + offs_w[None, :],
-                           mask=n_mask[:, None] & (offs_w < row_bytes)[None, :], other=0)
-            lvl = _word_levels(word, magic, BLOCK_N, BLOCK_K, CODE_BITS, TWO_ZERO * 0.5)
+            W0, W1, W2, W3, W4 = _load_windows(w_rows, k0 // UC, tl.arange(0, BLOCK_K // UC),
+                                               n_mask, row_bytes, CODE_BITS, False)
+            lvl = _unit_levels(W0, W1, W2, W3, W4, magic, BLOCK_N, BLOCK_K, CODE_BITS,
+                               TWO_ZERO * 0.5)
         else:
             codes = _load_unit_codes(w_rows, k0, n_mask, row_bytes, CODE_BITS, UNITS, PER_UNIT)
             codes = tl.reshape(codes, [BLOCK_N, BLOCK_K])  # column k0 + u * PER_UNIT + p, in order
@@ -479,8 +561,8 @@ def _gemm_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration. ``kind`` is "gemv" (no tensor cores, any format), "gemvw" (the
-    word GEMV: b = 1, 2, 4 on word-aligned rows) or "gemm" (tl.dot)."""
+    """One launch configuration. ``kind``: "gemv" / "gemvw" (no tensor cores; bytes / word units)
+    or "gemm" / "gemmw" (tl.dot; bytes / word units). The word kinds need rows of whole words."""
 
     kind: str
     block_n: int
@@ -555,20 +637,24 @@ def words_view(packed: torch.Tensor) -> Optional[torch.Tensor]:
     return packed.view(torch.int32)
 
 
+def unit_codes(code_bits: int) -> int:
+    """Codes per word unit of the word kernels: 32 / b for b = 1, 2, 4; 32 (three words) for 3."""
+    return 32 if code_bits == 3 else 32 // code_bits
+
+
 def word_kernel_ok(problem: Problem, cfg: KernelConfig) -> bool:
-    """Whether the "gemvw" config can serve the problem: 1/2/4-bit codes (not 3: its codes
-    straddle words), word-aligned rows, per-row scales or groups that hold whole K tiles, and an
-    M small enough for the GEMV grid."""
-    return (problem.code_bits in (1, 2, 4) and problem.word_aligned and problem.M <= GEMV_MAX_M
-            and cfg.block_k % (32 // problem.code_bits) == 0
+    """Whether the "gemvw" config can serve the problem: rows of whole 4-byte-aligned words, K
+    tiles of whole word units, per-row scales or groups that hold whole K tiles, and an M small
+    enough for the GEMV grid."""
+    return (problem.word_aligned and problem.M <= GEMV_MAX_M
+            and cfg.block_k % unit_codes(problem.code_bits) == 0
             and (problem.groups == 1 or problem.group_size % cfg.block_k == 0))
 
 
 def word_gemm_ok(problem: Problem, cfg: KernelConfig) -> bool:
-    """Whether the "gemmw" config can serve the problem: 1/2/4-bit codes, word-aligned rows and
-    K tiles of whole words (any scale layout; per-element group scales included)."""
-    return (problem.code_bits in (1, 2, 4) and problem.word_aligned
-            and cfg.block_k % (32 // problem.code_bits) == 0)
+    """Whether the "gemmw" config can serve the problem: rows of whole 4-byte-aligned words and
+    K tiles of whole word units (any scale layout; per-element group scales included)."""
+    return problem.word_aligned and cfg.block_k % unit_codes(problem.code_bits) == 0
 
 
 def scale_mode(problem: Problem, cfg: KernelConfig) -> int:
@@ -621,9 +707,9 @@ def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Ten
         words = words_view(packed) if word_kernel_ok(problem, cfg) else None
         if words is None:
             raise ValueError(
-                f"triton_linear: config {cfg} cannot serve this problem (the word GEMV needs 1/2/4-bit "
-                f"codes, M <= {GEMV_MAX_M}, rows of whole 4-byte-aligned words and groups holding "
-                f"whole K tiles): M={M}, N={N}, K={K}, bits={problem.bits}, "
+                f"triton_linear: config {cfg} cannot serve this problem (the word GEMV needs "
+                f"M <= {GEMV_MAX_M}, rows of whole 4-byte-aligned words, K tiles of whole units "
+                f"and groups holding whole K tiles): M={M}, N={N}, K={K}, bits={problem.bits}, "
                 f"packed {tuple(packed.shape)} strides {tuple(packed.stride())}, groups={problem.groups}")
         grid = (triton.cdiv(N, cfg.block_n), split, M)
         _gemv_words_kernel[grid](
@@ -648,7 +734,7 @@ def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Ten
             if w is None:
                 raise ValueError(
                     f"triton_linear: config {cfg} cannot serve this problem (the word GEMM needs "
-                    f"1/2/4-bit codes and rows of whole 4-byte-aligned words): M={M}, N={N}, K={K}, "
+                    f"rows of whole 4-byte-aligned words and K tiles of whole units): M={M}, N={N}, K={K}, "
                     f"bits={problem.bits}, packed {tuple(packed.shape)} strides {tuple(packed.stride())}")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         _gemm_kernel[grid](

@@ -2,12 +2,14 @@
 
 Paths (by M, the number of activation rows):
 
-* ``gemv``  M == 1: ``_gemv_kernel`` and (1/2/4-bit codes, word-aligned rows)
-  ``_gemv_words_kernel`` configs, split-K 1..16; the untuned default is the word GEMV where it
-  applies;
+* ``gemv``  M == 1: ``_gemv_kernel`` and (word-aligned rows) ``_gemv_words_kernel`` configs,
+  split-K 1..16; the untuned default is the word GEMV where it applies;
 * ``small`` 2 <= M <= 64: ``_gemm_kernel`` with BLOCK_M 16..64 and split-K 1..8, plus both GEMV
   kernels' configs (one program row per activation row) while M <= 4;
 * ``large`` M > 64: ``_gemm_kernel`` tensor-core tiles, no split-K, grouped program order.
+
+Every tl.dot config with BLOCK_K >= 32 has a "gemmw" twin (the same tiles reading word units);
+the untuned defaults use the word kernels where the rows are whole words.
 
 With narrow scale groups (group size not a multiple of 64, e.g. 16 or 32) the candidate sets use
 K tiles of 16/32 so that a tile stays inside one group (one scale per row per tile).
