@@ -64,6 +64,10 @@ def parse_args(argv=None):
                     help="use the kernels' default configs (PARETOQ_TRITON_AUTOTUNE=0)")
     ap.add_argument("--quick", action="store_true", help="4096x4096, M in {1, 16}, bits 2 and 4")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--save-configs", metavar="PATH",
+                    help="also write the tuned kernel configs of this run (JSON, "
+                         "paretoq_ao.triton_kernels.save_configs) -- e.g. "
+                         "triton_kernels/configs/<gpu>.json to ship them")
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.ms, args.bits = "4096x4096", "1,16", "2,4"
@@ -328,6 +332,11 @@ def main(argv=None) -> int:
 
     meta["int4"] = int4_status
     write_results(args, meta, rows)
+    if args.save_configs:
+        from paretoq_ao.triton_kernels import save_configs
+
+        n = save_configs(args.save_configs, device=torch.cuda.get_device_properties(0).name)
+        print(f"bench_kernels.py: {n} tuned configs written to {args.save_configs}")
     return 0
 
 

@@ -446,6 +446,61 @@ def test_interpreter_uses_one_config_and_warmup():
         warmup((1, 16, 30, 2, 16))
 
 
+def test_tuned_configs_round_trip_through_files(tmp_path, monkeypatch):
+    import json
+
+    from paretoq_ao.triton_kernels import load_configs, save_configs
+
+    clear_cache()
+    warmup((1, 33, 96, 2), (3, 33, 96, 3, 32), dtype=torch.float32)
+    before = tuned_configs()
+    assert len(before) == 2
+    path = tmp_path / "cfg.json"
+    assert save_configs(path) == 2
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "paretoq-triton-configs-v1" and doc["devices"] == ["cpu"]
+    assert set(doc["entries"][0]["key"]) == set(tuning.KEY_FIELDS)
+    assert save_configs(tmp_path / "none.json", device="NVIDIA H100") == 0
+    clear_cache()
+    assert load_configs(path) == 2 and tuned_configs() == before
+    assert load_configs(path) == 0  # already there
+    assert load_configs(path, override=True) == 2
+
+    # A file found through $PARETOQ_TRITON_CONFIGS is loaded before the first lookup and its
+    # config is the one launched (here a non-default GEMV config for the M = 1 shape).
+    forced = KernelConfig("gemv", block_n=32, block_k=16, split_k=3)
+    key = next(k for k in before if k[0] == "gemv")
+    doc["entries"] = [{"key": dict(zip(tuning.KEY_FIELDS, key)), "config": vars(forced)}]
+    (tmp_path / "env.json").write_text(json.dumps(doc))
+    clear_cache()
+    monkeypatch.setenv("PARETOQ_TRITON_CONFIGS", str(tmp_path / "env.json"))
+    packed, scale = make_weight(33, 96, 2)
+    x = make_x((1, 96))
+    out = triton_linear(x, packed, scale, 2)
+    assert tuned_configs()[key] == forced
+    assert_close(out, reference_linear(x, packed, scale, 2), torch.float32)
+
+    # Malformed files: clear errors naming the file and the entry; nothing is added.
+    clear_cache()
+    monkeypatch.delenv("PARETOQ_TRITON_CONFIGS")
+    bad = dict(doc, entries=doc["entries"] + [{"key": {"path": "gemv"}, "config": vars(forced)}])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"bad\.json: entry 1 is invalid.*key fields"):
+        load_configs(tmp_path / "bad.json")
+    bad = dict(doc, entries=[dict(doc["entries"][0], config=dict(vars(forced), block_n=24))])
+    (tmp_path / "bad2.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"entry 0 is invalid.*powers of two"):
+        load_configs(tmp_path / "bad2.json")
+    (tmp_path / "bad3.json").write_text("{\"format\": \"other\"}")
+    with pytest.raises(ValueError, match="expected format"):
+        load_configs(tmp_path / "bad3.json")
+    (tmp_path / "bad4.json").write_text("not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_configs(tmp_path / "bad4.json")
+    assert tuned_configs() == {}
+    clear_cache()
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------

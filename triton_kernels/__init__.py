@@ -10,9 +10,12 @@ nothing with torch.library.
 """
 
 from .linear import LAYOUT_READ, SUPPORTED_DTYPES, KernelConfig, supports, triton_linear
-from .tuning import clear_cache, default_config, model_shapes, tuned_configs, warmup
+from .tuning import (
+    clear_cache, default_config, load_configs, model_shapes, save_configs, tuned_configs, warmup,
+)
 
 __all__ = [
     "triton_linear", "supports", "warmup", "model_shapes", "tuned_configs", "clear_cache",
-    "default_config", "KernelConfig", "LAYOUT_READ", "SUPPORTED_DTYPES",
+    "default_config", "KernelConfig", "LAYOUT_READ", "SUPPORTED_DTYPES", "save_configs",
+    "load_configs",
 ]

@@ -28,6 +28,12 @@ to compile are skipped. The winner is cached per key for the life of the process
 No benchmarking happens (``default_config`` is used) under ``TRITON_INTERPRET=1`` (one fixed
 config per path), with ``PARETOQ_TRITON_AUTOTUNE=0``, or while a CUDA graph is being captured
 (with a warning; call ``warmup`` before capture so that the tuned configs are cached).
+
+Tuned configs can be kept as files: ``save_configs(path)`` writes the cache as JSON
+(``paretoq-triton-configs-v1``: one entry per key, fields ``KEY_FIELDS``, and the config), and
+``load_configs(path)`` reads it back. Before its first lookup on a device, a process loads the
+files shipped in ``configs/`` that list that device name, then the files named by
+``$PARETOQ_TRITON_CONFIGS``, so a deployment can skip autotuning.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ GEMM_KINDS = ("gemm", "gemmw")
 
 __all__ = [
     "path_of", "m_bucket", "tuning_key", "candidate_configs", "prune", "default_config",
-    "get_config", "warmup", "model_shapes", "tuned_configs", "clear_cache",
+    "get_config", "warmup", "model_shapes", "tuned_configs", "clear_cache", "save_configs",
+    "load_configs", "KEY_FIELDS",
 ]
 
 _CACHE: Dict[tuple, KernelConfig] = {}
@@ -73,11 +80,16 @@ def _deterministic() -> bool:
     return bool(torch.are_deterministic_algorithms_enabled())
 
 
+KEY_FIELDS = ("path", "m_bucket", "N", "K", "bits", "groups", "x_dtype", "out_dtype",
+              "dot_precision", "deterministic", "word_aligned", "device")
+
+
 def tuning_key(problem: Problem) -> tuple:
+    """The autotune cache key (fields ``KEY_FIELDS``)."""
     return (
         path_of(problem.M), m_bucket(problem.M), problem.N, problem.K, problem.bits,
         problem.groups, str(problem.x_dtype), str(problem.out_dtype), problem.dot_precision,
-        _deterministic(), problem.device,
+        _deterministic(), bool(problem.word_aligned), problem.device,
     )
 
 
@@ -300,7 +312,9 @@ def _capturing() -> bool:
 
 
 def get_config(problem: Problem, run: Callable[[KernelConfig], object]) -> KernelConfig:
-    """The cached config for the problem's key, tuning with ``run(config)`` on a miss."""
+    """The cached config for the problem's key (after loading the config files, see
+    ``load_configs``), tuning with ``run(config)`` on a miss."""
+    _autoload(problem.device)
     key = tuning_key(problem)
     cfg = _CACHE.get(key)
     if cfg is not None:
@@ -351,8 +365,107 @@ def tuned_configs() -> Dict[tuple, KernelConfig]:
 
 
 def clear_cache() -> None:
+    """Forget every chosen config (the config files are read again on the next call)."""
     _CACHE.clear()
     _WARNED.clear()
+    _AUTOLOADED.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuned configs as files
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS_FORMAT = "paretoq-triton-configs-v1"
+CONFIGS_ENV = "PARETOQ_TRITON_CONFIGS"
+SHIPPED_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+_AUTOLOADED: set = set()
+
+
+def save_configs(path, device: Optional[str] = None) -> int:
+    """Write the autotune cache (only ``device``'s entries when given) to ``path`` as JSON,
+    atomically; returns the number of entries. Load it with ``load_configs`` or through
+    ``$PARETOQ_TRITON_CONFIGS`` to skip autotuning in a later process."""
+    import json
+
+    import triton as _triton
+
+    from paretoq_ao.serialization import atomic_write
+
+    entries = []
+    for key, cfg in sorted(_CACHE.items(), key=lambda kv: repr(kv[0])):
+        k = dict(zip(KEY_FIELDS, key))
+        if device is not None and k["device"] != device:
+            continue
+        entries.append({"key": k, "config": dict(vars(cfg))})
+    devices = sorted({e["key"]["device"] for e in entries})
+    doc = {"format": CONFIGS_FORMAT, "triton": _triton.__version__, "devices": devices,
+           "entries": entries}
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+
+    atomic_write(path, write)
+    return len(entries)
+
+
+def load_configs(path, override: bool = False) -> int:
+    """Add the entries of a ``save_configs`` file to the autotune cache; returns how many were
+    added. Entries already in the cache are kept unless ``override``. The whole file is checked
+    before anything is added: a malformed file raises ValueError naming the file and the entry."""
+    import json
+
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tuned-config file {path}: not JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != CONFIGS_FORMAT:
+        raise ValueError(f"tuned-config file {path}: expected format {CONFIGS_FORMAT!r}, got "
+                         f"{doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r}")
+    parsed = []
+    for i, entry in enumerate(doc.get("entries", [])):
+        try:
+            k = entry["key"]
+            missing = [f for f in KEY_FIELDS if f not in k]
+            if missing:
+                raise KeyError(f"key fields {missing}")
+            key = tuple(k[f] for f in KEY_FIELDS)
+            cfg = KernelConfig.from_any(entry["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tuned-config file {path}: entry {i} is invalid: {e}") from None
+        parsed.append((key, cfg))
+    added = 0
+    for key, cfg in parsed:
+        if override or key not in _CACHE:
+            _CACHE[key] = cfg
+            added += 1
+    return added
+
+
+def _autoload(device: str) -> None:
+    """Once per device name and process: the shipped files of ``configs/`` that list the device,
+    then the files of ``$PARETOQ_TRITON_CONFIGS`` (``os.pathsep``-separated; they override)."""
+    if device in _AUTOLOADED:
+        return
+    _AUTOLOADED.add(device)
+    import glob
+    import json
+
+    for path in sorted(glob.glob(os.path.join(SHIPPED_CONFIGS_DIR, "*.json"))):
+        try:
+            with open(path) as f:
+                devices = json.load(f).get("devices", [])
+        except (OSError, ValueError, AttributeError):
+            warnings.warn(f"triton_linear: unreadable shipped config file {path}; ignored",
+                          stacklevel=3)
+            continue
+        if device in devices:
+            load_configs(path)
+    for path in filter(None, os.environ.get(CONFIGS_ENV, "").split(os.pathsep)):
+        load_configs(path, override=True)
 
 
 # ---------------------------------------------------------------------------------------------
