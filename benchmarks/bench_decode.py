@@ -475,7 +475,7 @@ def _fmt_cfg(cfg) -> Optional[str]:
     if cfg is None:
         return None
     return (f"{cfg.kind} BN{cfg.block_n} BK{cfg.block_k}"
-            + (f" BM{cfg.block_m}" if cfg.kind == "gemm" else "")
+            + (f" BM{cfg.block_m}" if cfg.kind in ("gemm", "gemmw") else "")
             + f" SK{cfg.split_k} w{cfg.num_warps} s{cfg.num_stages}")
 
 
@@ -787,11 +787,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from paretoq_ao.ops import triton_interpreting
+
     if args.device == "cuda":
         if not torch.cuda.is_available():
             print(NO_CUDA_MESSAGE, file=sys.stderr)
             return 2
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        if triton_interpreting():
             print("bench_decode.py: unset TRITON_INTERPRET to benchmark compiled kernels", file=sys.stderr)
             return 2
     import paretoq_ao  # noqa: F401  (registers paretoq::linear)
@@ -850,7 +852,7 @@ def main(argv=None) -> int:
         "inductor_tuning": inductor_tuning, "peak_tbps": args.peak_tbps,
         "quantize_head": args.quantize_head, "pq_group_size": args.pq_group_size,
         "int4_group_size": args.int4_group_size, "variants": args.variant_list,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "triton_interpret": triton_interpreting(),
         "limit_definition": "peak_tbps * 1e12 / (weight bytes - embedding table bytes)",
         "merged_from": [os.path.basename(p) for p in args.merge],
     }

@@ -190,7 +190,9 @@ def main(argv=None) -> int:
               "this benchmark needs an NVIDIA GPU (it was written for an H100). Nothing was run.",
               file=sys.stderr)
         return 2
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from paretoq_ao.ops import triton_interpreting
+
+    if triton_interpreting():
         print("bench_kernels.py: unset TRITON_INTERPRET to benchmark compiled kernels", file=sys.stderr)
         return 2
     if args.no_autotune:

@@ -227,7 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tbps", type=float, default=DEFAULT_GPU["peak_tbps"])
     ap.add_argument("--out", help="write the Markdown report here (atomically)")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from paretoq_ao.ops import triton_interpreting
+
+    if triton_interpreting():
         print("kernel_sass: unset TRITON_INTERPRET (the kernels must be compiled)", file=sys.stderr)
         return 2
     from paretoq_ao.triton_kernels.compile_check import toolchain_problem

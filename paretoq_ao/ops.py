@@ -83,10 +83,16 @@ def reference_linear(input, packed, scale, bits) -> torch.Tensor:
 _TRITON = None
 
 
+def triton_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks Triton for its CPU interpreter (the values Triton reads
+    as true: 1, true, yes, on)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _triton_backend(input: torch.Tensor):
     """The Triton kernels module when this call should use it, else None."""
     global _TRITON
-    if not (input.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not (input.is_cuda or triton_interpreting()):
         return None
     if _TRITON is None:
         _TRITON = importlib.import_module("paretoq_ao.triton_kernels")

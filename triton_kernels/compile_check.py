@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     grp.add_argument("--configs", action="store_true")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from paretoq_ao.ops import triton_interpreting
+
+    if triton_interpreting():
         print("compile_check: unset TRITON_INTERPRET (kernels must be compiled, not interpreted)")
         return 2
     problem = toolchain_problem(args.arch)

@@ -119,7 +119,6 @@ stride is otherwise supported without a copy. Unsupported inputs raise before la
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -128,7 +127,7 @@ import triton
 import triton.language as tl
 
 from paretoq_ao.formats import SCALE_EPS, get_format
-from paretoq_ao.ops import check_linear_args
+from paretoq_ao.ops import check_linear_args, triton_interpreting
 
 __all__ = ["triton_linear", "supports", "KernelConfig", "interpreting", "SUPPORTED_DTYPES", "LAYOUT_READ"]
 
@@ -141,8 +140,9 @@ KERNEL_KINDS = ("gemv", "gemvw", "gemm", "gemmw")
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; the same
+    test as the op's routing, ``paretoq_ao.ops.triton_interpreting``)."""
+    return triton_interpreting()
 
 
 # ----------------------------------------------------------------------------------------------
