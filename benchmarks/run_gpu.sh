@@ -8,7 +8,8 @@
 # 590 s budget for the whole step, setup included):
 #
 #   check            nvidia-smi, versions, tests/test_triton_cuda.py (compiled kernels on the GPU)
-#                    and tests/test_triton_kernels.py (interpreter), in two pytest processes
+#   check-interp     tests/test_triton_kernels.py (the interpreter tests, as in CI; own process:
+#                    whichever file imports the kernels first decides compiled vs interpreted)
 #   kernels-quick    bench_kernels.py --quick (4096x4096, M 1 and 16, 2 and 4 bits)
 #   kernels-<i>      bench_kernels.py, the full grid for shape i (all M, all bits):
 #                      1 = 4096x4096, 2 = 4096x14336, 3 = 14336x4096, 4 = 8192x8192, 5 = 28672x8192
@@ -51,7 +52,8 @@ usage() {
 usage: bash benchmarks/run_gpu.sh <step>
 
 steps:
-  check                     GPU tests (tests/test_triton_cuda.py) + interpreter tests
+  check                     GPU tests (tests/test_triton_cuda.py)
+  check-interp              interpreter tests (tests/test_triton_kernels.py)
   kernels-quick             bench_kernels.py --quick
   kernels-1 .. kernels-5    bench_kernels.py full grid, one shape each:
                             1=4096x4096 2=4096x14336 3=14336x4096 4=8192x8192 5=28672x8192
@@ -79,7 +81,7 @@ SHAPE=""
 BITS=""
 VARIANTS=""
 case "$STEP" in
-    check | kernels-quick | decode-tiny | sass) KIND="$STEP" ;;
+    check | check-interp | kernels-quick | decode-tiny | sass) KIND="$STEP" ;;
     kernels-[1-5] | kernels-[1-5][ab])
         KIND="kernels"
         i="${STEP#kernels-}"
@@ -209,12 +211,20 @@ EOF
     if [ "${PYTEST_WORKERS:-4}" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
         xdist=(-n "${PYTEST_WORKERS:-4}")
     fi
-    # Two processes: whichever test file imports paretoq_ao.triton_kernels first decides whether
-    # the kernels are compiled or interpreted for the whole process.
+    # The interpreter tests run in their own step (check-interp): whichever test file imports
+    # paretoq_ao.triton_kernels first decides whether the kernels are compiled or interpreted for
+    # the whole process, and both files together may not fit one 600 s command.
     run_cmd "$PY" -m pytest -q -p no:cacheprovider -rs --durations=15 ${xdist[@]+"${xdist[@]}"} \
         tests/test_triton_cuda.py || rc=$?
-    run_cmd "$PY" -m pytest -q -p no:cacheprovider -x ${xdist[@]+"${xdist[@]}"} tests/test_triton_kernels.py || rc=$?
     return "$rc"
+}
+
+step_check_interp() {
+    local xdist=()
+    if [ "${PYTEST_WORKERS:-4}" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+        xdist=(-n "${PYTEST_WORKERS:-4}")
+    fi
+    run_cmd "$PY" -m pytest -q -p no:cacheprovider -x ${xdist[@]+"${xdist[@]}"} tests/test_triton_kernels.py
 }
 
 step_kernels() {
@@ -263,6 +273,7 @@ main() {
     setup
     case "$KIND" in
         check) step_check ;;
+        check-interp) step_check_interp ;;
         kernels | kernels-quick) step_kernels ;;
         decode | decode-tiny) step_decode ;;
         sass) step_sass ;;
