@@ -135,3 +135,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Shapes of the activations of every ``triton_linear`` call made through ``paretoq::linear``
+    (the op looks the function up on the package at each call). Imports the kernels package when
+    used, so only tests that run the kernels (interpreted or compiled) should ask for it."""
+    import paretoq_ao.triton_kernels as tk
+
+    calls = []
+    real = tk.triton_linear
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "triton_linear", spy)
+    return calls

@@ -384,22 +384,6 @@ def _mlp_oracle(model, x):
     return h
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Shapes of the activations of every triton_linear call made through paretoq::linear."""
-    import paretoq_ao.triton_kernels as tk
-
-    calls = []
-    real = tk.triton_linear
-
-    def spy(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tk, "triton_linear", spy)
-    return calls
-
-
 def test_warmup_then_cuda_graphs(kernel_calls):
     from torch._dynamo.utils import counters
 

@@ -580,21 +580,6 @@ def _converted_linear(bits, group_size, k=64, n=48, seed=0):
     return m
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    import paretoq_ao.triton_kernels as tk
-
-    calls = []
-    real = tk.triton_linear
-
-    def spy(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tk, "triton_linear", spy)
-    return calls
-
-
 @pytest.mark.parametrize("bits,group_size", [(2, None), (1.58, 16), (3, None), (4, 16), (1, None)])
 def test_op_routes_to_kernels_under_interpreter(bits, group_size, kernel_calls, monkeypatch):
     m = _converted_linear(bits, group_size)
