@@ -355,7 +355,9 @@ def _leaf(W0, W1, W2, W3, W4, magic, P: tl.constexpr, B: tl.constexpr, ZERO: tl.
 
 # tl.join trees: _tL(P, D) holds codes P + D * j, j = 0 .. 2**L - 1, in order along its L joined
 # dims (the first join pairs codes UC/2 apart, the last adjacent ones), so that the root _tL(0, 1)
-# of a unit of UC = 2**L codes reshapes to columns u * UC + p. All in registers.
+# of a unit of UC = 2**L codes reshapes to columns u * UC + p. All in registers. One function per
+# depth rather than one self-recursive function: Triton 3.9 accepts the recursion, but the GPU
+# image runs Triton 3.6, where it was never tried.
 
 @triton.jit
 def _t1(W0, W1, W2, W3, W4, m, P: tl.constexpr, D: tl.constexpr, B: tl.constexpr, Z: tl.constexpr):
