@@ -501,6 +501,37 @@ def test_tuned_configs_round_trip_through_files(tmp_path, monkeypatch):
     clear_cache()
 
 
+def test_shipped_configs_load_for_their_device_only(tmp_path, monkeypatch):
+    import json
+
+    from paretoq_ao.triton_kernels import save_configs
+
+    clear_cache()
+    warmup((1, 33, 96, 2), dtype=torch.float32)
+    (key, _), = tuned_configs().items()
+    save_configs(tmp_path / "src.json")
+    doc = json.loads((tmp_path / "src.json").read_text())
+    forced = KernelConfig("gemv", block_n=32, block_k=16, split_k=3)
+    doc["entries"][0]["config"] = vars(forced)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "cpu.json").write_text(json.dumps(doc))  # lists the device "cpu"
+    other = dict(doc, devices=["NVIDIA H100"], entries=[
+        dict(doc["entries"][0], key=dict(doc["entries"][0]["key"], device="NVIDIA H100"))])
+    (shipped / "h100.json").write_text(json.dumps(other))
+    (shipped / "broken.json").write_text("{")
+    monkeypatch.setattr(tuning, "SHIPPED_CONFIGS_DIR", str(shipped))
+    monkeypatch.delenv("PARETOQ_TRITON_CONFIGS", raising=False)
+    clear_cache()
+    packed, scale = make_weight(33, 96, 2)
+    x = make_x((1, 96))
+    with pytest.warns(UserWarning, match="broken.json"):
+        out = triton_linear(x, packed, scale, 2)
+    assert tuned_configs() == {key: forced}  # the H100 file was not loaded
+    assert_close(out, reference_linear(x, packed, scale, 2), torch.float32)
+    clear_cache()
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------

@@ -625,18 +625,21 @@ class Problem:
         return self.K // self.groups
 
 
-def words_view(packed: torch.Tensor) -> Optional[torch.Tensor]:
-    """``packed`` reinterpreted as int32 words ``[N, row_bytes / 4]`` when every row is a whole
-    number of 4-byte-aligned words (row bytes, row stride and data pointer divisible by 4), else
-    None. Word ``j`` of a row holds its bytes ``4j .. 4j + 3`` little-endian, i.e. the codes'
-    bit stream unchanged (CUDA GPUs and x86 are little-endian)."""
+def rows_are_words(packed: torch.Tensor) -> bool:
+    """Whether every row of ``packed`` is a whole number of 4-byte-aligned words (row bytes, row
+    stride and data pointer divisible by 4): what the word kernels need."""
     if packed.dim() != 2 or packed.shape[0] == 0 or packed.shape[1] == 0:
-        return None
+        return False
     if packed.shape[1] % 4 or packed.stride(1) != 1 or packed.data_ptr() % 4:
-        return None
-    if packed.shape[0] > 1 and packed.stride(0) % 4:
-        return None
-    return packed.view(torch.int32)
+        return False
+    return packed.shape[0] == 1 or packed.stride(0) % 4 == 0
+
+
+def words_view(packed: torch.Tensor) -> Optional[torch.Tensor]:
+    """``packed`` reinterpreted as int32 words ``[N, row_bytes / 4]`` when ``rows_are_words``,
+    else None. Word ``j`` of a row holds its bytes ``4j .. 4j + 3`` little-endian, i.e. the codes'
+    bit stream unchanged (CUDA GPUs and x86 are little-endian)."""
+    return packed.view(torch.int32) if rows_are_words(packed) else None
 
 
 def unit_codes(code_bits: int) -> int:
@@ -644,19 +647,35 @@ def unit_codes(code_bits: int) -> int:
     return 32 if code_bits == 3 else 32 // code_bits
 
 
-def word_kernel_ok(problem: Problem, cfg: KernelConfig) -> bool:
-    """Whether the "gemvw" config can serve the problem: rows of whole 4-byte-aligned words, K
-    tiles of whole word units, per-row scales or groups that hold whole K tiles, and an M small
-    enough for the GEMV grid."""
-    return (problem.word_aligned and problem.M <= GEMV_MAX_M
-            and cfg.block_k % unit_codes(problem.code_bits) == 0
-            and (problem.groups == 1 or problem.group_size % cfg.block_k == 0))
-
-
 def word_gemm_ok(problem: Problem, cfg: KernelConfig) -> bool:
     """Whether the "gemmw" config can serve the problem: rows of whole 4-byte-aligned words and
     K tiles of whole word units (any scale layout; per-element group scales included)."""
     return problem.word_aligned and cfg.block_k % unit_codes(problem.code_bits) == 0
+
+
+def word_kernel_ok(problem: Problem, cfg: KernelConfig) -> bool:
+    """Whether the "gemvw" config can serve the problem: what "gemmw" needs, plus per-row scales
+    or groups that hold whole K tiles, and an M small enough for the GEMV grid."""
+    return (word_gemm_ok(problem, cfg) and problem.M <= GEMV_MAX_M
+            and (problem.groups == 1 or problem.group_size % cfg.block_k == 0))
+
+
+_WORD_NEEDS = {
+    "gemvw": ("the word GEMV needs M <= %d, rows of whole 4-byte-aligned words, K tiles of whole "
+              "units and groups holding whole K tiles" % GEMV_MAX_M),
+    "gemmw": "the word GEMM needs rows of whole 4-byte-aligned words and K tiles of whole units",
+}
+
+
+def _words_for(problem: Problem, cfg: KernelConfig, packed: torch.Tensor) -> torch.Tensor:
+    """The int32 view a word-kernel config reads, or ValueError naming why it cannot serve."""
+    ok = word_kernel_ok if cfg.kind == "gemvw" else word_gemm_ok
+    if not ok(problem, cfg):
+        raise ValueError(
+            f"triton_linear: config {cfg} cannot serve this problem ({_WORD_NEEDS[cfg.kind]}): "
+            f"M={problem.M}, N={problem.N}, K={problem.K}, bits={problem.bits}, packed "
+            f"{tuple(packed.shape)} strides {tuple(packed.stride())}, groups={problem.groups}")
+    return packed.view(torch.int32)
 
 
 def scale_mode(problem: Problem, cfg: KernelConfig) -> int:
@@ -682,6 +701,10 @@ def _per_unit(code_bits: int) -> int:
 
 def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Tensor:
     M, N, K = problem.M, problem.N, problem.K
+    if cfg.kind in ("gemv", "gemvw") and M > 65535:
+        raise ValueError(f"the GEMV kernels serve M <= 65535 (grid axis 2), got M={M}")
+    # the weights as the kernel reads them (checked before anything is allocated)
+    w = _words_for(problem, cfg, packed) if cfg.kind in ("gemvw", "gemmw") else packed
     fmt = get_format(problem.bits)
     mode = scale_mode(problem, cfg)
     split, k_per_split = split_plan(K, cfg.block_k, cfg.split_k)
@@ -703,41 +726,24 @@ def _launch(problem: Problem, cfg: KernelConfig, x2, packed, scale) -> torch.Ten
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if cfg.kind in ("gemv", "gemvw") and M > 65535:
-        raise ValueError(f"the GEMV kernels serve M <= 65535 (grid axis 2), got M={M}")
     if cfg.kind == "gemvw":
-        words = words_view(packed) if word_kernel_ok(problem, cfg) else None
-        if words is None:
-            raise ValueError(
-                f"triton_linear: config {cfg} cannot serve this problem (the word GEMV needs "
-                f"M <= {GEMV_MAX_M}, rows of whole 4-byte-aligned words, K tiles of whole units "
-                f"and groups holding whole K tiles): M={M}, N={N}, K={K}, bits={problem.bits}, "
-                f"packed {tuple(packed.shape)} strides {tuple(packed.stride())}, groups={problem.groups}")
         grid = (triton.cdiv(N, cfg.block_n), split, M)
         _gemv_words_kernel[grid](
-            x2, words, scale, buf,
-            N, K, words.shape[1], k_per_split,
-            x2.stride(0), buf.stride(0), words.stride(0), scale.stride(0), scale.stride(1), 0,
+            x2, w, scale, buf,
+            N, K, w.shape[1], k_per_split,
+            x2.stride(0), buf.stride(0), w.stride(0), scale.stride(0), scale.stride(1), 0,
             EVEN_K=K % cfg.block_k == 0,
             **common,
         )
     elif cfg.kind == "gemv":
         grid = (triton.cdiv(N, cfg.block_n), split, M)
         _gemv_kernel[grid](
-            x2, packed, scale, buf,
-            N, K, packed.shape[1], k_per_split,
-            x2.stride(0), buf.stride(0), packed.stride(0), scale.stride(0), scale.stride(1),
+            x2, w, scale, buf,
+            N, K, w.shape[1], k_per_split,
+            x2.stride(0), buf.stride(0), w.stride(0), scale.stride(0), scale.stride(1),
             PER_UNIT=_per_unit(fmt.code_bits), **common,
         )
     else:
-        w = packed
-        if cfg.kind == "gemmw":
-            w = words_view(packed) if word_gemm_ok(problem, cfg) else None
-            if w is None:
-                raise ValueError(
-                    f"triton_linear: config {cfg} cannot serve this problem (the word GEMM needs "
-                    f"rows of whole 4-byte-aligned words and K tiles of whole units): M={M}, N={N}, K={K}, "
-                    f"bits={problem.bits}, packed {tuple(packed.shape)} strides {tuple(packed.stride())}")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         _gemm_kernel[grid](
             x2, w, scale, buf,
@@ -819,7 +825,7 @@ def make_problem(x2, packed, scale, fmt, out_dtype) -> Problem:
         M=M, N=packed.shape[0], K=K, bits=fmt.bits, code_bits=fmt.code_bits,
         groups=scale.shape[1], x_dtype=x2.dtype, out_dtype=out_dtype,
         dot_precision=_dot_precision(x2.dtype), device=name, num_sms=sms, smem_bytes=smem,
-        word_aligned=words_view(packed) is not None,
+        word_aligned=rows_are_words(packed),
     )
 
 

@@ -272,7 +272,7 @@ def default_config(problem: Problem) -> KernelConfig:
         words = KernelConfig("gemvw", block_n=128 if N >= 4096 else 64, block_k=bk, num_warps=4)
         if word_kernel_ok(problem, words):
             sk = _pick_split(problem, triton.cdiv(N, words.block_n), bk, 16)
-            return KernelConfig("gemvw", block_n=words.block_n, block_k=bk, split_k=sk, num_warps=4)
+            return replace(words, split_k=sk)
         bn = 32 if N >= 2048 else 16
         bk = _pick_block_k(problem, 128)
         sk = _pick_split(problem, triton.cdiv(N, bn), bk, 16)
@@ -410,13 +410,10 @@ def save_configs(path, device: Optional[str] = None) -> int:
     return len(entries)
 
 
-def load_configs(path, override: bool = False) -> int:
-    """Add the entries of a ``save_configs`` file to the autotune cache; returns how many were
-    added. Entries already in the cache are kept unless ``override``. The whole file is checked
-    before anything is added: a malformed file raises ValueError naming the file and the entry."""
+def _read_configs(path) -> dict:
+    """The JSON document of a ``save_configs`` file (ValueError if it is not one)."""
     import json
 
-    path = os.fspath(path)
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -425,6 +422,18 @@ def load_configs(path, override: bool = False) -> int:
     if not isinstance(doc, dict) or doc.get("format") != CONFIGS_FORMAT:
         raise ValueError(f"tuned-config file {path}: expected format {CONFIGS_FORMAT!r}, got "
                          f"{doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r}")
+    return doc
+
+
+def load_configs(path, override: bool = False) -> int:
+    """Add the entries of a ``save_configs`` file to the autotune cache; returns how many were
+    added. Entries already in the cache are kept unless ``override``. The whole file is checked
+    before anything is added: a malformed file raises ValueError naming the file and the entry."""
+    path = os.fspath(path)
+    return _add_configs(_read_configs(path), path, override)
+
+
+def _add_configs(doc: dict, path: str, override: bool) -> int:
     parsed = []
     for i, entry in enumerate(doc.get("entries", [])):
         try:
@@ -452,18 +461,16 @@ def _autoload(device: str) -> None:
         return
     _AUTOLOADED.add(device)
     import glob
-    import json
 
     for path in sorted(glob.glob(os.path.join(SHIPPED_CONFIGS_DIR, "*.json"))):
         try:
-            with open(path) as f:
-                devices = json.load(f).get("devices", [])
-        except (OSError, ValueError, AttributeError):
+            doc = _read_configs(path)
+        except (OSError, ValueError):
             warnings.warn(f"triton_linear: unreadable shipped config file {path}; ignored",
                           stacklevel=3)
             continue
-        if device in devices:
-            load_configs(path)
+        if device in doc.get("devices", []):
+            _add_configs(doc, path, override=False)
     for path in filter(None, os.environ.get(CONFIGS_ENV, "").split(os.pathsep)):
         load_configs(path, override=True)
 
