@@ -253,6 +253,16 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _load_words(w_rows, idx, n_mask, row_words, EVEN: tl.constexpr):
+    """Words ``idx`` of the rows (int32 ``[BLOCK_N, len(idx)]``); past the row end 0 unless EVEN."""
+    if EVEN:
+        mask = n_mask[:, None]
+    else:
+        mask = n_mask[:, None] & (idx < row_words)[None, :]
+    return tl.load(w_rows + idx[None, :], mask=mask, other=0)
+
+
+@triton.jit
 def _load_windows(w_rows, u0, offs_u, n_mask, row_words, CODE_BITS: tl.constexpr,
                   EVEN: tl.constexpr):
     """The windows ``W0 .. W4`` (int32 ``[BLOCK_N, UNITS]``) of the word units ``u0 + offs_u``.
@@ -266,28 +276,16 @@ def _load_windows(w_rows, u0, offs_u, n_mask, row_words, CODE_BITS: tl.constexpr
     """
     if CODE_BITS == 3:
         base = (u0 + offs_u) * 3
-        if EVEN:
-            w0 = tl.load(w_rows + base[None, :], mask=n_mask[:, None], other=0)
-            w1 = tl.load(w_rows + (base + 1)[None, :], mask=n_mask[:, None], other=0)
-            w2 = tl.load(w_rows + (base + 2)[None, :], mask=n_mask[:, None], other=0)
-        else:
-            w0 = tl.load(w_rows + base[None, :], other=0,
-                         mask=n_mask[:, None] & (base < row_words)[None, :])
-            w1 = tl.load(w_rows + (base + 1)[None, :], other=0,
-                         mask=n_mask[:, None] & ((base + 1) < row_words)[None, :])
-            w2 = tl.load(w_rows + (base + 2)[None, :], other=0,
-                         mask=n_mask[:, None] & ((base + 2) < row_words)[None, :])
+        w0 = _load_words(w_rows, base, n_mask, row_words, EVEN)
+        w1 = _load_words(w_rows, base + 1, n_mask, row_words, EVEN)
+        w2 = _load_words(w_rows, base + 2, n_mask, row_words, EVEN)
         W0 = w0  # stream bits 0 ..
         W1 = ((w0 >> 21) & 0x7FF) | (w1 << 11)  # 21 ..
         W2 = w1 >> 10  # 42 ..
         W3 = ((w1 >> 31) & 1) | (w2 << 1)  # 63 ..
         W4 = w2 >> 20  # 84 ..
     else:
-        if EVEN:
-            w = tl.load(w_rows + (u0 + offs_u)[None, :], mask=n_mask[:, None], other=0)
-        else:
-            w = tl.load(w_rows + (u0 + offs_u)[None, :], other=0,
-                        mask=n_mask[:, None] & ((u0 + offs_u) < row_words)[None, :])
+        w = _load_words(w_rows, u0 + offs_u, n_mask, row_words, EVEN)
         W0 = w << 1
         W1 = (w >> 15) & 0x1FFFE
         W2 = W0
