@@ -1,8 +1,9 @@
-"""Command line: ``paretoq {qat,eval,convert,size,export,demo}`` (also ``python -m paretoq_ao``).
+"""Command line: ``paretoq {qat,eval,convert,size,export,generate,demo}`` (also ``python -m paretoq_ao``).
 
 Every command only parses flags and calls the Python API (``paretoq_ao.recipe``,
-``paretoq_ao.evaluate``, ``paretoq_ao.hf``). Errors the user can fix (unknown model, unreadable
-path, no linear layers, empty/too-short data, a checkpoint from other settings, a full disk) are
+``paretoq_ao.evaluate``, ``paretoq_ao.hf``, ``paretoq_ao.generate``). Errors the user can fix
+(unknown model, unreadable path, no linear layers, empty/too-short data, a checkpoint from other
+settings, a full disk, a folder that is not a packed model, CUDA asked for but absent) are
 reported as one line ``paretoq <command>: error: ...`` on stderr with exit status 1; bad flags
 exit with status 2 (argparse).
 
@@ -11,6 +12,7 @@ exit with status 2 (argparse).
     paretoq convert run packed-2bit
     paretoq eval packed-2bit --data stdlib --tasks hellaswag,arc_easy
     paretoq size packed-2bit
+    paretoq generate packed-2bit --prompt "def main():" --max-new-tokens 64 [--compile --threads 4]
     paretoq demo
 """
 
@@ -57,6 +59,19 @@ def _json_dict(s: str) -> dict:
     if not isinstance(d, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
     return d
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="generate text with a packed model (model.generate) and time prefill/decode")
+    g.add_argument("model", help="packed Hugging Face folder (paretoq convert), with its tokenizer")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=_count, default=64, help="default 64 (fewer if EOS comes first)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (dynamic shapes); a short warm-up generate runs first, untimed")
+    g.add_argument("--threads", type=_count, default=None, help="torch.set_num_threads (default: torch's)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=None, help="torch.manual_seed before generating (with --sample)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
                    help="store the token embedding at 4 or 8 bits (group 32, ExecuTorch's quantized embedding "
                         "kernels); default: float32")
+
+    _add_generate(sub)
 
     d = sub.add_parser("demo", help="offline end-to-end demo: pre-train, QAT at 4/3/2/1.58/1 bits, table + plot")
     d.add_argument("--bits", default="4,3,2,1.58,1", help="comma-separated bit widths")
@@ -269,6 +286,19 @@ def _cmd_export(a) -> None:
     print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions{emb})")
 
 
+def _cmd_generate(a) -> None:
+    from .generate import generate
+
+    if a.seed is not None:
+        import torch
+
+        torch.manual_seed(a.seed)
+    res = generate(a.model, a.prompt, a.max_new_tokens, compile=a.compile, threads=a.threads, device=a.device,
+                   do_sample=a.sample)
+    print(res.text)
+    print(res.summary())
+
+
 def _cmd_demo(a) -> None:
     from .recipe import demo
 
@@ -293,7 +323,7 @@ def _cmd_demo(a) -> None:
 
 
 _COMMANDS = {"qat": _cmd_qat, "eval": _cmd_eval, "convert": _cmd_convert, "size": _cmd_size,
-             "export": _cmd_export, "demo": _cmd_demo}
+             "export": _cmd_export, "generate": _cmd_generate, "demo": _cmd_demo}
 
 
 def _one_line(e: BaseException) -> str:
