@@ -7,10 +7,15 @@
 
 * ``load_kernels()`` builds export/csrc with CMake on first use (cached under
   ``~/.cache/paretoq_ao``) and loads it exactly once; it returns the library path.
-* The kernels read the ``paretoq-rowbits-v1`` layout in place (see csrc/paretoq_kernels.h) and,
-  by default, quantize activations to int8 per token (``set_activation_mode("fp32")`` for float
-  activations, matching the eager op to float rounding). float32 models only.
+* The kernels read the ``paretoq-rowbits-v1`` layout in place (see csrc/paretoq_kernels.h).
+* Activations: the program records them per layer, as the op each layer calls:
+  ``paretoq::linear`` (float activations, matching the eager model to float rounding) or
+  ``paretoq::linear_8da`` (dynamic int8 per token, integer dot products: faster). The default of
+  ``export_executorch`` is ``activations="int8"`` (the choice of torchao's 8da4w programs);
+  ``activations=None`` keeps each layer's own setting (``ParetoQPackedTensor.activations``).
+  float32 models only.
 * Every non-ParetoQ op goes to XNNPACK (``XnnpackPartitioner``).
+* The same C++ library serves eager PyTorch / ``torch.compile`` on CPUs (``cpu_backend``).
 """
 
 from __future__ import annotations
@@ -28,34 +33,32 @@ from ._reference import reference_linear_int8
 
 __all__ = [
     "load_kernels", "build_kernels", "kernels_loaded", "KernelBuildError", "source_dir",
-    "export_executorch", "load_executorch", "set_activation_mode", "activation_mode",
-    "kernel_path", "set_num_threads", "reference_linear_int8", "MissingKernelsError",
+    "export_executorch", "load_executorch", "program_activations", "kernel_path", "kernel_call_count",
+    "set_num_threads", "reference_linear_int8", "MissingKernelsError", "ACTIVATION_OPS",
 ]
 
-_OP_NAME = "paretoq::linear.out"
+# The operator a layer calls records its activation mode in the program.
+ACTIVATION_OPS = {"float": "paretoq::linear", "int8": "paretoq::linear_8da"}
+_OP_NAMES = tuple(f"{op}.out" for op in ACTIVATION_OPS.values())
 
 
 class MissingKernelsError(RuntimeError):
     """A program uses ParetoQ operators but the kernel library is not loaded."""
 
 
-def set_activation_mode(mode: str) -> None:
-    """``"int8"`` (default: per-token int8 activations, integer dot products) or ``"fp32"``."""
-    if mode not in ("int8", "fp32"):
-        raise ValueError(f"activation mode must be 'int8' or 'fp32', got {mode!r}")
-    from ._build import kernel_library_handle
-    kernel_library_handle().paretoq_set_activation_mode(1 if mode == "fp32" else 0)
-
-
-def activation_mode() -> str:
-    from ._build import kernel_library_handle
-    return "fp32" if kernel_library_handle().paretoq_activation_mode() == 1 else "int8"
-
-
 def kernel_path() -> str:
-    """The SIMD path the kernels use on this CPU (scalar / avx2 / avx512vnni / neon)."""
+    """The SIMD path the kernels use on this CPU (scalar / avx2 / avx512 / neon / neondot)."""
     from ._build import kernel_library_handle
     return kernel_library_handle().paretoq_kernel_path().decode()
+
+
+def kernel_call_count(activations: str = "int8") -> int:
+    """Calls of the ExecuTorch kernels (``paretoq::linear_8da.out`` for "int8",
+    ``paretoq::linear.out`` for "float") since the library was loaded."""
+    if activations not in ACTIVATION_OPS:
+        raise ValueError(f"activations must be 'float' or 'int8', got {activations!r}")
+    from ._build import kernel_library_handle
+    return int(kernel_library_handle().paretoq_call_count(1 if activations == "float" else 0))
 
 
 _LOADED: "weakref.WeakSet" = weakref.WeakSet()  # callables returned by load_executorch, while alive
@@ -99,7 +102,7 @@ class _PackedLinear(torch.nn.Module):
     mutated buffers (KV caches) in ``run_decompositions``; plain buffers always work.
     """
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, activations: Optional[str]):
         super().__init__()
         w = linear.weight
         self.register_buffer("packed", w.qdata)
@@ -107,21 +110,22 @@ class _PackedLinear(torch.nn.Module):
         self.bits = float(w.bits)
         self.in_features = w.shape[1]
         self.bias = linear.bias
+        self.op = torch.ops.paretoq.linear_8da if (activations or w.activations) == "int8" else torch.ops.paretoq.linear
 
     def forward(self, x):
-        out = torch.ops.paretoq.linear(x, self.packed, self.scale, self.bits)
+        out = self.op(x, self.packed, self.scale, self.bits)
         return out + self.bias if self.bias is not None else out
 
 
 @contextlib.contextmanager
-def _plain_packed_linears(model: torch.nn.Module):
+def _plain_packed_linears(model: torch.nn.Module, activations: Optional[str]):
     """Temporarily swap packed linears for ``_PackedLinear`` (restored on exit)."""
     from paretoq_ao.packed import ParetoQPackedTensor
     swapped = []
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and isinstance(child.weight, ParetoQPackedTensor):
-                setattr(mod, cname, _PackedLinear(child))
+                setattr(mod, cname, _PackedLinear(child, activations))
                 swapped.append((mod, cname, child))
     try:
         yield model
@@ -150,12 +154,14 @@ def _quantized_embeddings(model: torch.nn.Module, bits: Optional[int], group_siz
 
 def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], path,
                       dynamic_shapes=None, strict: bool = False, embedding_bits: Optional[int] = None,
-                      embedding_group_size: int = 32) -> str:
+                      embedding_group_size: int = 32, activations: Optional[str] = "int8") -> str:
     """Converted model -> torch.export -> XNNPACK for everything else -> ``.pte`` (atomic write).
 
-    Packed ParetoQ linears stay ``paretoq::linear`` (lowered to ``paretoq::linear.out``, run by
-    the C++ kernels). ``embedding_bits`` (4 or 8) stores every ``nn.Embedding`` group-wise quantized
-    in the program, looked up by ExecuTorch's quantized embedding kernels (see
+    Packed ParetoQ linears stay ParetoQ ops, run by the C++ kernels: ``paretoq::linear.out`` (float
+    activations) or ``paretoq::linear_8da.out`` (dynamic int8 activations), recorded in the program.
+    ``activations``: "int8" (default) or "float" for every packed layer, or None to keep each
+    layer's own setting. ``embedding_bits`` (4 or 8) stores every ``nn.Embedding`` group-wise
+    quantized in the program, looked up by ExecuTorch's quantized embedding kernels (see
     ``paretoq_ao.export.embedding``); the model itself is not changed. Returns the written path.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -163,9 +169,11 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
 
     from paretoq_ao.serialization import atomic_write
 
+    if activations is not None and activations not in ACTIVATION_OPS:
+        raise ValueError(f"export_executorch: activations must be 'int8', 'float' or None, got {activations!r}")
     _check_float32(model)
     model = model.eval()
-    with torch.no_grad(), _plain_packed_linears(model), \
+    with torch.no_grad(), _plain_packed_linears(model, activations), \
             _quantized_embeddings(model, embedding_bits, embedding_group_size):
         ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=strict)
     edge = to_edge_transform_and_lower(
@@ -185,7 +193,7 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
 
 def _ops_used(path) -> Dict[str, bool]:
     """Which separately loaded kernel libraries the program needs (operator names in the file)."""
-    found = {b"paretoq::linear": False, b"quantized_decomposed::": False}
+    found = {b"paretoq::linear": False, b"paretoq::linear_8da": False, b"quantized_decomposed::": False}
     tail = b""
     with open(path, "rb") as f:
         while True:
@@ -196,7 +204,20 @@ def _ops_used(path) -> Dict[str, bool]:
             for k in found:
                 found[k] = found[k] or k in chunk
             tail = chunk[-64:]
-    return {"paretoq": found[b"paretoq::linear"], "quantized": found[b"quantized_decomposed::"]}
+    return {"paretoq": found[b"paretoq::linear"], "int8": found[b"paretoq::linear_8da"],
+            "quantized": found[b"quantized_decomposed::"]}
+
+
+def program_activations(path) -> str:
+    """How the ParetoQ layers of a ``.pte`` treat activations, read from the program: "int8",
+    "float", "mixed" or "none" (no ParetoQ layer)."""
+    import re
+
+    with open(path, "rb") as f:
+        data = f.read()
+    names = set(re.findall(rb"paretoq::linear(?:_8da)?\.out", data))
+    modes = {"int8" if b"_8da" in n else "float" for n in names}
+    return "none" if not modes else modes.pop() if len(modes) == 1 else "mixed"
 
 
 def load_executorch(path, method: str = "forward", load_library: bool = True) -> Callable[..., Any]:
@@ -219,10 +240,10 @@ def load_executorch(path, method: str = "forward", load_library: bool = True) ->
 
         load_quantized_kernels()
     if used["paretoq"]:
-        registered = _OP_NAME in runtime.operator_registry.operator_names
+        registered = set(_OP_NAMES) <= set(runtime.operator_registry.operator_names)
         if not registered:
             raise MissingKernelsError(
-                f"{path} uses the ParetoQ operator {_OP_NAME}, but the ParetoQ ExecuTorch kernel "
+                f"{path} uses the ParetoQ operators {' / '.join(_OP_NAMES)}, but the ParetoQ ExecuTorch kernel "
                 f"library is not loaded in this process: call paretoq_ao.export.load_kernels() "
                 f"(it builds paretoq_ao/export/csrc with CMake into ~/.cache/paretoq_ao and loads "
                 f"libparetoq_et_kernels.so) before loading the program"

@@ -1,9 +1,18 @@
 """Build and load the C++ kernel library (export/csrc) with CMake, once per process.
 
-The library is built on first use into ``$PARETOQ_AO_CACHE`` or ``~/.cache/paretoq_ao/`` under a
-directory named after a hash of the sources, the ExecuTorch version and the machine, so an edit
-to a source or a new ExecuTorch triggers a rebuild and old builds are never reused. Builds are
-serialized with a file lock and published atomically (built in a temporary directory, renamed).
+One kernel library, two thin registrations, each built on first use:
+
+* ``"executorch"``: ``libparetoq_et_kernels.so`` registers ``paretoq::linear.out`` and
+  ``paretoq::linear_8da.out`` with the ExecuTorch runtime (``load_kernels()``); this build also
+  makes the C++ unit-test binary;
+* ``"aten"``: ``libparetoq_aten_kernels.so`` registers ``paretoq_cpu::linear`` with PyTorch's
+  dispatcher, built against the installed torch (``load_aten_kernels()``); paretoq_ao's CPU
+  backend of ``paretoq::linear`` calls it.
+
+Each is built into ``$PARETOQ_AO_CACHE`` or ``~/.cache/paretoq_ao/`` under a directory named after
+a hash of the sources, the runtime's version and the machine, so an edit to a source or a new
+ExecuTorch / torch triggers a rebuild and old builds are never reused. Builds are serialized with
+a file lock and published atomically (built in a temporary directory, renamed).
 """
 
 from __future__ import annotations
@@ -21,14 +30,16 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["KernelBuildError", "load_kernels", "build_kernels", "kernels_loaded", "source_dir",
-           "kernel_library_handle", "LIB_NAME", "TEST_BINARY"]
+__all__ = ["KernelBuildError", "load_kernels", "load_aten_kernels", "build_kernels", "kernels_loaded",
+           "source_dir", "kernel_library_handle", "LIB_NAME", "ATEN_LIB_NAME", "TEST_BINARY"]
 
 LIB_NAME = "libparetoq_et_kernels.so"
+ATEN_LIB_NAME = "libparetoq_aten_kernels.so"
 TEST_BINARY = "paretoq_kernel_tests"
 
 _lock = threading.Lock()
 _loaded_path: Optional[str] = None
+_aten_path: Optional[str] = None
 _handle: Optional[ctypes.CDLL] = None
 
 
@@ -72,7 +83,7 @@ def _find_cmake() -> str:
             pass
     if exe is None:
         raise KernelBuildError(
-            "building the ParetoQ ExecuTorch kernels needs CMake >= 3.19, none found on PATH "
+            "building the ParetoQ C++ kernels needs CMake >= 3.19, none found on PATH "
             "(install it: `pip install cmake` or `apt-get install cmake`)"
         )
     return exe
@@ -82,33 +93,58 @@ def _find_compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx or not (os.path.isabs(cxx) and os.path.exists(cxx) or shutil.which(cxx)):
         raise KernelBuildError(
-            "building the ParetoQ ExecuTorch kernels needs a C++17 compiler, none found "
+            "building the ParetoQ C++ kernels needs a C++17 compiler, none found "
             "(set CXX, or install one: `apt-get install g++`)"
         )
     return cxx
 
 
-def build_dir() -> Path:
+def _torch_build_flags():
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    return torch.__version__, [
+        "-DPARETOQ_WITH_ATEN=ON", "-DPARETOQ_WITH_EXECUTORCH=OFF",
+        "-DTORCH_INCLUDE_DIRS=" + ";".join(cpp.include_paths()),
+        "-DTORCH_LIBRARY_DIR=" + cpp.library_paths()[0],
+        f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]
+
+
+def _variant(kind: str):
+    """(runtime version string, cmake flags, files to publish) of a build kind."""
+    if kind == "executorch":
+        pkg, ver = _executorch_dir()
+        return f"et-{ver}|{pkg}", ["-DPARETOQ_WITH_EXECUTORCH=ON", f"-Dexecutorch_DIR={pkg / 'share' / 'cmake'}"], \
+            (LIB_NAME, TEST_BINARY), f"et-kernels-{ver}"
+    if kind == "aten":
+        ver, flags = _torch_build_flags()
+        return f"torch-{ver}", flags, (ATEN_LIB_NAME,), f"aten-kernels-{ver.replace('+', '_')}"
+    raise ValueError(f"unknown kernel build kind {kind!r} (expected 'executorch' or 'aten')")
+
+
+def build_dir(kind: str = "executorch") -> Path:
     root, files = _sources()
-    pkg, ver = _executorch_dir()
+    runtime, _, _, prefix = _variant(kind)
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(root)).encode())
         h.update(f.read_bytes())
-    h.update(f"{ver}|{pkg}|{platform.machine()}|{sys.platform}".encode())
+    h.update(f"{runtime}|{platform.machine()}|{sys.platform}".encode())
     cache = Path(os.environ.get("PARETOQ_AO_CACHE") or Path.home() / ".cache" / "paretoq_ao")
-    return cache / f"et-kernels-{ver}-{h.hexdigest()[:16]}"
+    return cache / f"{prefix}-{h.hexdigest()[:16]}"
 
 
-def build_kernels(verbose: bool = False) -> Path:
-    """Build (if needed) and return the directory holding the library and the C++ test binary."""
-    out = build_dir()
-    lib = out / LIB_NAME
+def build_kernels(verbose: bool = False, kind: str = "executorch") -> Path:
+    """Build (if needed) and return the directory holding the library of ``kind`` ("executorch":
+    also the C++ test binary; "aten")."""
+    out = build_dir(kind)
+    _, flags, publish, _ = _variant(kind)
+    lib = out / publish[0]
     if lib.exists():
         return out
     cmake = _find_cmake()
     cxx = _find_compiler()
-    pkg, _ = _executorch_dir()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / (out.name + ".lock"), "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
@@ -118,19 +154,19 @@ def build_kernels(verbose: bool = False) -> Path:
         try:
             cfg = [cmake, "-S", str(source_dir()), "-B", str(tmp / "build"),
                    f"-DCMAKE_CXX_COMPILER={cxx}", "-DCMAKE_BUILD_TYPE=Release",
-                   f"-Dexecutorch_DIR={pkg / 'share' / 'cmake'}",
-                   f"-DPARETOQ_BUILD_ID={out.name}"]
+                   f"-DPARETOQ_BUILD_ID={out.name}", *flags]
             jobs = str(max(1, min(4, os.cpu_count() or 1)))
             for cmd in (cfg, [cmake, "--build", str(tmp / "build"), "-j", jobs]):
                 r = subprocess.run(cmd, capture_output=not verbose, text=True)
                 if r.returncode != 0:
                     raise KernelBuildError(
-                        f"building the ParetoQ kernels failed ({' '.join(cmd[:2])} ...):\n"
+                        f"building the ParetoQ {kind} kernels failed ({' '.join(cmd[:2])} ...):\n"
                         f"{(r.stdout or '')[-4000:]}\n{(r.stderr or '')[-4000:]}"
                     )
-            for name in (LIB_NAME, TEST_BINARY):
+            for name in publish:
                 shutil.copy2(tmp / "build" / name, tmp / name)
             shutil.rmtree(tmp / "build", ignore_errors=True)
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700: let other users of a shared cache read it
             os.replace(tmp, out)
         finally:
             if tmp.exists():
@@ -138,12 +174,12 @@ def build_kernels(verbose: bool = False) -> Path:
     return out
 
 
-def _mapped_library() -> Optional[str]:
+def _mapped_library(name: str = LIB_NAME) -> Optional[str]:
     """Path of a ParetoQ kernel library already mapped into this process (by anyone), if any."""
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                if line.rstrip().endswith("/" + LIB_NAME):
+                if line.rstrip().endswith("/" + name):
                     return line.split(None, 5)[-1].strip()
     except OSError:  # pragma: no cover - non-Linux
         pass
@@ -175,11 +211,32 @@ def load_kernels(verbose: bool = False) -> str:
         except OSError as e:
             raise KernelBuildError(f"could not load the ParetoQ kernel library {path}: {e}") from e
         for name, res in (("paretoq_build_id", ctypes.c_char_p), ("paretoq_kernel_path", ctypes.c_char_p),
-                          ("paretoq_activation_mode", ctypes.c_int), ("paretoq_set_num_threads", ctypes.c_int)):
+                          ("paretoq_call_count", ctypes.c_longlong), ("paretoq_set_num_threads", ctypes.c_int)):
             getattr(_handle, name).restype = res
-        _handle.paretoq_set_activation_mode.argtypes = [ctypes.c_int]
+        _handle.paretoq_call_count.argtypes = [ctypes.c_int]
         _handle.paretoq_set_num_threads.argtypes = [ctypes.c_int]
         _loaded_path = path
+        return path
+
+
+def load_aten_kernels(verbose: bool = False) -> str:
+    """Build on first use and load the PyTorch (ATen) kernel library exactly once (``torch.ops.
+    paretoq_cpu.*``); return its path. Idempotent and thread-safe; a copy already mapped into the
+    process (loaded by hand) is reused, never loaded twice."""
+    global _aten_path
+    with _lock:
+        if _aten_path is not None:
+            return _aten_path
+        import torch
+
+        path = _mapped_library(ATEN_LIB_NAME)
+        if path is None:
+            path = str(build_kernels(verbose=verbose, kind="aten") / ATEN_LIB_NAME)
+            try:
+                torch.ops.load_library(path)
+            except OSError as e:
+                raise KernelBuildError(f"could not load the ParetoQ ATen kernel library {path}: {e}") from e
+        _aten_path = path
         return path
 
 

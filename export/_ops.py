@@ -1,38 +1,44 @@
-"""AOT side: the ``paretoq::linear.out`` overload that ExecuTorch's ``to_executorch`` needs.
+"""AOT side: the ``.out`` overloads of ``paretoq::linear`` and ``paretoq::linear_8da`` that
+ExecuTorch's ``to_executorch`` needs.
 
-Its schema is the functional op's (``float bits``, no SymInt) plus ``*, Tensor(a!) out``; the
-implementation is the functional op (the PyTorch reference) copied into ``out``.
+Their schemas are the functional ops' (``float bits``, no SymInt) plus ``*, Tensor(a!) out``; the
+implementation is the functional op (its backend or reference) copied into ``out``.
 """
 
 from __future__ import annotations
 
 import torch
 
-import paretoq_ao  # noqa: F401  - defines the functional paretoq::linear
+import paretoq_ao  # noqa: F401  - defines the functional ops
 
-OUT_SCHEMA = (
-    "linear.out(Tensor input, Tensor packed, Tensor scale, float bits, *, Tensor(a!) out) -> Tensor(a!)"
-)
+OPS = ("linear", "linear_8da")
+OUT_SCHEMA = "{op}.out(Tensor input, Tensor packed, Tensor scale, float bits, *, Tensor(a!) out) -> Tensor(a!)"
 
 _LIB = None
 
 
-def _linear_out(input, packed, scale, bits, *, out):
-    res = torch.ops.paretoq.linear.default(input, packed, scale, bits)
-    if out.shape != res.shape:
-        out.resize_(res.shape)
-    out.copy_(res)
-    return out
+def _out_impl(op: str):
+    functional = getattr(torch.ops.paretoq, op).default
+
+    def impl(input, packed, scale, bits, *, out):
+        res = functional(input, packed, scale, bits)
+        if out.shape != res.shape:
+            out.resize_(res.shape)
+        out.copy_(res)
+        return out
+
+    return impl
 
 
 def register_out_variant() -> None:
-    """Define ``paretoq::linear.out`` once per process (idempotent)."""
+    """Define ``paretoq::linear.out`` and ``paretoq::linear_8da.out`` once per process (idempotent)."""
     global _LIB
     if _LIB is not None or hasattr(torch.ops.paretoq.linear, "out"):
         return
     lib = torch.library.Library("paretoq", "FRAGMENT")
-    lib.define(OUT_SCHEMA)
-    lib.impl("linear.out", _linear_out, "CompositeExplicitAutograd")
+    for op in OPS:
+        lib.define(OUT_SCHEMA.format(op=op))
+        lib.impl(f"{op}.out", _out_impl(op), "CompositeExplicitAutograd")
     _LIB = lib
 
 

@@ -11,9 +11,9 @@
 from .formats import ALLOWED_BITS, FORMATS, BitFormat, get_format
 from .quant import dequantize_codes, fake_quantize, init_scale, quantize_codes, search_scale
 from .packing import LAYOUT, pack_codes, unpack_codes
-from .ops import linear
+from .ops import linear, linear_8da
 from .qat import ParetoQQATConfig, ParetoQQATWeight
-from .packed import ParetoQPackedTensor, ParetoQWeightOnlyConfig
+from .packed import ParetoQPackedTensor, ParetoQWeightOnlyConfig, set_activations
 from .size import LayerSize, SizeReport, model_size
 from .serialization import atomic_write, load_safetensors, save, save_safetensors
 
@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ALLOWED_BITS", "FORMATS", "BitFormat", "get_format",
     "fake_quantize", "init_scale", "search_scale", "quantize_codes", "dequantize_codes",
-    "LAYOUT", "pack_codes", "unpack_codes", "linear",
-    "ParetoQQATConfig", "ParetoQQATWeight", "ParetoQWeightOnlyConfig", "ParetoQPackedTensor",
+    "LAYOUT", "pack_codes", "unpack_codes", "linear", "linear_8da",
+    "ParetoQQATConfig", "ParetoQQATWeight", "ParetoQWeightOnlyConfig", "ParetoQPackedTensor", "set_activations",
     "LayerSize", "SizeReport", "model_size",
     "atomic_write", "save", "save_safetensors", "load_safetensors",
 ]

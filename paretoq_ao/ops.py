@@ -1,46 +1,45 @@
-"""The ``paretoq::linear`` operator: every packed linear layer runs through this one op.
+"""The ParetoQ linear operators: every packed linear layer runs through one of these two ops.
 
 ``paretoq::linear(Tensor input, Tensor packed, Tensor scale, float bits) -> Tensor``
+    float activations: ``input @ dequantize(packed, scale).T`` (the packed model's semantics);
+``paretoq::linear_8da(Tensor input, Tensor packed, Tensor scale, float bits) -> Tensor``
+    dynamic int8 activations: each token (row of ``input``) quantized to int8 with one scale
+    ``absmax / 127`` (round half to even), integer dot products per scale group (the arithmetic of
+    the C++ kernels, ``export/csrc/paretoq_kernels.h``); a faster, slightly less accurate choice
+    on CPUs, like torchao's 8da4w. A token holding NaN/Inf is computed with float activations.
 
 * ``input``  [..., K] floating activations;
 * ``packed`` uint8 [N, ceil(K * code_bits / 8)] in the layout of packing.py;
 * ``scale``  [N, G] with G dividing K (G = 1: per row; else groups of K / G columns);
 * ``bits``   1, 1.58, 2, 3 or 4;
-* returns ``input @ dequantize(packed, scale).T`` of shape [..., N] in the input's dtype.
+* returns [..., N] in the input's dtype.
 
-K is taken from ``input``: the op rejects a K whose packed row length differs, but cannot tell
+K is taken from ``input``: the ops reject a K whose packed row length differs, but cannot tell
 K values that round up to the same number of bytes apart (e.g. K = 5..8 at 1 bit). The packed
 weight subclass, which knows its K, checks it before calling the op.
 
-Implementations, chosen per call:
-
-* CUDA tensors (and CPU tensors while ``TRITON_INTERPRET=1``, which runs the same kernels in
-  Triton's interpreter): the fused kernels of ``paretoq_ao.triton_kernels``, loaded on first use;
-  inputs they do not support (e.g. fp64) fall back to the reference;
-* otherwise the plain PyTorch reference: unpack, dequantize in the scale's dtype, cast to the
-  input dtype, matmul.
-
-``torch.compile`` and ``torch.export`` see the single op (its fake implementation gives shapes);
-the ExecuTorch kernel library implements the same schema.
+Each call is validated once (``check_linear_args``) and then run by the backend that the
+registry of backends.py picks for it (the C++ CPU kernels, the Triton kernels on CUDA, ...), or by
+the plain PyTorch reference below. ``torch.compile`` and ``torch.export`` see one opaque op (its
+fake implementation gives shapes); the ExecuTorch kernel library implements both schemas.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .formats import get_format
+from . import backends
+from .formats import SCALE_EPS, get_format
 from .packing import packed_row_bytes, unpack_codes
 from .quant import dequantize_codes
 
-__all__ = ["linear", "check_linear_args", "reference_linear"]
+__all__ = ["linear", "linear_8da", "check_linear_args", "reference_linear", "reference_linear_8da",
+           "triton_interpreting"]
 
 
 def check_linear_args(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits):
-    """Validate the op's arguments; errors name the shapes and dtypes involved."""
+    """Validate the ops' arguments; errors name the shapes and dtypes involved."""
     fmt = get_format(bits)
     if not input.dtype.is_floating_point:
         raise TypeError(f"paretoq::linear: input must be floating point, got {input.dtype}")
@@ -80,39 +79,59 @@ def reference_linear(input, packed, scale, bits) -> torch.Tensor:
     return F.linear(input, weight)
 
 
-_TRITON = None
+def reference_linear_8da(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits) -> torch.Tensor:
+    """Plain PyTorch of the int8-activation arithmetic (float64 sums): per token d = absmax / 127,
+    q = round(x / d) clamped to +-127, then ``d * step * sum_g max(s_g, eps) * (dot_g - zero * sum_g q)``.
+    Tokens holding NaN/Inf use float activations, like the kernels."""
+    fmt = get_format(bits)
+    k = input.shape[-1]
+    x = input.reshape(-1, k).float()
+    d = x.abs().amax(dim=1, keepdim=True) / 127.0
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.where(d > 0, torch.round(x / safe), torch.zeros_like(x)).clamp(-127, 127).double()
+    codes = unpack_codes(packed, k, bits).double()
+    g = scale.shape[1]
+    gs = k // g
+    dots = torch.einsum("mgk,ngk->mng", q.view(-1, g, gs), codes.view(-1, g, gs))
+    qsum = q.view(-1, g, gs).sum(-1)  # [M, G]
+    s = scale.float().clamp_min(SCALE_EPS).double()
+    out = ((dots - fmt.zero * qsum[:, None, :]) * s[None]).sum(-1) * fmt.step * d.double()
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        out[bad] = reference_linear(x[bad], packed, scale, bits).double()
+    return out.to(input.dtype).reshape(*input.shape[:-1], packed.shape[0])
 
 
 def triton_interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` asks Triton for its CPU interpreter (the values Triton reads
     as true: 1, true, yes, on)."""
+    import os
+
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _triton_backend(input: torch.Tensor):
-    """The Triton kernels module when this call should use it, else None."""
-    global _TRITON
-    if not (input.is_cuda or triton_interpreting()):
-        return None
-    if _TRITON is None:
-        _TRITON = importlib.import_module("paretoq_ao.triton_kernels")
-    return _TRITON
+def _run(input, packed, scale, bits, int8_act: bool) -> torch.Tensor:
+    fmt = check_linear_args(input, packed, scale, bits)
+    call = backends.LinearCall(input, packed, scale, fmt, int8_act)
+    backend = backends.select(call)
+    if backend is not None:
+        return backend.run(call)
+    return (reference_linear_8da if int8_act else reference_linear)(input, packed, scale, bits)
 
 
 @torch.library.custom_op("paretoq::linear", mutates_args=())
 def linear(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: float) -> torch.Tensor:
-    check_linear_args(input, packed, scale, bits)
-    triton = _triton_backend(input)
-    if triton is not None and triton.supports(input, packed, scale, bits):
-        return triton.triton_linear(input, packed, scale, bits)
-    return reference_linear(input, packed, scale, bits)
+    return _run(input, packed, scale, bits, False)
 
 
-@linear.register_fake
-def _(input, packed, scale, bits):
+@torch.library.custom_op("paretoq::linear_8da", mutates_args=())
+def linear_8da(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: float) -> torch.Tensor:
+    return _run(input, packed, scale, bits, True)
+
+
+def _fake(input, packed, scale, bits):
     check_linear_args(input, packed, scale, bits)
     return input.new_empty((*input.shape[:-1], packed.shape[0]))
-
 
 
 def _setup_context(ctx, inputs, output):
@@ -123,11 +142,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    # Gradient for the activations only (packed weights are frozen): grad @ dequantize(W).
+    # Gradient for the activations only (packed weights are frozen): grad @ dequantize(W). The int8
+    # op gets the same (straight-through) gradient.
     packed, scale = ctx.saved_tensors
     codes = unpack_codes(packed, ctx.in_features, ctx.bits)
     weight = dequantize_codes(codes, scale, ctx.bits).to(grad.dtype)
     return grad @ weight, None, None, None
 
 
-linear.register_autograd(_backward, setup_context=_setup_context)
+for _op in (linear, linear_8da):
+    _op.register_fake(_fake)
+    _op.register_autograd(_backward, setup_context=_setup_context)

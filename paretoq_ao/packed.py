@@ -20,13 +20,24 @@ from torchao.utils import TorchAOBaseTensor
 from . import _targets
 from .formats import get_format
 from .ops import linear as paretoq_linear
+from .ops import linear_8da as paretoq_linear_8da
 from .packing import pack_codes, unpack_codes
 from .qat import ParetoQQATWeight, detach_qat_state, validate_config
 from .quant import dequantize_codes, init_scale, quantize_codes, search_scale
 
-__all__ = ["ParetoQPackedTensor", "ParetoQWeightOnlyConfig"]
+__all__ = ["ParetoQPackedTensor", "ParetoQWeightOnlyConfig", "ACTIVATIONS", "set_activations"]
 
 aten = torch.ops.aten
+
+# How a packed layer treats its activations: "float" (paretoq::linear, the default: exactly the
+# packed model) or "int8" (paretoq::linear_8da: dynamic per-token int8, faster on CPUs).
+ACTIVATIONS = ("float", "int8")
+
+
+def _check_activations(activations) -> str:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activations!r}")
+    return activations
 
 
 class ParetoQPackedTensor(TorchAOBaseTensor):
@@ -34,20 +45,23 @@ class ParetoQPackedTensor(TorchAOBaseTensor):
 
     qdata: uint8 [N, ceil(K * code_bits / 8)] (layout: packing.py)
     scale: [N, 1] or [N, K // group_size], in the original weight dtype (also this tensor's dtype)
+    activations: "float" (F.linear runs paretoq::linear) or "int8" (paretoq::linear_8da)
     """
 
     tensor_data_names = ["qdata", "scale"]
-    tensor_attribute_names = ["bits", "shape"]
+    tensor_attribute_names = ["bits", "shape", "activations"]
+    activations = "float"  # objects pickled before the attribute existed
 
-    def __new__(cls, qdata, scale, bits, shape):
+    def __new__(cls, qdata, scale, bits, shape, activations="float"):
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=scale.dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bits, shape):
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bits, shape, activations="float"):
         self.qdata = qdata
         self.scale = scale
         self.bits = get_format(bits).bits
+        self.activations = _check_activations(activations)
 
     @property
     def group_size(self) -> Optional[int]:
@@ -55,9 +69,10 @@ class ParetoQPackedTensor(TorchAOBaseTensor):
         return None if groups == 1 else self.shape[1] // groups
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, scale: torch.Tensor, bits) -> "ParetoQPackedTensor":
+    def from_float(cls, weight: torch.Tensor, scale: torch.Tensor, bits, activations="float") -> "ParetoQPackedTensor":
         codes = quantize_codes(weight, scale, bits)
-        return cls(pack_codes(codes, bits), scale.detach().to(weight.dtype).contiguous(), bits, weight.shape)
+        return cls(pack_codes(codes, bits), scale.detach().to(weight.dtype).contiguous(), bits, weight.shape,
+                   activations)
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.qdata, self.shape[1], self.bits)
@@ -71,11 +86,12 @@ class ParetoQPackedTensor(TorchAOBaseTensor):
     def _stable_hash_for_caching(self) -> str:
         # What a compiled graph depends on: format, shapes, dtypes, device type (not the values).
         return (f"ParetoQPackedTensor:{self.bits}:{tuple(self.shape)}:{tuple(self.qdata.shape)}:"
-                f"{tuple(self.scale.shape)}:{self.scale.dtype}:{self.qdata.device.type}")
+                f"{tuple(self.scale.shape)}:{self.scale.dtype}:{self.qdata.device.type}:{self.activations}")
 
     def __repr__(self):
+        act = "" if self.activations == "float" else f", activations={self.activations!r}"
         return (f"ParetoQPackedTensor(shape={tuple(self.shape)}, bits={self.bits}, "
-                f"group_size={self.group_size}, dtype={self.dtype})")
+                f"group_size={self.group_size}, dtype={self.dtype}{act})")
 
 
 implements = ParetoQPackedTensor.implements
@@ -93,7 +109,8 @@ def _(func, types, args, kwargs):
             f"linear: input of shape {tuple(x.shape)} does not match the packed weight of shape "
             f"{tuple(w.shape)} (in_features={w.shape[1]})"
         )
-    out = paretoq_linear(x, w.qdata, w.scale, float(w.bits))
+    op = paretoq_linear_8da if w.activations == "int8" else paretoq_linear
+    out = op(x, w.qdata, w.scale, float(w.bits))
     if b is None:
         return out
     return out + (b if b.dtype == out.dtype else b.to(out.dtype))
@@ -152,14 +169,19 @@ class ParetoQWeightOnlyConfig(AOBaseConfig):
             QAT group size.
         scale_search: post-training only: search each row/group scale on a grid of 0.1x..1.5x the
             initial scale for the least squared weight error (False: the paper's initial scale).
+        activations: "float" (default: the layer computes exactly x @ dequantized W) or "int8"
+            (dynamic per-token int8 activations, paretoq::linear_8da: faster on CPUs, slightly less
+            accurate); ``set_activations`` changes it later.
     """
 
     bits: float = 2
     group_size: Optional[int] = None
     scale_search: bool = False
+    activations: str = "float"
 
     def __post_init__(self):
         validate_config(self)
+        _check_activations(self.activations)
 
 
 def _convert_problems(config):
@@ -191,13 +213,26 @@ def _weight_only_transform(module: nn.Module, config: ParetoQWeightOnlyConfig) -
                 latent = old.detach()
                 pick = search_scale if config.scale_search else init_scale
                 scale = pick(latent, config.bits, config.group_size)
-            packed = ParetoQPackedTensor.from_float(latent, scale, config.bits)
+            packed = ParetoQPackedTensor.from_float(latent, scale, config.bits, config.activations)
             memo[id(old)] = nn.Parameter(packed, requires_grad=False)
         detach_qat_state(mod)
         mod.weight = memo[id(old)]
         mod._paretoq_load_hook = mod._register_load_state_dict_pre_hook(_check_loaded_packed, with_module=True)
 
     return _targets.run(module, config, _convert_problems(config), apply)
+
+
+def set_activations(model: nn.Module, activations: str) -> int:
+    """Set how every packed layer of ``model`` treats its activations ("float" or "int8", see
+    ``ParetoQWeightOnlyConfig``); returns the number of packed weights changed. Call it before
+    ``torch.compile`` / export (a compiled graph keeps the op it traced)."""
+    _check_activations(activations)
+    n = 0
+    for p in model.parameters():
+        if isinstance(p, ParetoQPackedTensor) and p.activations != activations:
+            p.activations = activations
+            n += 1
+    return n
 
 
 torch.serialization.add_safe_globals([ParetoQPackedTensor])

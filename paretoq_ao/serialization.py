@@ -2,7 +2,8 @@
 
 In a ``.safetensors`` file a packed weight ``<name>`` is stored as two plain tensors,
 ``<name>.qdata`` (uint8, the packing.py layout) and ``<name>.scale``, and described in the header
-metadata entry ``paretoq_ao`` (JSON: {name: {"bits": ..., "shape": [N, K]}}) together with the
+metadata entry ``paretoq_ao`` (JSON: {name: {"bits": ..., "shape": [N, K]}}, plus ``"activations": "int8"``
+for layers set to int8 activations) together with the
 layout name. ``torch.save`` / ``torch.load(weights_only=True)`` work directly on state dicts
 holding ``ParetoQPackedTensor`` (the class is on torch's safe-globals list).
 """
@@ -60,6 +61,8 @@ def save_safetensors(obj: Union[nn.Module, Mapping[str, torch.Tensor]], path, me
     for name, t in _state_dict(obj).items():
         if isinstance(t, ParetoQPackedTensor):
             described[name] = {"bits": t.bits, "shape": list(t.shape)}
+            if t.activations != "float":
+                described[name]["activations"] = t.activations
             parts = {f"{name}.qdata": t.qdata, f"{name}.scale": t.scale}
         elif isinstance(t, torch.Tensor):
             parts = {name: t}
@@ -92,6 +95,6 @@ def load_safetensors(path, device: Union[str, torch.device] = "cpu") -> Dict[str
             qdata, scale = flat.pop(f"{name}.qdata"), flat.pop(f"{name}.scale")
         except KeyError as e:
             raise ValueError(f"{path}: packed tensor {name!r} is missing its part {e}") from None
-        out[name] = ParetoQPackedTensor(qdata, scale, d["bits"], torch.Size(d["shape"]))
+        out[name] = ParetoQPackedTensor(qdata, scale, d["bits"], torch.Size(d["shape"]), d.get("activations", "float"))
     out.update(flat)
     return out

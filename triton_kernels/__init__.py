@@ -5,14 +5,27 @@
     warmup((1, 4096, 4096, 2), (16, 4096, 4096, 2, 64))   # tune before CUDA-graph capture
 
 Fused unpack + dequantize + matmul reading the canonical packed layout of packing.py (see
-linear.py for the kernels and tuning.py for the autotuner). Importing this package registers
-nothing with torch.library.
+linear.py for the kernels and tuning.py for the autotuner; backend.py registers them as the
+"triton" backend of paretoq::linear). Importing this package registers nothing with torch.library
+and does not import triton: the names below are loaded on first access.
 """
 
-from .linear import LAYOUT_READ, SUPPORTED_DTYPES, KernelConfig, supports, triton_linear
-from .tuning import (
-    clear_cache, default_config, load_configs, model_shapes, save_configs, tuned_configs, warmup,
-)
+import importlib
+
+_LAZY = {
+    "triton_linear": "linear", "supports": "linear", "KernelConfig": "linear", "LAYOUT_READ": "linear",
+    "SUPPORTED_DTYPES": "linear", "warmup": "tuning", "model_shapes": "tuning", "tuned_configs": "tuning",
+    "clear_cache": "tuning", "default_config": "tuning", "save_configs": "tuning", "load_configs": "tuning",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "triton_linear", "supports", "warmup", "model_shapes", "tuned_configs", "clear_cache",

@@ -842,10 +842,10 @@ def _device_info(dev: torch.device):
     return _DEVICE_INFO[key]
 
 
-def _prepare(x, packed, scale, bits, out_dtype):
-    """Validate and normalise the arguments: (problem, x2 [M, K], scale, out_dtype) or None
-    for an empty problem."""
-    fmt = _validate(x, packed, scale, bits, out_dtype)
+def _prepare(x, packed, scale, bits, out_dtype, validate=True):
+    """Validate (unless the caller did) and normalise the arguments: (problem, x2 [M, K], scale,
+    out_dtype) or None for an empty problem."""
+    fmt = _validate(x, packed, scale, bits, out_dtype) if validate else get_format(bits)
     out_dtype = out_dtype or x.dtype
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
@@ -862,7 +862,7 @@ def _prepare(x, packed, scale, bits, out_dtype):
     return make_problem(x2, packed, scale, fmt, kernel_out), x2, scale, out_dtype
 
 
-def triton_linear(x, packed, scale, bits, out_dtype=None, *, config=None) -> torch.Tensor:
+def triton_linear(x, packed, scale, bits, out_dtype=None, *, config=None, validate=True) -> torch.Tensor:
     """``x [..., K] @ dequantize(packed, scale, bits).T`` -> ``[..., N]`` with fused Triton kernels.
 
     Same contract as ``paretoq_ao.ops.reference_linear`` (packed layout of packing.py, scale
@@ -870,11 +870,12 @@ def triton_linear(x, packed, scale, bits, out_dtype=None, *, config=None) -> tor
     a CUDA device (CPU tensors under ``TRITON_INTERPRET=1``). ``out_dtype`` defaults to x's dtype.
     ``config`` (a ``KernelConfig`` or dict of its fields) bypasses the autotuner (tests, tuning
     experiments). A non-unit-stride last dimension of ``x`` is copied once with ``.contiguous()``.
+    ``validate=False`` skips the argument checks (the ``paretoq::linear`` op has made them).
 
     Under the interpreter bfloat16 activations/scales are computed in float32 (the interpreter has
     no bf16 arithmetic) and the result is cast back.
     """
-    problem, x2, scale, out_dtype = _prepare(x, packed, scale, bits, out_dtype)
+    problem, x2, scale, out_dtype = _prepare(x, packed, scale, bits, out_dtype, validate)
     lead = tuple(x.shape[:-1])
     N = packed.shape[0]
     if problem is None:

@@ -1,31 +1,37 @@
-// Scalar reference kernels, activation quantization and run-time dispatch.
-#include "paretoq_kernels.h"
-
+// Driver (argument checks, activation preparation, threading, path choice) and the scalar
+// reference kernels: the canonical arithmetic of paretoq_kernels.h, one code at a time.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "kernels_internal.h"
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(PARETOQ_HAVE_NEON) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
 #endif
 
 namespace paretoq {
 
 bool format_for_bits(double bits, Format* f) {
-  // Mirrors paretoq_ao/formats.py: (code_bits, zero, step).
-  struct E { double bits; Format f; };
-  static const E table[] = {
-      {1.0, {1, 0.5f, 2.0f}},
-      {1.58, {2, 1.0f, 1.0f / 1.5f}},
-      {2.0, {2, 1.5f, 0.5f}},
-      {3.0, {3, 4.0f, 1.0f}},
-      {4.0, {4, 8.0f, 1.0f}},
-  };
-  for (const E& e : table)
-    if (std::fabs(e.bits - bits) < 1e-6) { *f = e.f; return true; }
+  for (const FormatEntry& e : kFormats)
+    if (std::fabs(e.bits - bits) < 1e-6) {
+      *f = Format{e.code_bits, e.n_codes, e.zero, e.step};
+      return true;
+    }
   return false;
+}
+
+void level_table(const Format& f, float tab[16]) {
+  const int mask = (1 << f.code_bits) - 1;
+  for (int j = 0; j < 16; ++j) tab[j] = (static_cast<float>(j & mask) - f.zero) * f.step;
 }
 
 const char* path_name(Path p) {
@@ -33,8 +39,9 @@ const char* path_name(Path p) {
     case Path::Auto: return "auto";
     case Path::Scalar: return "scalar";
     case Path::AVX2: return "avx2";
-    case Path::AVX512: return "avx512vnni";
+    case Path::AVX512: return "avx512";
     case Path::NEON: return "neon";
+    case Path::NEONDOT: return "neondot";
   }
   return "?";
 }
@@ -43,24 +50,34 @@ bool path_available(Path p) {
   switch (p) {
     case Path::Scalar: return true;
 #if defined(PARETOQ_HAVE_X86)
-    case Path::AVX2: return __builtin_cpu_supports("avx2");
+    case Path::AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Path::AVX512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vnni");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+             __builtin_cpu_supports("fma");
 #endif
 #if defined(PARETOQ_HAVE_NEON)
     case Path::NEON: return true;
+    case Path::NEONDOT:
+#if defined(__linux__)
+      return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+      return false;
+#endif
 #endif
     default: return false;
   }
 }
 
 static Path detect() {
+  const Path order[] = {Path::AVX512, Path::AVX2, Path::NEONDOT, Path::NEON};
   if (const char* env = std::getenv("PARETOQ_KERNEL_PATH")) {
-    for (Path p : {Path::Scalar, Path::AVX2, Path::AVX512, Path::NEON})
+    if (std::strcmp(env, "scalar") == 0) return Path::Scalar;
+    for (Path p : order)
       if (std::strcmp(env, path_name(p)) == 0 && path_available(p)) return p;
   }
-  for (Path p : {Path::AVX512, Path::AVX2, Path::NEON})
+  for (Path p : order)
     if (path_available(p)) return p;
   return Path::Scalar;
 }
@@ -70,228 +87,316 @@ Path best_path() {
   return p;
 }
 
-static std::atomic<int> g_mode{static_cast<int>(ActMode::Int8)};
-void set_activation_mode(ActMode m) { g_mode.store(static_cast<int>(m)); }
-ActMode activation_mode() { return static_cast<ActMode>(g_mode.load()); }
-
-int chunk_codes(Path p, int code_bits) {
-  int w = 0;
+int rows_per_tile(Path p, int64_t) {
   switch (p) {
-    case Path::AVX2: w = 32; break;
-    case Path::AVX512: w = 64; break;
-    case Path::NEON: w = 16; break;
-    default: return 0;
+    case Path::AVX512: return 16;
+    case Path::AVX2: return 8;
+    case Path::NEON:
+    case Path::NEONDOT: return 4;
+    default: return 16;
   }
-  return code_bits == 3 ? w : w * (8 / code_bits);
 }
 
-void quantize_activations(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf, float* dbuf,
-                          int32_t* gbuf) {
-  quantize_activations_begin(a, chunk, p, qbuf, dbuf, gbuf);
-  quantize_tokens(a, *p, 0, a.M);
+int64_t padded_codes(int64_t row_bytes, int code_bits, bool simd) {
+  if (!simd) return -1;
+  if (code_bits == 3) return (row_bytes + kUnit3Bytes - 1) / kUnit3Bytes * kUnit3Codes;
+  return (row_bytes + 3) / 4 * (32 / code_bits);
 }
 
-void quantize_activations_begin(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf,
-                                float* dbuf, int32_t* gbuf) {
-  p->M = a.M; p->K = a.K; p->G = a.G; p->gs = a.K / a.G; p->chunk = chunk;
-  p->q = qbuf; p->d = dbuf; p->gsum = gbuf; p->x = a.x;
-}
-
-void quantize_tokens(const LinearArgs& a, const Prepared& p, int64_t m0, int64_t m1) {
-  const int64_t K = a.K, G = a.G, gs = K / G;
+bool simd_groups_ok(const LinearArgs& a, const char** why) {
+  if (a.G == 1) return true;
+  const int64_t gs = a.K / a.G;
   const int b = a.fmt.code_bits;
-  const int chunk = p.chunk;
-  int8_t* qbuf = p.q;
-  float* dbuf = p.d;
-  int32_t* gbuf = p.gsum;
-  const int cpb = (b == 3) ? 1 : 8 / b;
-  const int W = chunk ? chunk / cpb : 0;
-  thread_local std::vector<int8_t> nat_buf;
-  nat_buf.resize(static_cast<size_t>(K));
-  int8_t* nat = nat_buf.data();
-  // Round to nearest, ties to even (== std::nearbyint in the default rounding mode) for
-  // |v| < 2^22: adding and subtracting 1.5 * 2^23 rounds the fraction away exactly. Written
-  // this way (no libm call) the loop vectorizes; results are identical.
-  const float kMagic = 12582912.0f;
+  if (b == 3 ? gs % 4 == 0 : (gs * b) % 32 == 0) return true;
+  if (why) {
+    static thread_local char buf[160];
+    if (b == 3)
+      std::snprintf(buf, sizeof(buf), "group_size %lld is not a multiple of 4 codes at 3-bit codes", (long long)gs);
+    else
+      std::snprintf(buf, sizeof(buf), "group_size %lld is not a whole number of 32-bit words at %d-bit codes "
+                    "(needs a multiple of %d)", (long long)gs, b, 32 / b);
+    *why = buf;
+  }
+  return false;
+}
+
+const char* check_args(const LinearArgs& a) {
+  static thread_local char buf[256];
+  const int b = a.fmt.code_bits;
+  if (b < 1 || b > 4) return "unknown weight format (code_bits must be 1..4)";
+  if (a.M < 0 || a.K < 0 || a.N < 0) {
+    std::snprintf(buf, sizeof(buf), "negative size: M=%lld K=%lld N=%lld", (long long)a.M, (long long)a.K, (long long)a.N);
+    return buf;
+  }
+  if (a.row_bytes != (a.K * b + 7) / 8) {
+    std::snprintf(buf, sizeof(buf), "input has K=%lld but the packed rows hold %lld bytes (%d-bit codes need %lld)",
+                  (long long)a.K, (long long)a.row_bytes, b, (long long)((a.K * b + 7) / 8));
+    return buf;
+  }
+  if (a.G < 1 || (a.K > 0 && a.K % a.G != 0)) {
+    std::snprintf(buf, sizeof(buf), "scale has G=%lld columns, which does not divide K=%lld", (long long)a.G, (long long)a.K);
+    return buf;
+  }
+  if (a.K > 0 && a.K / a.G > kMaxGroup) {
+    std::snprintf(buf, sizeof(buf), "group of %lld inputs exceeds the kernels' limit of %lld (int32 accumulators)",
+                  (long long)(a.K / a.G), (long long)kMaxGroup);
+    return buf;
+  }
+  if ((a.M * a.N > 0 && !a.out) || (a.M * a.K > 0 && !a.x) || (a.N * a.row_bytes > 0 && !a.w) || (a.N > 0 && !a.scale))
+    return "null data pointer";
+  return nullptr;
+}
+
+const char* plan(const LinearArgs& a, Path path, ActMode mode, char* buf, size_t n) {
+  const Path p = path == Path::Auto ? best_path() : path;
+  const char* why = nullptr;
+  const char* m = mode == ActMode::Int8 ? "int8" : "fp32";
+  if (p == Path::Scalar) {
+    std::snprintf(buf, n, "scalar %s", m);
+  } else if (!simd_groups_ok(a, &why)) {
+    std::snprintf(buf, n, "scalar %s (%s)", m, why);
+  } else {
+    std::snprintf(buf, n, "%s %s, %d rows per vector", path_name(p), m, rows_per_tile(p, a.M));
+  }
+  return buf;
+}
+
+// ---- activation preparation (int8 mode) --------------------------------------------------------
+
+namespace {
+
+inline int code_at(const uint8_t* row, int64_t k, int b) {
+  const int64_t bit = k * b;
+  const int64_t byte = bit >> 3;
+  const int sh = static_cast<int>(bit & 7);
+  unsigned v = row[byte];
+  if (sh + b > 8) v |= static_cast<unsigned>(row[byte + 1]) << 8;
+  return static_cast<int>((v >> sh) & ((1u << b) - 1u));
+}
+
+inline float clamp_scale(float s) { return s < kScaleEps ? kScaleEps : s; }
+
+// |x| max and whether every value is finite.
+float absmax(const float* x, int64_t K, bool* finite) {
+  float amax = 0.f;
+  bool ok = true;
+  int64_t k = 0;
+#if defined(__SSE2__)
+  const __m128 sign = _mm_set1_ps(-0.f);
+  __m128 m4 = _mm_setzero_ps(), bad = _mm_setzero_ps();
+  for (; k + 4 <= K; k += 4) {
+    const __m128 v = _mm_loadu_ps(x + k);
+    const __m128 z = _mm_sub_ps(v, v);  // NaN exactly where v is NaN or +-Inf
+    bad = _mm_or_ps(bad, _mm_cmpunord_ps(z, z));
+    m4 = _mm_max_ps(_mm_andnot_ps(sign, v), m4);
+  }
+  alignas(16) float t[4];
+  _mm_store_ps(t, m4);
+  for (float v : t) amax = std::max(amax, v);
+  ok = _mm_movemask_ps(bad) == 0;
+#endif
+  for (; k < K; ++k) {
+    ok = ok && std::isfinite(x[k]);
+    amax = std::max(amax, std::fabs(x[k]));
+  }
+  *finite = ok;
+  return amax;
+}
+
+// q = round-half-even(x / d) clamped to +-127, natural order (nat has room for K values).
+void quantize_row(const float* x, int64_t K, float d, int8_t* nat) {
+  const float kMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 half-to-even
+  int64_t k = 0;
+#if defined(__SSE2__)
+  const __m128 vd = _mm_set1_ps(d), lo = _mm_set1_ps(-127.f), hi = _mm_set1_ps(127.f), mg = _mm_set1_ps(kMagic);
+  for (; k + 16 <= K; k += 16) {
+    __m128i r[4];
+    for (int i = 0; i < 4; ++i) {
+      __m128 v = _mm_div_ps(_mm_loadu_ps(x + k + 4 * i), vd);
+      v = _mm_min_ps(_mm_max_ps(v, lo), hi);
+      v = _mm_sub_ps(_mm_add_ps(v, mg), mg);
+      r[i] = _mm_cvttps_epi32(v);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(nat + k),
+                     _mm_packs_epi16(_mm_packs_epi32(r[0], r[1]), _mm_packs_epi32(r[2], r[3])));
+  }
+#endif
+  for (; k < K; ++k) {
+    float v = x[k] / d;
+    v = std::min(127.f, std::max(-127.f, v));
+    v = (v + kMagic) - kMagic;
+    nat[k] = static_cast<int8_t>(static_cast<int>(v));
+  }
+}
+
+struct QuantJob {
+  const LinearArgs* a;
+  Prepared* p;
+  int8_t* q;
+  float* d;
+  int32_t* zq2;
+  unsigned char* finite;
+  bool permute;
+};
+
+void quantize_tokens(void* ctx, int64_t m0, int64_t m1) {
+  const QuantJob& j = *static_cast<const QuantJob*>(ctx);
+  const LinearArgs& a = *j.a;
+  const int64_t K = a.K, G = a.G, gs = K / G, kq = j.p->kq;
+  const int b = a.fmt.code_bits, cpb = 8 / b, cpw = 32 / b;
+  const int zero2 = static_cast<int>(std::lrint(2.0 * a.fmt.zero));
+  std::vector<int8_t> nat(static_cast<size_t>(kq), 0);
   for (int64_t m = m0; m < m1; ++m) {
     const float* x = a.x + m * K;
-    float amax = 0.f;
-    int64_t k0 = 0;
-#if defined(__SSE2__)
-    {  // max is exact and order-free; maxps(v, a) keeps a for NaN v, like std::max(a, v)
-      const __m128 sign = _mm_set1_ps(-0.f);
-      __m128 m4 = _mm_setzero_ps();
-      for (; k0 + 4 <= K; k0 += 4) m4 = _mm_max_ps(_mm_andnot_ps(sign, _mm_loadu_ps(x + k0)), m4);
-      alignas(16) float t[4];
-      _mm_store_ps(t, m4);
-      for (float v : t) amax = std::max(amax, v);
+    bool fin = true;
+    const float d = absmax(x, K, &fin) / 127.0f;
+    int8_t* q = j.q + m * kq;
+    j.finite[m] = fin ? 1 : 0;
+    if (!fin || !(d > 0.f)) {  // NaN/Inf tokens are redone in fp32 mode; all-zero tokens give 0
+      std::memset(q, 0, static_cast<size_t>(kq));
+      j.d[m] = 0.f;
+      for (int64_t g = 0; g < G; ++g) j.zq2[m * G + g] = 0;
+      continue;
     }
-#endif
-    for (int64_t k = k0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float d = amax / 127.0f;
-    dbuf[m] = d;
-    if (d > 0.f) {
-      int64_t k1 = 0;
-#if defined(__SSE2__)
-      {  // same operations as the scalar loop below, 16 at a time
-        const __m128 vd = _mm_set1_ps(d), lo = _mm_set1_ps(-127.f), hi = _mm_set1_ps(127.f);
-        const __m128 mg = _mm_set1_ps(kMagic);
-        for (; k1 + 16 <= K; k1 += 16) {
-          __m128i r[4];
-          for (int i = 0; i < 4; ++i) {
-            __m128 v = _mm_div_ps(_mm_loadu_ps(x + k1 + 4 * i), vd);
-            v = _mm_min_ps(_mm_max_ps(v, lo), hi);  // NaN -> -127 like std::max(-127, NaN)
-            v = _mm_sub_ps(_mm_add_ps(v, mg), mg);
-            r[i] = _mm_cvttps_epi32(v);
-          }
-          const __m128i w = _mm_packs_epi16(_mm_packs_epi32(r[0], r[1]), _mm_packs_epi32(r[2], r[3]));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(nat + k1), w);
-        }
-      }
-#endif
-      for (int64_t k = k1; k < K; ++k) {
-        float v = x[k] / d;  // |v| <= 127 (+ rounding), or NaN/inf for non-finite inputs
-        v = std::min(127.f, std::max(-127.f, v));
-        v = (v + kMagic) - kMagic;
-        nat[k] = static_cast<int8_t>(static_cast<int>(v));
-      }
-    } else {
-      std::memset(nat, 0, static_cast<size_t>(K));
-    }
-    int8_t* q = qbuf + m * K;
+    j.d[m] = d;
+    quantize_row(x, K, d, nat.data());
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t g0 = g * gs;
       int32_t s = 0;
-      for (int64_t k = g0; k < g0 + gs; ++k) s += nat[k];
-      gbuf[m * G + g] = s;
-      const int64_t nfull = chunk ? gs / chunk : 0;
-      for (int64_t c = 0; c < nfull; ++c) {
-        const int64_t base = g0 + c * chunk;
-        if (b == 3) {
-          std::memcpy(q + base, nat + base, static_cast<size_t>(chunk));
-        } else {
-          // position pl * W + j holds activation cpb * j + pl
-          for (int pl = 0; pl < cpb; ++pl)
-            for (int j = 0; j < W; ++j) q[base + pl * W + j] = nat[base + cpb * j + pl];
-        }
-      }
-      const int64_t t0 = g0 + nfull * chunk;
-      if (g0 + gs > t0) std::memcpy(q + t0, nat + t0, static_cast<size_t>(g0 + gs - t0));
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += nat[k];
+      j.zq2[m * G + g] = zero2 * s;
     }
+    if (!j.permute || b == 3) {
+      std::memcpy(q, nat.data(), static_cast<size_t>(kq));
+      continue;
+    }
+    for (int64_t w = 0; w < kq / cpw; ++w)
+      for (int t = 0; t < cpb; ++t)
+        for (int i = 0; i < 4; ++i) q[w * cpw + 4 * t + i] = nat[w * cpw + cpb * i + t];
   }
 }
 
-void rows_int8_scalar(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
-  const int b = a.fmt.code_bits;
-  const int zero2 = static_cast<int>(std::lrint(2.0 * a.fmt.zero));
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = a.w + n * a.row_bytes;
-    const float* s = a.scale + n * a.G;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* q = p.q + m * a.K;
-      float res = 0.f;
-      for (int64_t g = 0; g < a.G; ++g) {
-        int64_t dot = 0;
-        for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k) dot += code_at(row, k, b) * q[k];
-        res += group_term(s[g], dot, p.gsum[m * a.G + g], zero2);
-      }
-      a.out[m * a.N + n] = res * a.fmt.step * p.d[m];
-    }
-  }
-}
+}  // namespace
 
-void rows_fp32_scalar(const LinearArgs& a, int64_t n0, int64_t n1) {
+// ---- scalar reference --------------------------------------------------------------------------
+
+void rows_scalar(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
   const int b = a.fmt.code_bits;
   const int64_t gs = a.K / a.G;
-  std::vector<float> wrow(static_cast<size_t>(a.K));
+  float tab[16];
+  level_table(a.fmt, tab);
+  const float c = 0.5f * a.fmt.step;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.w + n * a.row_bytes;
     const float* s = a.scale + n * a.G;
-    for (int64_t k = 0; k < a.K; ++k)
-      wrow[k] = ((static_cast<float>(code_at(row, k, b)) - a.fmt.zero) * a.fmt.step) *
-                clamp_scale(s[k / gs]);
     for (int64_t m = 0; m < a.M; ++m) {
-      const float* x = a.x + m * a.K;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t k = 0;
-      for (; k + 8 <= a.K; k += 8)
-        for (int i = 0; i < 8; ++i) acc[i] += x[k + i] * wrow[k + i];
-      float r = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      for (; k < a.K; ++k) r += x[k] * wrow[k];
-      a.out[m * a.N + n] = r;
+      float res = 0.f;
+      if (mode == ActMode::Int8) {
+        const int8_t* q = p.q + m * p.kq;
+        for (int64_t g = 0; g < a.G; ++g) {
+          int64_t dot = 0;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) dot += code_at(row, k, b) * q[k];
+          const int32_t v2 = static_cast<int32_t>(2 * dot - p.zq2[m * a.G + g]);
+          res = std::fma(clamp_scale(s[g]), static_cast<float>(v2), res);
+        }
+        a.out[m * a.N + n] = (res * c) * p.d[m];
+      } else {
+        const float* x = p.xf + m * p.kq;
+        for (int64_t g = 0; g < a.G; ++g) {
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc[k & 3] = std::fma(tab[code_at(row, k, b)], x[k], acc[k & 3]);
+          res = std::fma(clamp_scale(s[g]), (acc[0] + acc[1]) + (acc[2] + acc[3]), res);
+        }
+        a.out[m * a.N + n] = res;
+      }
     }
   }
 }
 
 #if !defined(PARETOQ_HAVE_X86)
-void rows_int8_avx2(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1) { rows_int8_scalar(a, p, n0, n1); }
-void rows_int8_avx512(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1) { rows_int8_scalar(a, p, n0, n1); }
+void rows_avx2(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, int64_t n1) { rows_scalar(a, p, m, n0, n1); }
+void rows_avx512(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, int64_t n1) { rows_scalar(a, p, m, n0, n1); }
 #endif
 #if !defined(PARETOQ_HAVE_NEON)
-void rows_int8_neon(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1) { rows_int8_scalar(a, p, n0, n1); }
+void rows_neon(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, int64_t n1) { rows_scalar(a, p, m, n0, n1); }
+void rows_neondot(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, int64_t n1) { rows_scalar(a, p, m, n0, n1); }
 #endif
 
+// ---- driver ------------------------------------------------------------------------------------
+
 namespace {
-struct Job {
+
+struct RowJob {
   const LinearArgs* a;
   const Prepared* p;
   Path path;
   ActMode mode;
+  int64_t tile;
 };
-// Tokens are quantized in parallel (M >= 2) through the same "parallel for" as the rows: the
-// range [0, M * kTokenSpan) is split by the caller, each piece maps to whole tokens
-// [ceil(b / kTokenSpan), ceil(e / kTokenSpan)) -- a partition of [0, M) for any split.
-constexpr int64_t kTokenSpan = 64;
-struct QJob {
-  const LinearArgs* a;
-  const Prepared* p;
-};
-void run_quant(void* ctx, int64_t b, int64_t e) {
-  const QJob& j = *static_cast<const QJob*>(ctx);
-  quantize_tokens(*j.a, *j.p, (b + kTokenSpan - 1) / kTokenSpan, (e + kTokenSpan - 1) / kTokenSpan);
-}
-void run_range(void* ctx, int64_t n0, int64_t n1) {
-  const Job& j = *static_cast<const Job*>(ctx);
-  if (j.mode == ActMode::Fp32) return rows_fp32_scalar(*j.a, n0, n1);
+
+void run_rows(void* ctx, int64_t t0, int64_t t1) {
+  const RowJob& j = *static_cast<const RowJob*>(ctx);
+  const int64_t n0 = t0 * j.tile, n1 = std::min(j.a->N, t1 * j.tile);
+  if (n0 >= n1) return;
   switch (j.path) {
-    case Path::AVX2: return rows_int8_avx2(*j.a, *j.p, n0, n1);
-    case Path::AVX512: return rows_int8_avx512(*j.a, *j.p, n0, n1);
-    case Path::NEON: return rows_int8_neon(*j.a, *j.p, n0, n1);
-    default: return rows_int8_scalar(*j.a, *j.p, n0, n1);
+    case Path::AVX2: return rows_avx2(*j.a, *j.p, j.mode, n0, n1);
+    case Path::AVX512: return rows_avx512(*j.a, *j.p, j.mode, n0, n1);
+    case Path::NEON: return rows_neon(*j.a, *j.p, j.mode, n0, n1);
+    case Path::NEONDOT: return rows_neondot(*j.a, *j.p, j.mode, n0, n1);
+    default: return rows_scalar(*j.a, *j.p, j.mode, n0, n1);
   }
 }
+
+void serial(int64_t n, RangeFn fn, void* ctx) { fn(ctx, 0, n); }
+
 }  // namespace
 
 const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf) {
-  if (a.K <= 0 || a.G <= 0 || a.K % a.G) return "K must be a positive multiple of the group count";
-  if (a.row_bytes != (a.K * a.fmt.code_bits + 7) / 8) return "row_bytes does not match K";
+  if (const char* e = check_args(a)) return e;
+  if (!pf) pf = serial;
   if (a.M == 0 || a.N == 0) return nullptr;
-  if (path == Path::Auto) path = best_path();
-  if (!path_available(path)) return "requested kernel path is not available on this CPU/build";
-  const int64_t gs = a.K / a.G;
-  int chunk = chunk_codes(path, a.fmt.code_bits);
-  // Chunks must start on a byte boundary inside every group, else the whole call is scalar.
-  if (a.G > 1 && (gs * a.fmt.code_bits) % 8 != 0) chunk = 0;
-  if (chunk == 0) path = Path::Scalar;
+  if (a.K == 0) {
+    std::fill(a.out, a.out + a.M * a.N, 0.f);
+    return nullptr;
+  }
+  Path p = path == Path::Auto ? best_path() : path;
+  if (!path_available(p)) return "the requested kernel path is not available on this CPU";
+  if (p != Path::Scalar && !simd_groups_ok(a, nullptr)) p = Path::Scalar;
+  const bool simd = p != Path::Scalar;
+  Prepared pr;
+  pr.M = a.M; pr.K = a.K; pr.G = a.G; pr.gs = a.K / a.G;
+  pr.kq = simd ? padded_codes(a.row_bytes, a.fmt.code_bits, true) : a.K;
   thread_local std::vector<int8_t> qbuf;
-  thread_local std::vector<float> dbuf;
-  thread_local std::vector<int32_t> gbuf;
-  Prepared prep;
+  thread_local std::vector<float> dbuf, xbuf;
+  thread_local std::vector<int32_t> zbuf;
+  thread_local std::vector<unsigned char> fbuf;
   if (mode == ActMode::Int8) {
-    qbuf.resize(static_cast<size_t>(a.M * a.K));
+    qbuf.resize(static_cast<size_t>(a.M * pr.kq));
     dbuf.resize(static_cast<size_t>(a.M));
-    gbuf.resize(static_cast<size_t>(a.M * a.G));
-    quantize_activations_begin(a, chunk, &prep, qbuf.data(), dbuf.data(), gbuf.data());
-    if (pf && a.M >= 2) {
-      QJob qj{&a, &prep};
-      pf(a.M * kTokenSpan, run_quant, &qj);
-    } else {
-      quantize_tokens(a, prep, 0, a.M);
+    zbuf.resize(static_cast<size_t>(a.M * a.G));
+    fbuf.resize(static_cast<size_t>(a.M));
+    QuantJob qj{&a, &pr, qbuf.data(), dbuf.data(), zbuf.data(), fbuf.data(), simd};
+    pf(a.M, quantize_tokens, &qj);
+    pr.q = qbuf.data(); pr.d = dbuf.data(); pr.zq2 = zbuf.data();
+  } else if (pr.kq == a.K) {
+    pr.xf = a.x;
+  } else {
+    xbuf.assign(static_cast<size_t>(a.M * pr.kq), 0.f);
+    for (int64_t m = 0; m < a.M; ++m) std::memcpy(xbuf.data() + m * pr.kq, a.x + m * a.K, sizeof(float) * a.K);
+    pr.xf = xbuf.data();
+  }
+  const int64_t tile = rows_per_tile(p, a.M);
+  RowJob rj{&a, &pr, p, mode, tile};
+  pf((a.N + tile - 1) / tile, run_rows, &rj);
+  if (mode == ActMode::Int8) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      if (fbuf[m]) continue;
+      LinearArgs one = a;  // a token with NaN/Inf: float activations, so they propagate as in eager
+      one.x = a.x + m * a.K;
+      one.M = 1;
+      one.out = a.out + m * a.N;
+      if (const char* e = linear(one, path, ActMode::Fp32, pf)) return e;
     }
   }
-  Job job{&a, &prep, path, mode};
-  if (pf) pf(a.N, run_range, &job);
-  else run_range(&job, 0, a.N);
   return nullptr;
 }
 

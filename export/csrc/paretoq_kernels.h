@@ -1,67 +1,66 @@
-// ParetoQ low-bit linear kernels (C++17, no ExecuTorch dependency).
+// ParetoQ low-bit linear kernels (C++17). One templated implementation, no runtime dependency:
+// the ExecuTorch registration (op_linear_et.cpp) and the ATen registration (op_linear_aten.cpp)
+// are thin wrappers around `linear()` below.
 //
-// Weight layout: exactly paretoq-rowbits-v1 (paretoq_ao/packing.py), read in place -- no
-// repacking at export time. Each row n of the uint8 [N, row_bytes] weight is a little-endian bit
-// stream of `code_bits`-wide codes; value = (code - zero) * step * max(scale[n, g], 1e-5).
+// Weights: exactly paretoq-rowbits-v1 (paretoq_ao/packing.py), read in place -- nothing is
+// repacked, at export or at load. Each row n of the uint8 [N, row_bytes] weight is a
+// little-endian bit stream of `code_bits`-wide codes; value = (code - zero) * step * max(s, eps)
+// with s = scale[n, g] of the code's group (formats_table.h, generated from formats.py).
 //
-// Two activation modes (process-wide, see set_activation_mode):
-//   * Int8 (default): every activation row (token) is quantized to int8 with one scale
-//     d = absmax / 127, q = nearbyint(x / d) (ties to even, like torch.round), and the kernels
-//     compute integer dot products  sum_k code[k] * q[k]  (u8 x s8, AVX2 vpmaddubsw / AVX-512
-//     VNNI vpdpbusd / NEON), then
-//       out = d * step * sum_g max(s_g, 1e-5) * (dot_g - zero * sum_{k in g} q[k]).
-//     2*zero is an integer for every format, so the bracket is computed exactly in int64.
-//     All paths (scalar / AVX2 / AVX-512 / NEON) give bit-identical results for this mode.
-//   * Fp32: plain float activations, dequantized weights, float accumulation (the accuracy
-//     reference; matches the eager PyTorch op to float rounding). Scalar (auto-vectorized) only.
+// Two activation modes, chosen per call (the ops paretoq::linear and paretoq::linear_8da):
 //
-// SIMD trick (no weight repacking): a vector of W packed bytes of a 1/2/4-bit row holds
-// cpb = 8 / code_bits "planes": plane p (bits p*b .. p*b+b-1 of every byte) holds the codes
-// cpb*j + p, j = 0..W-1. Shifting + masking the raw vector gives each plane as W u8 codes.
-// Instead of de-interleaving the weights, the *activations* are permuted once per token when
-// they are quantized: inside each chunk of C = W * cpb codes (W = vector bytes of the path),
-// position p*W + j holds activation cpb*j + p. 3-bit rows (codes straddle bytes) are unpacked
-// W codes at a time into a small buffer (identity permutation). Chunks never cross a scale group;
-// the tail of each group (and of K) is done by scalar code on activations left in natural order.
+//   ActMode::Fp32  float activations, the eager op's semantics. Canonical arithmetic (every path
+//     computes exactly this, so results are bit-identical across paths):
+//       c_j   = fma-chain over the k of group g with k % 4 == j, ascending:  c_j = fma(level(code_k), x_k, c_j)
+//       res   = fma-chain over g ascending:  res = fma(max(s_g, eps), (c_0 + c_1) + (c_2 + c_3), res)
+//       out   = res
+//   ActMode::Int8  dynamic int8 activations, one scale per token (like torchao's 8da4w):
+//       d = amax|x| / 127, q_k = round-half-even(x_k / d) clamped to +-127 (q = 0 if d == 0),
+//       dot_g = sum_{k in g} code_k * q_k                     (exact, integer)
+//       v_g   = 2 * dot_g - (2 * zero) * sum_{k in g} q_k      (exact int32; 2*zero is integral)
+//       res   = fma-chain over g ascending:  res = fma(max(s_g, eps), float(v_g), res)
+//       out   = (res * (0.5 * step)) * d
+//     A token holding NaN or Inf is computed in Fp32 mode instead, so that NaN/Inf propagate
+//     exactly as in the eager op.
+//
+// Paths: Scalar (the reference: the formulas above, one code at a time), AVX2, AVX-512 (F, BW,
+// VL, VNNI, VBMI, VBMI2: Ice Lake / Zen 4 and later), NEON and NEON with dot-product instructions
+// (ARMv8.2 dotprod). Every SIMD path computes one output row per 32-bit vector lane (16 / 8 / 4
+// rows per vector) and reads the rows in place: it loads 16 bytes of each of those rows and
+// transposes them in registers into four "word vectors" (lane i = the next 32-bit word of row i).
+// Group boundaries then fall between vector operations, never inside one, so every group size
+// whose groups are whole words (1/2/4-bit: group_size * code_bits % 32 == 0) or whole 4-code
+// quads (3-bit: group_size % 4 == 0) runs the SIMD code at full speed; other group sizes use the
+// scalar reference (plan() says so). Per-row scales (one group) run SIMD for every K.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+
+#include "formats_table.h"
 
 namespace paretoq {
 
 struct Format {
   int code_bits;  // 1, 2, 3, 4
+  int n_codes;    // valid codes (3 for ternary)
   float zero;     // code of level 0 (2 * zero is an integer)
   float step;     // distance between normalised levels
 };
 
-// bits: 1, 1.58, 2, 3, 4 (mirrors paretoq_ao/formats.py). Returns false if unknown.
+// bits: 1, 1.58, 2, 3, 4 (formats_table.h). Returns false if unknown.
 bool format_for_bits(double bits, Format* out);
 
-enum class Path : int { Auto = 0, Scalar = 1, AVX2 = 2, AVX512 = 3, NEON = 4 };
+enum class Path : int { Auto = 0, Scalar = 1, AVX2 = 2, AVX512 = 3, NEON = 4, NEONDOT = 5 };
 enum class ActMode : int { Int8 = 0, Fp32 = 1 };
 
 const char* path_name(Path p);
 bool path_available(Path p);  // compiled in and supported by this CPU
 Path best_path();             // what Auto resolves to (env PARETOQ_KERNEL_PATH overrides)
 
-void set_activation_mode(ActMode m);
-ActMode activation_mode();
-
-// Prepared activations for the int8 mode (one per call; reused across output-row ranges/threads).
-struct Prepared {
-  int64_t M = 0, K = 0, G = 0, gs = 0;
-  int chunk = 0;             // C (codes per SIMD chunk), 0 = natural order (scalar)
-  int8_t* q = nullptr;       // [M, K], permuted inside full chunks of each group
-  float* d = nullptr;        // [M] per-token scales
-  int32_t* gsum = nullptr;   // [M, G] sum of q inside each group
-  const float* x = nullptr;  // fp32 mode: the raw activations [M, K]
-};
-
 struct LinearArgs {
-  const float* x;       // [M, K] activations
+  const float* x;       // [M, K] activations, rows contiguous
   int64_t M, K, N;
-  const uint8_t* w;     // [N, row_bytes]
+  const uint8_t* w;     // [N, row_bytes], paretoq-rowbits-v1
   int64_t row_bytes;
   const float* scale;   // [N, G]
   int64_t G;
@@ -69,42 +68,23 @@ struct LinearArgs {
   float* out;           // [M, N]
 };
 
-// The whole linear, with a caller-provided "parallel for" over output rows (may be null: serial).
-typedef void (*RangeFn)(void* ctx, int64_t n0, int64_t n1);
+// The largest group (or K, per row) the int32 accumulators of the Int8 mode allow.
+constexpr int64_t kMaxGroup = int64_t(1) << 20;
+
+// A caller-provided "parallel for" over [0, n) (may be null: serial). Ranges must cover [0, n).
+typedef void (*RangeFn)(void* ctx, int64_t b, int64_t e);
 typedef void (*ParallelFor)(int64_t n, RangeFn fn, void* ctx);
-// Returns nullptr on success, else an error message (static string).
+
+// nullptr if the arguments are consistent, else a message naming the dims (static storage for
+// fixed messages, else a thread-local buffer valid until the next call on this thread).
+const char* check_args(const LinearArgs& a);
+
+// The whole linear. Returns nullptr on success, else an error message (see check_args).
 const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf);
 
-// --- internals shared by the per-architecture translation units ---
-int chunk_codes(Path p, int code_bits);  // C for a path (0 for scalar / unsupported)
-void quantize_activations(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf, float* dbuf,
-                          int32_t* gbuf);
-// The same in two steps: fill in *p, then quantize tokens [m0, m1) (independent per token).
-void quantize_activations_begin(const LinearArgs& a, int chunk, Prepared* p, int8_t* qbuf,
-                                float* dbuf, int32_t* gbuf);
-void quantize_tokens(const LinearArgs& a, const Prepared& p, int64_t m0, int64_t m1);
-void rows_int8_scalar(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1);
-void rows_fp32_scalar(const LinearArgs& a, int64_t n0, int64_t n1);
-void rows_int8_avx2(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1);
-void rows_int8_avx512(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1);
-void rows_int8_neon(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1);
-
-// Shared scalar helpers (inline so every TU computes the epilogue identically).
-inline int code_at(const uint8_t* row, int64_t k, int b) {
-  const int64_t bit = k * b;
-  const int64_t byte = bit >> 3;
-  const int sh = static_cast<int>(bit & 7);
-  unsigned v = row[byte];
-  if (sh + b > 8) v |= static_cast<unsigned>(row[byte + 1]) << 8;
-  return static_cast<int>((v >> sh) & ((1u << b) - 1u));
-}
-
-inline float clamp_scale(float s) { return s < 1e-5f ? 1e-5f : s; }
-
-// Group epilogue: s * (dot - zero * qsum) with 2*zero integral, exact in int64.
-inline float group_term(float s, int64_t dot, int32_t qsum, int zero2) {
-  const int64_t v2 = 2 * dot - static_cast<int64_t>(zero2) * qsum;
-  return clamp_scale(s) * (static_cast<float>(v2) * 0.5f);
-}
+// Which kernel serves these arguments, e.g. "avx512 int8, 16 rows per vector" or
+// "scalar (group_size 24 is not a whole number of 32-bit words at 2-bit codes)".
+// Writes a NUL-terminated string into buf (at most n bytes) and returns buf.
+const char* plan(const LinearArgs& a, Path path, ActMode mode, char* buf, size_t n);
 
 }  // namespace paretoq

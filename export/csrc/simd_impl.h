@@ -1,173 +1,433 @@
-// One templated int8-activation kernel for every SIMD path (included by the per-architecture
-// translation units, each compiled with its own -m flags). `A` supplies the vector type and
-// the primitives: load(W bytes), shr(v, s) (logical shift right; s is a constant after unrolling),
-// band(v, mask), set1(byte), dot(acc, u8 codes, s8 activations), add32 / sra32(acc, s) on the
-// accumulators and reduce(acc); A::kMaskPlanes says whether dot() can take codes pre-scaled by
-// up to 2^(8-B) (u8 up to 255: true for VNNI vpdpbusd, false for AVX2 vpmaddubsw whose int16
-// pair sums would saturate), A::kPairSums whether it offers mul16 / add16 / widen_add (int16
-// pair sums, accumulated over the planes of a chunk before widening). Results are bit-identical
-// to rows_int8_scalar (integer dot products, same float epilogue); only the order of exact
-// integer additions differs.
+// The one SIMD implementation of both activation modes, instantiated by every architecture's
+// translation unit with its traits class `A` (compiled with that architecture's -m flags).
 //
-// Blocking: NR output rows x MT tokens per inner loop, NR * MT (* planes) int32 accumulators in
-// registers; every weight vector is loaded once per block and every activation vector is reused
-// for all NR rows.
-//   * MT == 1 (decode) with kMaskPlanes: plane p is extracted with a single AND (v & (mask << p*B),
-//     i.e. codes scaled by 2^(p*B)) into its own accumulator; the scale is removed with an exact
-//     arithmetic shift once per group (every partial sum is a multiple of 2^(p*B)).
-//   * MT == 1 with kPairSums (AVX2): int16 pair sums of all planes of a chunk are added before
-//     one widening to int32.
-//   * otherwise: plane p = (v >> p*B) & mask, computed once per row and reused for MT tokens.
-// int32 lanes cannot overflow before K reaches millions of codes (<= 4 * 255 * 127 per lane and
-// chunk).
+// A supplies: NB (32-bit lanes = rows per vector), kMT (largest token tile), kMaskedPlanes, the
+// vector types VI (int32 lanes) and VF (float lanes), and
+//   load4(b, st, out[4])   16 bytes of each of the NB rows b + i * st, transposed into four word
+//                          vectors: lane i of out[j] = 32-bit word j of row i
+//   srl<S> / sll<S> / sra<S>   per-lane shifts by a constant (S == 0 allowed for srl / sra)
+//   window<S>(lo, hi)      per-lane low 32 bits of (hi : lo) >> S, 0 < S < 32
+//   spread3(w)             the 4 x 3-bit fields at bits 0..11 of each lane -> 4 bytes
+//   dot(acc, u, x4)        acc += sum over the 4 bytes of each lane of u8(u) * s8(x4 broadcast)
+//   band, add, sub, set1_i, zero_i; cvt (int32 -> float), fma(a, b, c) = fused a * b + c,
+//   add_f, mul_f, set1_f, zero_f, max_eps(s) = (s < eps ? eps : s, NaN kept)
+//   levels(tab16, step, bias) / level<B>(v, lv)   float level of the code in the low B bits of v
+//   store(dst, v, lo, hi)  lanes [lo, hi) of v to dst[lo .. hi)
+//
+// Work is split into row blocks of NB consecutive rows (one vector lane per row), each computed
+// over the whole of K before the next one, so that the accumulators of one block and token tile
+// live in registers and the block streams NB rows in parallel. Integer sums are exact and the
+// float operations follow the canonical order of paretoq_kernels.h (fp32 mode: 4 chains by
+// k mod 4, then (c0 + c1) + (c2 + c3) per group), so every path is bit-identical to the scalar
+// reference in kernels.cpp.
 #pragma once
-#include <cmath>
-#include "paretoq_kernels.h"
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kernels_internal.h"
 
 namespace paretoq {
 namespace simd {
 
+template <class F, int... I>
+PQ_INLINE void unroll_impl(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+// f(std::integral_constant<int, i>) for i = 0 .. N-1, unrolled at compile time.
+template <int N, class F>
+PQ_INLINE void unroll(F&& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// Bytes of every row read per step: 16 (one load4) for 1/2/4-bit codes, 48 (three load4 = four
+// 32-code units) for 3-bit codes.
 template <int B>
-inline void unpack3(const uint8_t* p, int n, uint8_t* dst) {  // n codes, multiple of 8
-  for (int i = 0; i < n / 8; ++i) {
-    const uint32_t w = p[3 * i] | (p[3 * i + 1] << 8) | (p[3 * i + 2] << 16);
-    for (int j = 0; j < 8; ++j) dst[8 * i + j] = static_cast<uint8_t>((w >> (3 * j)) & 7u);
+constexpr int kSpan = (B == 3) ? 48 : 16;
+
+// One row block: NB consecutive rows addressed as wb + i * ws (lane i = row start + i). A block
+// that would run past N is shifted back to end at row N - 1 (its first `skip` lanes repeat rows
+// of the previous block and are not stored); when N < NB the rows are staged, zero-padded, in a
+// thread-local buffer. The partial last span of every row and its last (partial) 4 scales are
+// staged too, so that every load stays inside the tensors.
+template <class A>
+struct Block {
+  static constexpr int NB = A::NB;
+  const uint8_t* wb = nullptr;
+  const float* sb = nullptr;
+  int64_t ws = 0, ss = 0;  // weight row stride (bytes), scale row stride (floats)
+  int64_t full = 0;        // spans read from wb directly; the next one comes from tail
+  int64_t start = 0;
+  int skip = 0, lanes = 0; // store lanes [skip, lanes)
+  alignas(64) uint8_t tail[NB][48];
+  alignas(64) float stail[NB][4];
+};
+
+template <class A>
+inline void setup_block(Block<A>& t, const LinearArgs& a, int64_t first, int span) {
+  constexpr int NB = A::NB;
+  thread_local std::vector<uint8_t> wstage;
+  thread_local std::vector<float> sstage;
+  const uint8_t* w = a.w;
+  const float* sc = a.scale;
+  t.ws = a.row_bytes;
+  t.ss = a.G;
+  int64_t rows = a.N;
+  t.full = a.row_bytes / span;
+  if (a.N < NB) {  // stage the whole (tiny) weight, zero rows past N, rows padded to whole spans
+    t.ws = (a.row_bytes + span - 1) / span * span;
+    t.full = t.ws / span;
+    wstage.assign(static_cast<size_t>(NB * t.ws), 0);
+    sstage.assign(static_cast<size_t>(NB * a.G), 0.f);
+    for (int64_t n = 0; n < a.N; ++n) {
+      std::memcpy(wstage.data() + n * t.ws, a.w + n * a.row_bytes, static_cast<size_t>(a.row_bytes));
+      std::memcpy(sstage.data() + n * a.G, a.scale + n * a.G, sizeof(float) * static_cast<size_t>(a.G));
+    }
+    w = wstage.data();
+    sc = sstage.data();
+    rows = NB;
+  }
+  const int64_t st = first + NB <= rows ? first : rows - NB;
+  t.start = st;
+  t.skip = static_cast<int>(first - st);
+  t.lanes = static_cast<int>(a.N - st < NB ? a.N - st : NB);
+  t.wb = w + st * t.ws;
+  t.sb = sc + st * a.G;
+  const int64_t toff = t.full * span, tlen = a.row_bytes - toff;
+  const int64_t gt = (a.G / 4) * 4, glen = a.G - gt;
+  for (int i = 0; i < NB; ++i) {
+    std::memset(t.tail[i], 0, sizeof(t.tail[i]));
+    if (tlen > 0) std::memcpy(t.tail[i], t.wb + i * t.ws + toff, static_cast<size_t>(tlen));
+    for (int j = 0; j < 4; ++j) t.stail[i][j] = j < glen ? t.sb[i * a.G + gt + j] : 0.f;
   }
 }
 
-// NR rows (row pointers rows[r], scales srows[r]) x MT tokens starting at m0.
-template <class A, int B, int NR, int MT>
-inline void tile(const LinearArgs& a, const Prepared& p, const uint8_t* const* rows,
-                 const float* const* srows, int64_t m0, int zero2, float (*res)[4]) {
-  constexpr int W = A::W;
-  constexpr int CPB = (B == 3) ? 1 : 8 / B;
-  constexpr int C = W * CPB;
-  constexpr bool kMask = A::kMaskPlanes && MT == 1 && B != 3;
-  constexpr int NA = kMask ? CPB : 1;  // accumulators per (row, token)
-  constexpr bool kPair = A::kPairSums && MT == 1 && B != 3;
-  using V = typename A::V;
-  using Acc = typename A::Acc;
-  const int64_t K = a.K, gs = p.gs, nfull = gs / C;
-  for (int r = 0; r < NR; ++r)
-    for (int t = 0; t < MT; ++t) res[r][t] = 0.f;
-  const V mask = A::set1(static_cast<char>((1 << B) - 1));
-  for (int64_t g = 0; g < a.G; ++g) {
-    const int64_t g0 = g * gs;
-    const int64_t woff = (g0 * B) / 8;
-    Acc acc[NR][MT][NA];
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < MT; ++t)
-        for (int i = 0; i < NA; ++i) acc[r][t][i] = A::zero();
-    const int8_t* qb = p.q + m0 * K + g0;
-    if (B == 3) {
-      alignas(64) uint8_t buf[NR][W];
-      for (int64_t c = 0; c < nfull; ++c) {
-        for (int r = 0; r < NR; ++r) unpack3<B>(rows[r] + woff + c * (3 * W / 8), W, buf[r]);
-        for (int t = 0; t < MT; ++t) {
-          const V x = A::load(qb + t * K + c * C);
-          for (int r = 0; r < NR; ++r) acc[r][t][0] = A::dot(acc[r][t][0], A::load(buf[r]), x);
-        }
+// Weight span s: four word vectors (twelve for a 3-bit span).
+template <class A, int SPAN>
+PQ_INLINE void load_span(const Block<A>& t, int64_t s, typename A::VI* out) {
+  const bool direct = s < t.full;
+  const uint8_t* b = direct ? t.wb + s * SPAN : &t.tail[0][0];
+  const int64_t stride = direct ? t.ws : 48;
+  // The NB rows of a block are NB concurrent streams, more than the hardware prefetchers follow
+  // well; the next block's rows are contiguous (NB * row_bytes bytes), so they are prefetched
+  // sequentially into L2 while this one is computed: SPAN * NB bytes per step.
+  if (direct) {
+    const uint8_t* nb = t.wb + A::NB * t.ws + s * SPAN * A::NB;
+    for (int i = 0; i < SPAN * A::NB; i += 64) __builtin_prefetch(nb + i, 0, 2);
+  }
+  unroll<SPAN / 16>([&](auto I) { A::load4(b + 16 * I.value, stride, out + 4 * I.value); });
+}
+
+// Scales of groups g4 .. g4+3 (g4 % 4 == 0), clamped below at eps.
+template <class A>
+PQ_INLINE void load_scales(const Block<A>& t, int64_t g4, int64_t G, typename A::VF out[4]) {
+  typename A::VI v[4];
+  // the next block's scales are contiguous: prefetch as many bytes of them as this call reads
+  const uint8_t* nb = reinterpret_cast<const uint8_t*>(t.sb + A::NB * t.ss) + g4 * 4 * A::NB;
+  for (int i = 0; i < 16 * A::NB; i += 64) __builtin_prefetch(nb + i, 0, 2);
+  if (g4 + 4 <= G) A::load4(reinterpret_cast<const uint8_t*>(t.sb + g4), 4 * t.ss, v);
+  else A::load4(reinterpret_cast<const uint8_t*>(&t.stail[0][0]), 16, v);
+  unroll<4>([&](auto I) { out[I.value] = A::max_eps(A::as_f(v[I.value])); });
+}
+
+// Group bookkeeping: the group being accumulated and the index of its last block (word or quad).
+// Blocks past the last group (zero padding of a 3-bit row's last unit) end nothing.
+struct GroupCursor {
+  int64_t g = 0, last = 0, per = 1, groups = 1;
+  GroupCursor(int64_t per_group, int64_t n_groups) : last(per_group - 1), per(per_group), groups(n_groups) {}
+  bool ends(int64_t blk) const { return blk == last && g < groups; }
+  void next() { ++g; last += per; }
+};
+
+// Scale vector of group g (loaded 4 groups at a time).
+template <class A>
+struct Scales {
+  typename A::VF sv[4];
+  PQ_INLINE typename A::VF get(const Block<A>& t, int64_t g, int64_t G) {
+    if (G == 1) return sv[0];
+    if ((g & 3) == 0) load_scales<A>(t, g, G, sv);
+    return sv[g & 3];
+  }
+};
+
+template <class A, int MT>
+PQ_INLINE void store_block(const LinearArgs& a, const Block<A>& t, int64_t m0, const typename A::VF (&res)[MT],
+                           const float* dscale, float c) {
+  unroll<MT>([&](auto M) {
+    constexpr int mt = M.value;
+    typename A::VF v = res[mt];
+    if (dscale) v = A::mul_f(A::mul_f(v, A::set1_f(c)), A::set1_f(dscale[m0 + mt]));
+    A::store(a.out + (m0 + mt) * a.N + t.start, v, t.skip, t.lanes);
+  });
+}
+
+// ---- int8 activations --------------------------------------------------------------------------
+//
+// NA accumulators per token. With SH == 0 they are independent chains, summed at the end of a
+// group. With SH == B (decode, M == 1, "masked planes", where dot() takes u8 codes up to 255)
+// plane t of a word is extracted with a single AND of the mask shifted by t * B, i.e. codes scaled
+// by 2^(t*B); accumulator t then holds 2^(t*B) times its sum and is shifted back, exactly, once per
+// group. kMaskedMaxGroup keeps 2^(t*B) * sum inside int32.
+
+constexpr int64_t kMaskedMaxGroup = 131072;
+
+template <class A, int MT, int NA, int SH>
+struct I8Acc {
+  typename A::VI acc[MT][NA];
+  typename A::VF res[MT];
+  PQ_INLINE I8Acc() {
+    unroll<MT>([&](auto M) {
+      res[M.value] = A::zero_f();
+      unroll<NA>([&](auto I) { acc[M.value][I.value] = A::zero_i(); });
+    });
+  }
+  PQ_INLINE void flush(const Prepared& p, int64_t m0, int64_t g, typename A::VF s) {
+    unroll<MT>([&](auto M) {
+      constexpr int mt = M.value;
+      typename A::VI tot = acc[mt][0];
+      unroll<NA - 1>([&](auto I) { tot = A::add(tot, A::template sra<(I.value + 1) * SH>(acc[mt][I.value + 1])); });
+      const typename A::VI v2 = A::sub(A::template sll<1>(tot), A::set1_i(p.zq2[(m0 + mt) * p.G + g]));
+      res[mt] = A::fma(s, A::cvt(v2), res[mt]);
+      unroll<NA>([&](auto I) { acc[mt][I.value] = A::zero_i(); });
+    });
+  }
+};
+
+// 1/2/4-bit codes: a word vector holds 8/B planes; plane t meets one broadcast activation dword.
+template <class A, int B, int MT, int NA, int SH>
+PQ_FLATTEN void block_i8_words(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
+  using VI = typename A::VI;
+  constexpr int CPB = 8 / B, CPW = 32 / B;
+  constexpr bool kMasked = SH != 0;
+  static_assert(!kMasked || NA == CPB, "masked planes need one accumulator per plane");
+  const int64_t nwords = (a.row_bytes + 3) / 4, nsteps = (a.row_bytes + 15) / 16;
+  const int8_t* q[MT];
+  for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
+  VI masks[CPB];
+  for (int i = 0; i < CPB; ++i) masks[i] = A::set1_i(0x01010101 * (((1 << B) - 1) << (kMasked ? i * B : 0)));
+  I8Acc<A, MT, NA, SH> st;
+  Scales<A> sc;
+  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
+  GroupCursor cur(a.G == 1 ? nwords : p.gs * B / 32, a.G);
+  for (int64_t s = 0; s < nsteps; ++s) {
+    VI wv[4];
+    load_span<A, 16>(t, s, wv);
+    unroll<4>([&](auto J) {
+      const int64_t w = 4 * s + J.value;
+      if (w >= nwords) return;
+      unroll<CPB>([&](auto T) {
+        constexpr int tt = T.value;
+        const VI u = kMasked ? A::band(wv[J.value], masks[tt]) : A::band(A::template srl<tt * B>(wv[J.value]), masks[0]);
+        unroll<MT>([&](auto M) {
+          st.acc[M.value][tt % NA] = A::dot(st.acc[M.value][tt % NA], u, q[M.value] + w * CPW + 4 * tt);
+        });
+      });
+      if (cur.ends(w)) {
+        st.flush(p, m0, cur.g, sc.get(t, cur.g, a.G));
+        cur.next();
       }
-    } else {
-      const uint8_t* wp[NR];
-      for (int r = 0; r < NR; ++r) wp[r] = rows[r] + woff;
-      for (int64_t c = 0; c < nfull; ++c) {
-        V v[NR];
-        for (int r = 0; r < NR; ++r) {
-          v[r] = A::load(wp[r] + c * W);
-          // next row block, same offset (a prefetch past the range or the buffer is harmless)
-          __builtin_prefetch(wp[r] + NR * a.row_bytes + c * W);
-        }
-        const int8_t* qc = qb + c * C;
-        if constexpr (kPair) {
-          // u8 x s8 pair sums of all planes of the chunk added in int16 (<= 8 * 254, 4 * 762,
-          // 2 * 3810: no overflow), widened to int32 once per chunk and row.
-#pragma GCC unroll 4
-          for (int r = 0; r < NR; ++r) {
-            V s16 = A::mul16(A::band(v[r], mask), A::load(qc));
-#pragma GCC unroll 8
-            for (int pl = 1; pl < CPB; ++pl)
-              s16 = A::add16(s16, A::mul16(A::band(A::shr(v[r], pl * B), mask), A::load(qc + pl * W)));
-            acc[r][0][0] = A::widen_add(acc[r][0][0], s16);
-          }
-        } else if (kMask) {
-#pragma GCC unroll 8
-          for (int pl = 0; pl < CPB; ++pl) {
-            const V m = A::set1(static_cast<char>(((1 << B) - 1) << (pl * B)));
-            const V x = A::load(qc + pl * W);
-#pragma GCC unroll 4
-            for (int r = 0; r < NR; ++r)
-              acc[r][0][pl % NA] = A::dot(acc[r][0][pl % NA], A::band(v[r], m), x);
-          }
-        } else {
-#pragma GCC unroll 8
-          for (int pl = 0; pl < CPB; ++pl) {
-            V x[MT];
-#pragma GCC unroll 4
-            for (int t = 0; t < MT; ++t) x[t] = A::load(qc + t * K + pl * W);
-#pragma GCC unroll 4
-            for (int r = 0; r < NR; ++r) {
-              const V u = A::band(A::shr(v[r], pl * B), mask);
-#pragma GCC unroll 4
-              for (int t = 0; t < MT; ++t) acc[r][t][0] = A::dot(acc[r][t][0], u, x[t]);
-            }
-          }
-        }
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      for (int t = 0; t < MT; ++t) {
-        Acc s = acc[r][t][0];
-        for (int i = 1; i < NA; ++i) s = A::add32(s, A::sra32(acc[r][t][i], i * B));
-        int64_t dot = A::reduce(s);
-        const int8_t* q = p.q + (m0 + t) * K;
-        for (int64_t k = g0 + nfull * C; k < g0 + gs; ++k) dot += code_at(rows[r], k, B) * q[k];
-        res[r][t] += group_term(srows[r][g], dot, p.gsum[(m0 + t) * a.G + g], zero2);
-      }
-    }
+    });
+  }
+  store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
+}
+
+// 3-bit codes: 32-code units of 3 words; quad d (codes 4d..4d+3, bits 12d..12d+11) is cut out of
+// its word(s) with a shift or a funnel shift and spread into 4 bytes.
+template <class A, int D>
+PQ_INLINE typename A::VI quad_window(const typename A::VI* W) {
+  constexpr int pos = 12 * D, wi = pos / 32, sh = pos % 32;
+  if constexpr (sh + 12 <= 32) {
+    return A::template srl<sh>(W[wi]);
+  } else {
+    return A::template window<sh>(W[wi], W[wi + 1]);
   }
 }
 
-template <class A, int B, int NR>
-inline void row_block(const LinearArgs& a, const Prepared& p, int64_t n, int zero2) {
-  const uint8_t* rows[NR];
-  const float* srows[NR];
-  for (int r = 0; r < NR; ++r) {
-    rows[r] = a.w + (n + r) * a.row_bytes;
-    srows[r] = a.scale + (n + r) * a.G;
+template <class A, int MT, int NA>
+PQ_FLATTEN void block_i8_units(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
+  using VI = typename A::VI;
+  const int64_t nunits = (a.row_bytes + kUnit3Bytes - 1) / kUnit3Bytes, nsteps = (a.row_bytes + 47) / 48;
+  const int8_t* q[MT];
+  for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
+  I8Acc<A, MT, NA, 0> st;
+  Scales<A> sc;
+  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
+  GroupCursor cur(a.G == 1 ? nunits * 8 : p.gs / 4, a.G);
+  for (int64_t s = 0; s < nsteps; ++s) {
+    VI wv[12];
+    load_span<A, 48>(t, s, wv);
+    unroll<4>([&](auto U) {
+      const int64_t unit = 4 * s + U.value;
+      if (unit >= nunits) return;
+      const VI* W = wv + 3 * U.value;
+      unroll<8>([&](auto Dc) {
+        constexpr int d = Dc.value;
+        const VI c4 = A::spread3(quad_window<A, d>(W));
+        unroll<MT>([&](auto M) {
+          st.acc[M.value][d % NA] = A::dot(st.acc[M.value][d % NA], c4, q[M.value] + unit * kUnit3Codes + 4 * d);
+        });
+        if (cur.ends(unit * 8 + d)) {
+          st.flush(p, m0, cur.g, sc.get(t, cur.g, a.G));
+          cur.next();
+        }
+      });
+    });
   }
-  float res[NR][4];
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    const int64_t mt = a.M - m0 < 4 ? a.M - m0 : 4;
-    switch (mt) {
-      case 1: tile<A, B, NR, 1>(a, p, rows, srows, m0, zero2, res); break;
-      case 2: tile<A, B, NR, 2>(a, p, rows, srows, m0, zero2, res); break;
-      case 3: tile<A, B, NR, 3>(a, p, rows, srows, m0, zero2, res); break;
-      default: tile<A, B, NR, 4>(a, p, rows, srows, m0, zero2, res); break;
-    }
-    for (int r = 0; r < NR; ++r)
-      for (int64_t t = 0; t < mt; ++t)
-        a.out[(m0 + t) * a.N + n + r] = res[r][t] * a.fmt.step * p.d[m0 + t];
+  store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
+}
+
+// ---- float activations -------------------------------------------------------------------------
+
+template <class A, int MT>
+struct F32Acc {
+  typename A::VF acc[MT][4];  // chains by k mod 4
+  typename A::VF res[MT];
+  PQ_INLINE F32Acc() {
+    unroll<MT>([&](auto M) {
+      res[M.value] = A::zero_f();
+      unroll<4>([&](auto I) { acc[M.value][I.value] = A::zero_f(); });
+    });
+  }
+  PQ_INLINE void flush(typename A::VF s) {
+    unroll<MT>([&](auto M) {
+      constexpr int mt = M.value;
+      const typename A::VF g = A::add_f(A::add_f(acc[mt][0], acc[mt][1]), A::add_f(acc[mt][2], acc[mt][3]));
+      res[mt] = A::fma(s, g, res[mt]);
+      unroll<4>([&](auto I) { acc[mt][I.value] = A::zero_f(); });
+    });
+  }
+};
+
+template <class A, int B, int MT>
+PQ_FLATTEN void block_f32_words(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
+                     const typename A::Levels& lv) {
+  using VI = typename A::VI;
+  constexpr int CPW = 32 / B;
+  const int64_t nwords = (a.row_bytes + 3) / 4, nsteps = (a.row_bytes + 15) / 16;
+  const float* x[MT];
+  for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
+  F32Acc<A, MT> st;
+  Scales<A> sc;
+  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
+  GroupCursor cur(a.G == 1 ? nwords : p.gs * B / 32, a.G);
+  for (int64_t s = 0; s < nsteps; ++s) {
+    VI wv[4];
+    load_span<A, 16>(t, s, wv);
+    unroll<4>([&](auto J) {
+      const int64_t w = 4 * s + J.value;
+      if (w >= nwords) return;
+      unroll<CPW>([&](auto C) {
+        constexpr int c = C.value;
+        const typename A::VF l = A::template level<B>(A::template srl<c * B>(wv[J.value]), lv);
+        unroll<MT>([&](auto M) {
+          st.acc[M.value][c & 3] = A::fma(l, A::set1_f(x[M.value][w * CPW + c]), st.acc[M.value][c & 3]);
+        });
+      });
+      if (cur.ends(w)) {
+        st.flush(sc.get(t, cur.g, a.G));
+        cur.next();
+      }
+    });
+  }
+  store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
+}
+
+// Code i of a 3-bit unit (bits 3i .. 3i+2) in the low bits of each lane.
+template <class A, int I>
+PQ_INLINE typename A::VI code3(const typename A::VI* W) {
+  constexpr int pos = 3 * I, wi = pos / 32, sh = pos % 32;
+  if constexpr (sh + 3 <= 32) {
+    return A::template srl<sh>(W[wi]);
+  } else {
+    return A::template window<sh>(W[wi], W[wi + 1]);
   }
 }
 
+template <class A, int MT>
+PQ_FLATTEN void block_f32_units(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
+                     const typename A::Levels& lv) {
+  using VI = typename A::VI;
+  const int64_t nunits = (a.row_bytes + kUnit3Bytes - 1) / kUnit3Bytes, nsteps = (a.row_bytes + 47) / 48;
+  const float* x[MT];
+  for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
+  F32Acc<A, MT> st;
+  Scales<A> sc;
+  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
+  GroupCursor cur(a.G == 1 ? nunits * 8 : p.gs / 4, a.G);
+  for (int64_t s = 0; s < nsteps; ++s) {
+    VI wv[12];
+    load_span<A, 48>(t, s, wv);
+    unroll<4>([&](auto U) {
+      const int64_t unit = 4 * s + U.value;
+      if (unit >= nunits) return;
+      const VI* W = wv + 3 * U.value;
+      unroll<kUnit3Codes>([&](auto Ic) {
+        constexpr int i = Ic.value;
+        const typename A::VF l = A::template level<3>(code3<A, i>(W), lv);
+        unroll<MT>([&](auto M) {
+          st.acc[M.value][i & 3] = A::fma(l, A::set1_f(x[M.value][unit * kUnit3Codes + i]), st.acc[M.value][i & 3]);
+        });
+        if constexpr (i % 4 == 3) {
+          if (cur.ends(unit * 8 + i / 4)) {
+            st.flush(sc.get(t, cur.g, a.G));
+            cur.next();
+          }
+        }
+      });
+    });
+  }
+  store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
+}
+
+// ---- blocks and row ranges ---------------------------------------------------------------------
+
+template <class A, int B, int MT, int NA, int SH = 0>
+inline void block(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
+                  const typename A::Levels& lv) {
+  if (mode == ActMode::Int8) {
+    if constexpr (B == 3) block_i8_units<A, MT, NA>(a, p, t, m0);
+    else block_i8_words<A, B, MT, NA, SH>(a, p, t, m0);
+  } else {
+    if constexpr (B == 3) block_f32_units<A, MT>(a, p, t, m0, lv);
+    else block_f32_words<A, B, MT>(a, p, t, m0, lv);
+  }
+}
+
+// Token tiles of A::kMT (the decoded weight vectors are reused for every token of a tile); M == 1
+// uses masked planes where the path and the group allow, else two accumulator chains.
 template <class A, int B>
-void rows(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
-  const int zero2 = static_cast<int>(std::lrint(2.0 * a.fmt.zero));
-  // 1-bit decode with masked planes keeps 8 accumulators per row: 2 rows fit the registers.
-  constexpr int NR = (B == 1 && A::kMaskPlanes) ? 2 : A::kRows;
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) row_block<A, B, NR>(a, p, n, zero2);
-  for (; n < n1; ++n) row_block<A, B, 1>(a, p, n, zero2);
+void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
+  constexpr int MT = A::kMT;
+  float tab[16];
+  level_table(a.fmt, tab);
+  const typename A::Levels lv = A::levels(tab, a.fmt.step, -a.fmt.zero * a.fmt.step);
+  const bool masked = A::kMaskedPlanes && B != 3 && mode == ActMode::Int8 && p.gs <= kMaskedMaxGroup;
+  Block<A> t;
+  for (int64_t n = n0; n < n1; n += A::NB) {
+    setup_block<A>(t, a, n, kSpan<B>);
+    int64_t m = 0;
+    for (; m + MT <= a.M; m += MT) block<A, B, MT, 1>(a, p, mode, t, m, lv);
+    for (; m + 2 <= a.M; m += 2) block<A, B, 2, 1>(a, p, mode, t, m, lv);
+    if (m < a.M) {
+      if constexpr (A::kMaskedPlanes && B != 3) {
+        if (masked) {
+          block<A, B, 1, 8 / B, B>(a, p, mode, t, m, lv);
+          continue;
+        }
+      }
+      block<A, B, 1, 2>(a, p, mode, t, m, lv);
+    }
+  }
 }
 
 template <class A>
-void rows_dispatch(const LinearArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
+void rows(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
   switch (a.fmt.code_bits) {
-    case 1: return rows<A, 1>(a, p, n0, n1);
-    case 2: return rows<A, 2>(a, p, n0, n1);
-    case 3: return rows<A, 3>(a, p, n0, n1);
-    default: return rows<A, 4>(a, p, n0, n1);
+    case 1: return rows_b<A, 1>(a, p, mode, n0, n1);
+    case 2: return rows_b<A, 2>(a, p, mode, n0, n1);
+    case 3: return rows_b<A, 3>(a, p, mode, n0, n1);
+    default: return rows_b<A, 4>(a, p, mode, n0, n1);
   }
 }
 

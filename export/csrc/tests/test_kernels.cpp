@@ -1,92 +1,179 @@
-// C++ unit test: every compiled + supported SIMD path vs the scalar reference (bit-exact in the
-// int8 mode), and the int8 path vs the fp32 path (loose), on odd shapes, every bit width.
-// Prints "PASS n" / "FAIL ..." lines; exit code 0 on success.
+// C++ unit test: every compiled + supported SIMD path against the scalar reference, bit-exact in
+// both activation modes, for every format, per-row and group scales, M bands 1 / 2..16 / > 16 and
+// odd shapes (N = 1, K not a multiple of the SIMD width, partial row tiles, tails); NaN/Inf
+// tokens; the plan() of aligned group layouts must be a SIMD path; int8-vs-fp32 error.
+// Prints "PASS ..." / "FAIL ..." lines; exit code 0 on success.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../paretoq_kernels.h"
 
 using namespace paretoq;
 
-static void serial_pf(int64_t n, RangeFn fn, void* ctx) {
+static void uneven_pf(int64_t n, RangeFn fn, void* ctx) {
   // Uneven split into three ranges: exercises range boundaries like a thread pool would.
   const int64_t a = n / 3, b = (2 * n) / 3;
-  fn(ctx, 0, a); fn(ctx, a, b); fn(ctx, b, n);
+  fn(ctx, 0, a);
+  fn(ctx, a, b);
+  fn(ctx, b, n);
 }
 
-int main(int argc, char** argv) {
+struct Shape { int64_t M, K, N, G; };
+
+struct Case {
+  Format f;
+  double bits;
+  Shape s;
+  int64_t rb;
+  std::vector<uint8_t> w;
+  std::vector<float> x, sc;
+};
+
+static Case make_case(std::mt19937& rng, double bits, const Shape& s) {
+  Case c;
+  format_for_bits(bits, &c.f);
+  c.bits = bits;
+  c.s = s;
+  c.rb = (s.K * c.f.code_bits + 7) / 8;
+  c.w.assign(static_cast<size_t>(s.N * c.rb), 0);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const unsigned code = static_cast<unsigned>(rng() % c.f.n_codes);
+      const int64_t bit = k * c.f.code_bits;
+      const unsigned v = code << (bit & 7);
+      c.w[n * c.rb + bit / 8] |= v & 0xFF;
+      if ((bit & 7) + c.f.code_bits > 8) c.w[n * c.rb + bit / 8 + 1] |= v >> 8;
+    }
+  std::normal_distribution<float> nd(0.f, 1.f);
+  c.x.resize(static_cast<size_t>(s.M * s.K));
+  c.sc.resize(static_cast<size_t>(s.N * s.G));
+  for (auto& v : c.x) v = nd(rng);
+  for (auto& v : c.sc) v = 0.01f + std::fabs(nd(rng)) * 0.1f;
+  c.sc[0] = 0.f;  // clamped to eps
+  return c;
+}
+
+static std::vector<float> run(const Case& c, Path p, ActMode mode) {
+  std::vector<float> out(static_cast<size_t>(c.s.M * c.s.N), -1.f);
+  LinearArgs a{c.x.data(), c.s.M, c.s.K, c.s.N, c.w.data(), c.rb, c.sc.data(), c.s.G, c.f, out.data()};
+  if (const char* e = linear(a, p, mode, uneven_pf)) {
+    std::printf("FAIL error from path %s: %s\n", path_name(p), e);
+    out.clear();
+  }
+  return out;
+}
+
+static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+static bool simd_aligned(const Case& c) {
+  if (c.s.G == 1) return true;
+  const int64_t gs = c.s.K / c.s.G;
+  return c.f.code_bits == 3 ? gs % 4 == 0 : (gs * c.f.code_bits) % 32 == 0;
+}
+
+int main() {
   std::mt19937 rng(1234);
   const double bits_list[] = {1, 1.58, 2, 3, 4};
-  struct Shape { int64_t M, K, N, G; };
-  const Shape shapes[] = {{1, 1, 1, 1},     {1, 37, 5, 1},     {3, 129, 7, 1},   {1, 1000, 9, 1},
-                          {5, 2048, 3, 1},  {2, 512, 17, 8},   {4, 384, 4, 3},   {7, 96, 2, 3},
-                          {1, 4104, 6, 1},  {9, 130, 1, 2},    {2, 520, 5, 65},  {1, 192, 8, 6},
-                          // multi-row blocks (4 / 2 rows) + full SIMD chunks + tail rows
-                          {1, 2048, 13, 1}, {8, 1024, 21, 2},  {3, 4096, 14, 4}, {6, 1536, 19, 1},
-                          {1, 3072, 14, 3}};
+  const Shape shapes[] = {
+      {1, 1, 1, 1},     {1, 37, 5, 1},     {3, 129, 7, 1},    {1, 1000, 9, 1},   {5, 2048, 3, 1},
+      {2, 512, 17, 8},  {4, 384, 4, 3},    {7, 96, 2, 3},     {1, 4104, 6, 1},   {9, 130, 1, 2},
+      {2, 520, 5, 65},  {1, 192, 8, 6},    {1, 2048, 67, 1},  {8, 1024, 21, 2},  {3, 4096, 14, 4},
+      {6, 1536, 19, 1}, {1, 3072, 14, 3},  {1, 512, 33, 16},  {1, 768, 40, 24},  {1, 1024, 70, 4},
+      {1, 2048, 16, 64}, {2, 1024, 35, 32}, {5, 1024, 18, 8}, {17, 256, 23, 8},  {70, 384, 37, 12},
+      {1, 96, 130, 3},  {4, 64, 65, 2},    {1, 48, 16, 3},    {2, 80, 9, 5},     {33, 64, 17, 1}};
   std::vector<Path> paths;
-  for (Path p : {Path::AVX2, Path::AVX512, Path::NEON})
+  for (Path p : {Path::AVX2, Path::AVX512, Path::NEON, Path::NEONDOT})
     if (path_available(p)) paths.push_back(p);
   std::printf("best path: %s; testing", path_name(best_path()));
   for (Path p : paths) std::printf(" %s", path_name(p));
   std::printf("\n");
   int fails = 0, checks = 0;
   double worst_rel = 0;
+  char buf[256];
   for (double bits : bits_list) {
-    Format f;
-    format_for_bits(bits, &f);
     for (const Shape& s : shapes) {
-      const int64_t rb = (s.K * f.code_bits + 7) / 8;
-      std::vector<uint8_t> w(s.N * rb);
-      const int ncodes = (bits == 1.58) ? 3 : (1 << f.code_bits);
-      std::vector<int> codes(s.N * s.K);
-      for (auto& c : codes) c = static_cast<int>(rng() % ncodes);
-      std::fill(w.begin(), w.end(), 0);
-      for (int64_t n = 0; n < s.N; ++n)
-        for (int64_t k = 0; k < s.K; ++k) {
-          const int64_t bit = k * f.code_bits;
-          const unsigned v = static_cast<unsigned>(codes[n * s.K + k]) << (bit & 7);
-          w[n * rb + bit / 8] |= v & 0xFF;
-          if ((bit & 7) + f.code_bits > 8) w[n * rb + bit / 8 + 1] |= v >> 8;
-        }
-      std::normal_distribution<float> nd(0.f, 1.f);
-      std::vector<float> x(s.M * s.K), sc(s.N * s.G);
-      for (auto& v : x) v = nd(rng);
-      for (auto& v : sc) v = 0.01f + std::fabs(nd(rng)) * 0.1f;
-      sc[0] = 0.f;  // clamped to 1e-5
-      std::vector<float> ref(s.M * s.N), got(s.M * s.N), fp(s.M * s.N);
-      LinearArgs a{x.data(), s.M, s.K, s.N, w.data(), rb, sc.data(), s.G, f, ref.data()};
-      if (const char* e = linear(a, Path::Scalar, ActMode::Int8, nullptr)) {
-        std::printf("FAIL error %s\n", e); return 1;
-      }
-      a.out = fp.data();
-      linear(a, Path::Scalar, ActMode::Fp32, serial_pf);
-      // int8 vs fp32: relative error of the whole output
+      Case c = make_case(rng, bits, s);
+      const std::vector<float> ref8 = run(c, Path::Scalar, ActMode::Int8);
+      const std::vector<float> ref32 = run(c, Path::Scalar, ActMode::Fp32);
+      if (ref8.empty() || ref32.empty()) return 1;
       double num = 0, den = 0;
-      for (size_t i = 0; i < ref.size(); ++i) {
-        num += (ref[i] - fp[i]) * (ref[i] - fp[i]);
-        den += fp[i] * fp[i];
+      for (size_t i = 0; i < ref8.size(); ++i) {
+        num += (ref8[i] - ref32[i]) * (ref8[i] - ref32[i]);
+        den += ref32[i] * ref32[i];
       }
       if (den > 0 && s.K >= 32) worst_rel = std::max(worst_rel, std::sqrt(num / den));
       for (Path p : paths) {
-        a.out = got.data();
-        std::fill(got.begin(), got.end(), -1.f);
-        linear(a, p, ActMode::Int8, serial_pf);
-        ++checks;
-        if (std::memcmp(ref.data(), got.data(), ref.size() * sizeof(float)) != 0) {
-          ++fails;
-          std::printf("FAIL path=%s bits=%g M=%lld K=%lld N=%lld G=%lld ref[0]=%g got[0]=%g\n",
-                      path_name(p), bits, (long long)s.M, (long long)s.K, (long long)s.N,
-                      (long long)s.G, ref[0], got[0]);
+        for (ActMode mode : {ActMode::Int8, ActMode::Fp32}) {
+          ++checks;
+          const std::vector<float> got = run(c, p, mode);
+          const std::vector<float>& ref = mode == ActMode::Int8 ? ref8 : ref32;
+          LinearArgs a{c.x.data(), s.M, s.K, s.N, c.w.data(), c.rb, c.sc.data(), s.G, c.f, nullptr};
+          plan(a, p, mode, buf, sizeof(buf));
+          const bool is_scalar = std::strncmp(buf, "scalar", 6) == 0;
+          if (simd_aligned(c) == is_scalar) {
+            ++fails;
+            std::printf("FAIL plan for bits=%g K=%lld G=%lld: %s\n", bits, (long long)s.K, (long long)s.G, buf);
+          }
+          if (!same_bits(ref, got)) {
+            ++fails;
+            size_t i = 0;
+            while (i < ref.size() && std::memcmp(&ref[i], &got[i], sizeof(float)) == 0) ++i;
+            std::printf("FAIL path=%s mode=%s bits=%g M=%lld K=%lld N=%lld G=%lld first diff at %zu: ref=%.9g got=%.9g\n",
+                        path_name(p), mode == ActMode::Int8 ? "int8" : "fp32", bits, (long long)s.M,
+                        (long long)s.K, (long long)s.N, (long long)s.G, i, i < ref.size() ? ref[i] : 0.f,
+                        i < got.size() ? got[i] : 0.f);
+          }
         }
       }
     }
   }
+  // NaN / Inf tokens: int8 mode computes them with float activations (propagating like eager).
+  for (double bits : bits_list) {
+    Case c = make_case(rng, bits, Shape{3, 256, 20, 4});
+    c.x[0 * 256 + 7] = std::numeric_limits<float>::quiet_NaN();
+    c.x[2 * 256 + 9] = std::numeric_limits<float>::infinity();
+    std::vector<Path> all = paths;
+    all.push_back(Path::Scalar);
+    for (Path p : all) {
+      ++checks;
+      const std::vector<float> i8 = run(c, p, ActMode::Int8), f32 = run(c, p, ActMode::Fp32);
+      bool ok = i8.size() == f32.size();
+      for (int64_t n = 0; ok && n < 20; ++n) {
+        ok = std::isnan(i8[n]) && std::memcmp(&i8[2 * 20 + n], &f32[2 * 20 + n], 4) == 0 &&
+             !std::isnan(i8[20 + n]) && std::isfinite(i8[20 + n]);
+      }
+      if (!ok) {
+        ++fails;
+        std::printf("FAIL non-finite tokens path=%s bits=%g\n", path_name(p), bits);
+      }
+    }
+  }
+  // Bad arguments: messages name the dims.
+  {
+    Case c = make_case(rng, 2, Shape{1, 64, 4, 1});
+    std::vector<float> out(4);
+    LinearArgs a{c.x.data(), 1, 64, 4, c.w.data(), c.rb + 1, c.sc.data(), 1, c.f, out.data()};
+    const char* e = linear(a, Path::Auto, ActMode::Int8, nullptr);
+    ++checks;
+    if (!e || !std::strstr(e, "K=64")) { ++fails; std::printf("FAIL bad row_bytes message: %s\n", e ? e : "(none)"); }
+    a.row_bytes = c.rb;
+    a.G = 3;
+    e = linear(a, Path::Auto, ActMode::Int8, nullptr);
+    ++checks;
+    if (!e || !std::strstr(e, "G=3")) { ++fails; std::printf("FAIL bad G message: %s\n", e ? e : "(none)"); }
+  }
   std::printf("int8-vs-fp32 worst relative L2 error (K>=32): %.4g\n", worst_rel);
-  if (worst_rel > 0.05) { std::printf("FAIL int8 activation error too large\n"); ++fails; }
+  if (worst_rel > 0.05) {
+    std::printf("FAIL int8 activation error too large\n");
+    ++fails;
+  }
   std::printf("%s %d checks, %d failures\n", fails ? "FAIL" : "PASS", checks, fails);
   return fails ? 1 : 0;
 }

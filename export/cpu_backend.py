@@ -1,0 +1,97 @@
+"""The ``cpu`` backend of the ParetoQ linear ops (registered through the ``paretoq_ao.backends``
+entry point; see paretoq_ao/backends.py): the C++ kernel library of ``csrc/`` through its ATen
+registration ``paretoq_cpu::linear``, for eager PyTorch and ``torch.compile`` on CPUs.
+
+The library is built on first use against the installed torch (about a minute, once; cached,
+see ``_build.py``) and loaded once per process. It serves every format, scale layout and batch
+size, both activation modes, any floating input dtype except float64 (computed in float32).
+If it cannot be built (no compiler, no CMake), the first CPU call warns once, naming what is
+missing, and the ops run the PyTorch reference. ``PARETOQ_CPU_KERNELS=0`` turns it off quietly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional
+
+import torch
+
+from paretoq_ao import backends
+
+from ._build import KernelBuildError, build_dir, load_aten_kernels
+
+__all__ = ["activate", "BACKEND", "available", "call_count", "plan"]
+
+_log = logging.getLogger("paretoq_ao")
+_lock = threading.Lock()
+_status: Optional[str] = None  # "ok" or the reason the kernels are unavailable
+_DISABLED = "disabled by PARETOQ_CPU_KERNELS=0"
+
+
+def _load() -> Optional[str]:
+    """None once the library is loaded, else why it is not (computed once)."""
+    global _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                if os.environ.get("PARETOQ_CPU_KERNELS", "").strip() == "0":
+                    _status = _DISABLED
+                else:
+                    _status = _build_and_load()
+    return None if _status == "ok" else _status
+
+
+def _build_and_load() -> str:
+    try:
+        target = build_dir("aten")
+        if not target.exists():
+            _log.warning("paretoq_ao: building the C++ CPU kernels against torch %s into %s "
+                         "(once; about a minute)", torch.__version__, target)
+        load_aten_kernels()
+    except KernelBuildError as e:
+        first = str(e).strip().splitlines()[0]
+        return (f"the C++ CPU kernels are unavailable: {first} (fix that, or set PARETOQ_CPU_KERNELS=0 "
+                f"to use the reference without this warning)")
+    return "ok"
+
+
+def available() -> bool:
+    """True when the C++ CPU kernels are built and loaded (builds them on first call)."""
+    return _load() is None
+
+
+def _supports(call: backends.LinearCall) -> Optional[str]:
+    if call.input.dtype == torch.float64 or call.scale.dtype == torch.float64:
+        return "float64 tensors (the C++ kernels compute in float32)"
+    return _load()
+
+
+def _run(call: backends.LinearCall) -> torch.Tensor:
+    return torch.ops.paretoq_cpu.linear(call.input, call.packed, call.scale, float(call.fmt.bits), call.int8_act)
+
+
+BACKEND = backends.LinearBackend(
+    name="cpu", device_types=("cpu",), priority=10, supports=_supports, run=_run,
+    quiet=lambda reason: reason == _DISABLED,
+)
+
+
+def activate() -> None:
+    backends.register_backend(BACKEND)
+
+
+def call_count(int8_act: bool = False) -> int:
+    """Calls the C++ CPU kernels served since they were loaded (0 if they are not), per mode."""
+    if _status != "ok":
+        return 0
+    return int(torch.ops.paretoq_cpu.call_count(bool(int8_act)))
+
+
+def plan(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits, int8_act: bool = False) -> str:
+    """Which kernel path the C++ library runs for these arguments, e.g. "avx512 int8, 16 rows per
+    vector", or "scalar (...)" with the reason a layout cannot use the SIMD code."""
+    if not available():
+        raise RuntimeError(_status)
+    return str(torch.ops.paretoq_cpu.plan(input, packed, scale, float(bits), bool(int8_act)))

@@ -1,0 +1,157 @@
+"""Backends of the ParetoQ linear ops, in a registry that the backends fill in themselves.
+
+``paretoq::linear`` (float activations) and ``paretoq::linear_8da`` (dynamic int8 activations, one
+scale per token) validate their arguments once, then run the first registered backend, by
+priority, that serves the call's device and says yes to it (``supports(call) is None``); the
+plain PyTorch reference of ops.py serves everything else and is the oracle of every test.
+
+Backends live in their own packages and announce themselves through the ``paretoq_ao.backends``
+entry-point group (pyproject.toml): on the first op call each entry point's ``activate()`` is
+called once and registers its ``LinearBackend`` with ``register_backend``. Shipped:
+
+* ``cpu``    (``paretoq_ao.export.cpu_backend``): the C++ kernel library (AVX2 / AVX-512 / NEON),
+  built on first use against the installed torch; every format, group layout and M;
+* ``triton`` (``paretoq_ao.triton_kernels.backend``): the Triton kernels on CUDA (and on CPU
+  tensors while ``TRITON_INTERPRET=1``, which runs them in Triton's interpreter); float
+  activations only.
+
+Never silently slow: when a call that has a backend for its device falls back to the reference,
+one warning per reason says why and how to fix it. ``disabled(names)`` turns backends off for a
+block (tests, debugging); ``PARETOQ_AO_BACKENDS=reference`` (or a comma-separated list of the
+backends to allow) does so for a process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .formats import BitFormat
+
+__all__ = ["LinearCall", "LinearBackend", "register_backend", "registered_backends", "select",
+           "disabled", "BackendFallbackWarning", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "paretoq_ao.backends"
+
+
+class BackendFallbackWarning(UserWarning):
+    """A ParetoQ linear ran the slow PyTorch reference although a backend exists for its device."""
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One call of the ops, arguments already validated (shapes, dtypes, devices)."""
+
+    input: torch.Tensor
+    packed: torch.Tensor
+    scale: torch.Tensor
+    fmt: BitFormat
+    int8_act: bool
+
+    @property
+    def op(self) -> str:
+        return "paretoq::linear_8da" if self.int8_act else "paretoq::linear"
+
+
+@dataclass(frozen=True)
+class LinearBackend:
+    """``supports(call)`` returns None when ``run(call)`` serves the call, else the reason it
+    does not; ``quiet(reason)`` says whether falling back for that reason is expected (no
+    warning: e.g. a CPU tensor offered to the Triton backend outside the interpreter)."""
+
+    name: str
+    device_types: Sequence[str]
+    priority: int
+    supports: Callable[[LinearCall], Optional[str]]
+    run: Callable[[LinearCall], torch.Tensor]
+    quiet: Callable[[str], bool] = lambda reason: False
+
+
+_lock = threading.Lock()
+_backends: List[LinearBackend] = []
+_activated = False
+_disabled: set = set()
+_warned: set = set()
+
+
+def register_backend(backend: LinearBackend) -> None:
+    """Add (or replace, by name) a backend."""
+    with _lock:
+        _backends[:] = [b for b in _backends if b.name != backend.name] + [backend]
+        _backends.sort(key=lambda b: -b.priority)
+
+
+def _activate() -> None:
+    global _activated
+    with _lock:
+        if _activated:
+            return
+        _activated = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()()
+
+
+def registered_backends() -> List[LinearBackend]:
+    _activate()
+    return list(_backends)
+
+
+def _allowed(name: str) -> bool:
+    if name in _disabled:
+        return False
+    env = os.environ.get("PARETOQ_AO_BACKENDS")
+    if env is None:
+        return True
+    return name in {s.strip() for s in env.split(",")}
+
+
+@contextlib.contextmanager
+def disabled(names) -> Iterator[None]:
+    """Turn the named backends off inside a ``with`` block (``"all"``: every backend)."""
+    names = {names} if isinstance(names, str) else set(names)
+    if "all" in names:
+        names = {b.name for b in registered_backends()}
+    added = names - _disabled
+    _disabled.update(added)
+    try:
+        yield
+    finally:
+        _disabled.difference_update(added)
+
+
+def _warn_once(backend: LinearBackend, call: LinearCall, reason: str) -> None:
+    key = (backend.name, reason)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"{call.op} on {call.input.device.type}: the {backend.name!r} backend does not serve this call "
+        f"({reason}); it runs the plain PyTorch reference, which dequantizes the whole weight on every "
+        f"call (slow)", BackendFallbackWarning, stacklevel=4)
+
+
+def select(call: LinearCall) -> Optional[LinearBackend]:
+    """The backend that runs ``call`` (None: the reference)."""
+    _activate()
+    dev = call.input.device.type
+    declined: Dict[str, str] = {}
+    for b in _backends:
+        if dev not in b.device_types or not _allowed(b.name):
+            continue
+        reason = b.supports(call)
+        if reason is None:
+            return b
+        if not b.quiet(reason):
+            declined[b.name] = reason
+    for b in _backends:
+        if b.name in declined:
+            _warn_once(b, call, declined[b.name])
+            break
+    return None
