@@ -56,7 +56,6 @@ def main(argv=None):
     from paretoq_ao import ParetoQWeightOnlyConfig
     import paretoq_ao.export as pe
     pe.load_kernels()
-    pe.set_activation_mode("int8")
     tmp = tempfile.mkdtemp()
     rows = []
     for shape in a.shapes.split(","):

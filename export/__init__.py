@@ -172,6 +172,9 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
     if activations is not None and activations not in ACTIVATION_OPS:
         raise ValueError(f"export_executorch: activations must be 'int8', 'float' or None, got {activations!r}")
     _check_float32(model)
+    from paretoq_ao.packed import ParetoQPackedTensor
+    if isinstance(model, torch.nn.Linear) and isinstance(model.weight, ParetoQPackedTensor):
+        model = _PackedLinear(model, activations)  # the model is one packed layer
     model = model.eval()
     with torch.no_grad(), _plain_packed_linears(model, activations), \
             _quantized_embeddings(model, embedding_bits, embedding_group_size):
@@ -209,14 +212,13 @@ def _ops_used(path) -> Dict[str, bool]:
 
 
 def program_activations(path) -> str:
-    """How the ParetoQ layers of a ``.pte`` treat activations, read from the program: "int8",
-    "float", "mixed" or "none" (no ParetoQ layer)."""
+    """How the ParetoQ layers of a ``.pte`` treat activations, read from the program's operator
+    names: "int8" (``paretoq::linear_8da``), "float" (``paretoq::linear``), "mixed" or "none"."""
+    import mmap
     import re
 
-    with open(path, "rb") as f:
-        data = f.read()
-    names = set(re.findall(rb"paretoq::linear(?:_8da)?\.out", data))
-    modes = {"int8" if b"_8da" in n else "float" for n in names}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        modes = {"int8" if m.group(1) else "float" for m in re.finditer(rb"paretoq::linear(_8da)?(?![a-z0-9_])", mm)}
     return "none" if not modes else modes.pop() if len(modes) == 1 else "mixed"
 
 

@@ -22,7 +22,7 @@ from paretoq_ao import backends
 
 from ._build import KernelBuildError, build_dir, load_aten_kernels
 
-__all__ = ["activate", "BACKEND", "available", "call_count", "plan"]
+__all__ = ["activate", "BACKEND", "available", "call_count", "plan", "read_bandwidth"]
 
 _log = logging.getLogger("paretoq_ao")
 _lock = threading.Lock()
@@ -95,3 +95,27 @@ def plan(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits, i
     if not available():
         raise RuntimeError(_status)
     return str(torch.ops.paretoq_cpu.plan(input, packed, scale, float(bits), bool(int8_act)))
+
+
+def read_bandwidth(threads: Optional[int] = None, gib: float = 1.0, reps: int = 5) -> float:
+    """This machine's DRAM read bandwidth in GB/s: the best of ``reps`` streaming reads of a
+    ``gib`` GiB buffer (far larger than any cache) by the kernel library's read loop, split over
+    ``threads`` intra-op threads (default: torch's current setting). The physical limit the CPU
+    benchmarks compare the kernels with."""
+    import time
+
+    if not available():
+        raise RuntimeError(_status)
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        buf = torch.ones(int(gib * (1 << 30)) // 8, dtype=torch.int64)
+        best = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.ops.paretoq_cpu.stream_read(buf)
+            best = max(best, buf.numel() * 8 / (time.perf_counter() - t0) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(old)

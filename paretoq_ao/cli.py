@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
                    help="store the token embedding at 4 or 8 bits (group 32, ExecuTorch's quantized embedding "
                         "kernels); default: float32")
+    x.add_argument("--activations", choices=("int8", "float"), default="int8",
+                   help="int8 (default: dynamic per-token int8 activations, integer dot products, fastest) or "
+                        "float (exactly the packed model); recorded in the program")
 
     _add_generate(sub)
 
@@ -281,9 +284,11 @@ def _cmd_export(a) -> None:
         raise CLIError(f"export supports Llama-family decoders (a KV-cache decode step); {a.model!r} is {kind!r}")
     step = LlamaKVStep(model, a.max_len)  # export_executorch checks for float32 weights
     # one decode step: ids [1, 1], position [1]; the program is called token by token
-    export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), a.out, embedding_bits=a.embedding_bits)
+    export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), a.out, embedding_bits=a.embedding_bits,
+                      activations=a.activations)
     emb = f"; {a.embedding_bits}-bit embedding" if a.embedding_bits else ""
-    print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions{emb})")
+    print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions{emb}; "
+          f"{a.activations} activations)")
 
 
 def _cmd_generate(a) -> None:

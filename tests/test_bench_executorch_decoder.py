@@ -31,8 +31,6 @@ def small_run(tmp_path_factory):
     out = _load().main(["--small", "--threads", "1", "--new-tokens", "3", "--check-tokens", "2", "--embedding", "4",
                         "--results", str(results), "--pte-dir", str(tmp / "pte")])
     yield out, results, tmp / "pte"
-    import paretoq_ao.export as pe
-    pe.set_activation_mode("int8")
 
 
 def test_pte_files_written(small_run):

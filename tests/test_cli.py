@@ -125,6 +125,13 @@ def test_export_packed_model_to_pte_matches_eager(tmp_path, capsys):
     got = pe.load_executorch(pte)(ids, pos)
     got = got[0] if isinstance(got, (list, tuple)) else got
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # int8 activations in the kernels
+    assert pe.program_activations(pte) == "int8"
+    ptef = os.fspath(tmp_path / "mf.pte")  # float activations: exactly the packed model
+    assert main(["export", packed, ptef, "--max-len", "8", "--activations", "float"]) == 0
+    assert "float activations" in capsys.readouterr().out
+    assert pe.program_activations(ptef) == "float"
+    gotf = pe.load_executorch(ptef)(ids, pos)
+    torch.testing.assert_close(gotf[0] if isinstance(gotf, (list, tuple)) else gotf, want, atol=1e-5, rtol=1e-5)
     fails(capsys, ["export", packed, pte, "--max-len", "0"], "--max-len must be positive")
     # a 4-bit embedding: a smaller file whose output equals the model with that embedding
     from paretoq_ao.export.embedding import quantize_embeddings

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torchao import quantize_
 
-from paretoq_ao import ParetoQWeightOnlyConfig
+from paretoq_ao import ParetoQWeightOnlyConfig, backends, set_activations
 import paretoq_ao.export as pe
 from paretoq_ao.export import _build
 
@@ -19,16 +19,7 @@ ALL_BITS = [1, 1.58, 2, 3, 4]
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    path = pe.load_kernels()
-    yield path
-    pe.set_activation_mode("int8")
-
-
-@pytest.fixture
-def fp32_acts():
-    pe.set_activation_mode("fp32")
-    yield
-    pe.set_activation_mode("int8")
+    return pe.load_kernels()
 
 
 def _quantized_mlp(bits, k=100, hidden=37, group_size=None, seed=0):
@@ -43,36 +34,61 @@ def test_load_kernels_once_and_registered(kernels):
     from executorch.runtime import Runtime
     assert pe.load_kernels() == kernels
     assert pe.kernels_loaded()
-    assert "paretoq::linear.out" in Runtime.get().operator_registry.operator_names
+    names = Runtime.get().operator_registry.operator_names
+    assert "paretoq::linear.out" in names and "paretoq::linear_8da.out" in names
     maps = open("/proc/self/maps").read()
     assert len({l.split(None, 5)[-1] for l in maps.splitlines() if l.endswith(_build.LIB_NAME)}) == 1
-    assert pe.kernel_path() in ("scalar", "avx2", "avx512vnni", "neon")
+    assert pe.kernel_path() in ("scalar", "avx2", "avx512", "neon", "neondot")
 
 
-def test_out_variant_reference():
+@pytest.mark.parametrize("op", ["linear", "linear_8da"])
+def test_out_variant_reference(op):
     m = _quantized_mlp(2)
     w = m[0].weight
     x = torch.randn(3, 100)
     out = torch.empty(0)
-    r = torch.ops.paretoq.linear.out(x, w.qdata, w.scale, 2.0, out=out)
+    r = getattr(torch.ops.paretoq, op).out(x, w.qdata, w.scale, 2.0, out=out)
     assert r is out
-    torch.testing.assert_close(out, torch.ops.paretoq.linear(x, w.qdata, w.scale, 2.0), rtol=0, atol=0)
+    torch.testing.assert_close(out, getattr(torch.ops.paretoq, op)(x, w.qdata, w.scale, 2.0), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
-def test_pte_matches_eager_fp32_activations(bits, tmp_path, fp32_acts):
-    m = _quantized_mlp(bits)
-    x = torch.randn(2, 100)
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("acts", ["float", "int8"])
+def test_pte_equals_eager_model(bits, group_size, acts, tmp_path):
+    """Every format x layout x activation mode: the .pte equals the eager packed model (the same
+    C++ kernels run both, so bit for bit) and the plain PyTorch reference (to rounding); the
+    program records its activation mode."""
+    m = _quantized_mlp(bits, k=128, hidden=64, group_size=group_size)
+    x = torch.randn(2, 128)
     batch = torch.export.Dim("batch", min=1, max=16)
-    path = pe.export_executorch(m, (x,), tmp_path / "m.pte", dynamic_shapes=({0: batch},))
+    path = pe.export_executorch(m, (x,), tmp_path / "m.pte", dynamic_shapes=({0: batch},), activations=acts)
+    assert pe.program_activations(path) == acts
     f = pe.load_executorch(path)
+    set_activations(m, acts)
     for b in (1, 2, 5):  # dynamic batch (resize_tensor), N = 1 in the second layer
-        xb = torch.randn(b, 100)
+        xb = torch.randn(b, 128)
         with torch.no_grad():
-            ref = m(xb)
+            eager = m(xb)
+            with backends.disabled("all"):
+                ref = m(xb)
         got = f(xb)
-        assert got.shape == ref.shape
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert got.shape == eager.shape
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_activations_none_keeps_each_layer_and_bad_value(tmp_path):
+    m = _quantized_mlp(2)
+    set_activations(m[2], "int8")
+    x = torch.randn(1, 100)
+    path = pe.export_executorch(m, (x,), tmp_path / "m.pte", activations=None)
+    assert pe.program_activations(path) == "mixed"
+    with torch.no_grad():
+        torch.testing.assert_close(pe.load_executorch(path)(x), m(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="activations must be 'int8', 'float' or None"):
+        pe.export_executorch(m, (x,), tmp_path / "n.pte", activations="fp16")
+    assert not (tmp_path / "n.pte").exists()
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, None), (2, 32), (1.58, None), (4, 32), (3, 32)])
@@ -82,8 +98,8 @@ def test_pte_int8_activations_match_reference_and_report_error(bits, group_size,
     quantize_(lin, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size),
               filter_fn=lambda mod, fqn: True)
     x = torch.randn(3, 1088)
-    path = pe.export_executorch(lin, (x,), tmp_path / "l.pte")
-    pe.set_activation_mode("int8")
+    path = pe.export_executorch(lin, (x,), tmp_path / "l.pte")  # int8 activations: the default
+    assert pe.program_activations(path) == "int8"
     got = pe.load_executorch(path)(x)
     w = lin.weight
     ref_int8 = pe.reference_linear_int8(x, w.qdata, w.scale, bits) + lin.bias
@@ -126,19 +142,16 @@ def test_llama_kv_cache_generation_matches_eager(tmp_path):
         stepwise = torch.cat([wrapped(ids[:, i:i + 1], torch.tensor([i])) for i in range(5)], 1)
     torch.testing.assert_close(stepwise, full, rtol=1e-5, atol=1e-5)
 
-    path = pe.export_executorch(LlamaKVStep(model, 16), (torch.tensor([[1]]), torch.tensor([0])),
-                                tmp_path / "llama.pte")
+    example = (torch.tensor([[1]]), torch.tensor([0]))
+    path = pe.export_executorch(LlamaKVStep(model, 16), example, tmp_path / "llama.pte", activations="float")
     prompt = [3, 17, 42]
     seq_e, log_e = _generate(LlamaKVStep(model, 16), prompt, 6)
-    pe.set_activation_mode("fp32")
-    try:
-        seq_p, log_p = _generate(pe.load_executorch(path), prompt, 6)
-    finally:
-        pe.set_activation_mode("int8")
+    seq_p, log_p = _generate(pe.load_executorch(path), prompt, 6)
     assert seq_p == seq_e
     torch.testing.assert_close(log_p, log_e, rtol=1e-5, atol=1e-5)
-    # int8 activations (the default): report the effect on logits and tokens
-    seq_q, log_q = _generate(pe.load_executorch(path), prompt, 6)
+    # int8 activations (the ExecuTorch default): report the effect on logits and tokens
+    path8 = pe.export_executorch(LlamaKVStep(model, 16), example, tmp_path / "llama8.pte")
+    seq_q, log_q = _generate(pe.load_executorch(path8), prompt, 6)
     rel = ((log_q - log_e).norm() / log_e.norm()).item()
     agree = sum(a == b for a, b in zip(seq_q, seq_e)) / len(seq_e)
     print(f"\nLlama 2-bit int8 activations: logits relative L2 error {rel:.3e}, token agreement {agree:.2f}")

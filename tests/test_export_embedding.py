@@ -73,17 +73,13 @@ def test_pte_with_quantized_embedding_matches_eager(bits, emb_bits, tmp_path):
     m = Tiny().eval()
     quantize_(m, ParetoQWeightOnlyConfig(bits=bits), filter_fn=lambda mod, fqn: fqn == "proj")
     ids = torch.tensor([[1, 2, 52, 7]])
-    path = pe.export_executorch(m, (ids,), tmp_path / "m.pte", embedding_bits=emb_bits)
+    path = pe.export_executorch(m, (ids,), tmp_path / "m.pte", embedding_bits=emb_bits, activations="float")
     assert type(m.embed) is nn.Embedding  # the model is unchanged by the export
     eager = copy.deepcopy(m)
     quantize_embeddings(eager, emb_bits, 32)
-    pe.set_activation_mode("fp32")
-    try:
-        f = pe.load_executorch(path)
-        with torch.no_grad():
-            torch.testing.assert_close(f(ids), eager(ids), rtol=1e-5, atol=1e-5)
-    finally:
-        pe.set_activation_mode("int8")
+    f = pe.load_executorch(path)
+    with torch.no_grad():
+        torch.testing.assert_close(f(ids), eager(ids), rtol=1e-5, atol=1e-5)
     plain = pe.export_executorch(m, (ids,), tmp_path / "plain.pte")
     # 53 x 64 fp32 table (13.6 kB) -> 4 or 8 bits plus one fp32 scale per 32 values
     saved = (tmp_path / "plain.pte").stat().st_size - (tmp_path / "m.pte").stat().st_size
@@ -104,15 +100,11 @@ def test_llama_decode_with_4bit_embedding(tmp_path):
     quantize_(model, ParetoQWeightOnlyConfig(bits=2))
     step = LlamaKVStep(model, 16)
     path = pe.export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), tmp_path / "llama.pte",
-                                embedding_bits=4)
+                                embedding_bits=4, activations="float")
     eager = LlamaKVStep(copy.deepcopy(model), 16)
     quantize_embeddings(eager, 4, 32)
-    pe.set_activation_mode("fp32")
-    try:
-        f = pe.load_executorch(path)
-        for i, tok in enumerate([3, 17, 42, 5]):
-            with torch.no_grad():
-                ref = eager(torch.tensor([[tok]]), torch.tensor([i]))
-            torch.testing.assert_close(f(torch.tensor([[tok]]), torch.tensor([i])), ref, rtol=1e-5, atol=1e-5)
-    finally:
-        pe.set_activation_mode("int8")
+    f = pe.load_executorch(path)
+    for i, tok in enumerate([3, 17, 42, 5]):
+        with torch.no_grad():
+            ref = eager(torch.tensor([[tok]]), torch.tensor([i]))
+        torch.testing.assert_close(f(torch.tensor([[tok]]), torch.tensor([i])), ref, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,8 @@
-"""C++ unit tests of the kernel library (every SIMD path vs the scalar reference, odd shapes,
-every bit width), built by the same CMake as the ExecuTorch library and run from pytest; plus
-the NEON path cross-compiled for AArch64 and run under qemu (skipped without the toolchain)."""
+"""C++ unit tests of the kernel library (every SIMD path vs the scalar reference, bit-exact in both
+activation modes, odd shapes, every bit width and group layout, M bands), built by the same CMake
+as the ExecuTorch library and run from pytest; plus the NEON paths (baseline and dot-product)
+cross-compiled for AArch64 and run under qemu (skipped without the toolchain); and the C++ format
+table against formats.py."""
 
 import os
 import shutil
@@ -8,7 +10,7 @@ import subprocess
 
 import pytest
 
-from paretoq_ao.export import _build
+from paretoq_ao.export import _build, _formats_gen
 
 
 def test_cpp_kernel_unit_tests():
@@ -18,6 +20,18 @@ def test_cpp_kernel_unit_tests():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout and "0 failures" in r.stdout
     assert "int8-vs-fp32 worst relative L2 error" in r.stdout
+    if _build.platform.machine() == "x86_64":  # both x86 paths are compiled; this CPU runs both
+        assert "testing avx2 avx512" in r.stdout
+
+
+def test_cpp_format_table_is_generated_from_formats_py():
+    """csrc/formats_table.h is exactly what formats.py renders (regenerate with
+    python -m paretoq_ao.export._formats_gen)."""
+    assert _formats_gen.HEADER.read_text() == _formats_gen.render()
+    from paretoq_ao.formats import FORMATS
+    text = _formats_gen.render()
+    for fmt in FORMATS.values():
+        assert f"// {fmt}" in text
 
 
 def test_cpp_kernel_tests_scalar_only_path_forced():
@@ -43,8 +57,10 @@ def test_neon_path_under_qemu(tmp_path):
     subprocess.run(cfg, check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j", "2", "--target", _build.TEST_BINARY],
                    check=True, capture_output=True)
-    r = subprocess.run([_QEMU, "-L", "/usr/aarch64-linux-gnu", str(build / _build.TEST_BINARY)],
-                       capture_output=True, text=True, timeout=300)
-    print(r.stdout)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "testing neon" in r.stdout and "0 failures" in r.stdout
+    # qemu's default CPU has the dot-product instructions (both NEON paths run); a Cortex-A53 has not
+    for cpu, paths in ((None, "testing neon neondot"), ("cortex-a53", "testing neon\n")):
+        cmd = [_QEMU] + (["-cpu", cpu] if cpu else []) + ["-L", "/usr/aarch64-linux-gnu", str(build / _build.TEST_BINARY)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        print(r.stdout)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert paths in r.stdout and "0 failures" in r.stdout

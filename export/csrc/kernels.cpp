@@ -321,6 +321,21 @@ void rows_neon(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, in
 void rows_neondot(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, int64_t n1) { rows_scalar(a, p, m, n0, n1); }
 #endif
 
+uint64_t stream_read(const uint8_t* p, size_t n) {
+  uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    for (int j = 0; j < 8; ++j) {
+      uint64_t v;
+      std::memcpy(&v, p + i + 8 * j, 8);
+      acc[j] += v;
+    }
+  uint64_t s = 0;
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
 // ---- driver ------------------------------------------------------------------------------------
 
 namespace {

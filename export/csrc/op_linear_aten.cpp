@@ -4,6 +4,7 @@
 //   paretoq_cpu::plan(Tensor input, Tensor packed, Tensor scale, float bits, bool int8_act) -> str
 //   paretoq_cpu::call_count(bool int8_act) -> int        calls served since the library was loaded
 //   paretoq_cpu::kernel_path() -> str                     scalar / avx2 / avx512 / neon / neondot
+//   paretoq_cpu::stream_read(Tensor buf) -> int           one streaming read of buf (bandwidth figure)
 //
 // paretoq_ao's "cpu" backend of paretoq::linear / paretoq::linear_8da calls the first one
 // (paretoq_ao/export/cpu_backend.py). Any floating input dtype is computed in float32 (converted
@@ -12,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 
@@ -77,6 +79,20 @@ int64_t call_count(bool int8_act) { return g_calls[int8_act ? 1 : 0].load(); }
 
 std::string kernel_path() { return paretoq::path_name(paretoq::best_path()); }
 
+// Reads every byte of buf once, split over the intra-op threads (a checksum keeps the read).
+int64_t stream_read(const at::Tensor& buf) {
+  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous(), "paretoq_cpu::stream_read: a contiguous CPU tensor");
+  const auto* p = static_cast<const uint8_t*>(buf.data_ptr());
+  const int64_t n = buf.numel() * static_cast<int64_t>(buf.element_size());
+  const int64_t chunk = int64_t(1) << 20;
+  std::atomic<uint64_t> sum{0};
+  at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t b, int64_t e) {
+    const int64_t lo = b * chunk, hi = std::min(n, e * chunk);
+    sum.fetch_add(paretoq::stream_read(p + lo, static_cast<size_t>(hi - lo)));
+  });
+  return static_cast<int64_t>(sum.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(paretoq_cpu, m) {
@@ -84,6 +100,7 @@ TORCH_LIBRARY(paretoq_cpu, m) {
   m.def("plan(Tensor input, Tensor packed, Tensor scale, float bits, bool int8_act) -> str", &plan);
   m.def("call_count(bool int8_act) -> int", &call_count);
   m.def("kernel_path() -> str", &kernel_path);
+  m.def("stream_read(Tensor buf) -> int", &stream_read);
 }
 
 TORCH_LIBRARY_IMPL(paretoq_cpu, CPU, m) { m.impl("linear", &linear); }

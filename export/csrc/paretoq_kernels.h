@@ -87,4 +87,8 @@ const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf)
 // Writes a NUL-terminated string into buf (at most n bytes) and returns buf.
 const char* plan(const LinearArgs& a, Path path, ActMode mode, char* buf, size_t n);
 
+// Reads n bytes at p once (the physical limit the benchmarks quote: a streaming read of a buffer
+// far larger than the caches) and returns a checksum of them so that the read is not elided.
+uint64_t stream_read(const uint8_t* p, size_t n);
+
 }  // namespace paretoq
