@@ -10,7 +10,7 @@ namespace paretoq {
 namespace {
 
 struct Avx2 {
-  static constexpr int NB = 8, kMT = 2;
+  static constexpr int NB = 8, kMT8 = 2, kMT = 2;
   static constexpr bool kMaskedPlanes = false;  // vpmaddubsw int16 pair sums would saturate
   using VI = __m256i;
   using VF = __m256;

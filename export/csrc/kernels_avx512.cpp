@@ -10,7 +10,7 @@ namespace paretoq {
 namespace {
 
 struct Avx512 {
-  static constexpr int NB = 16, kMT = 4;
+  static constexpr int NB = 16, kMT8 = 8, kMT = 4;
   static constexpr bool kMaskedPlanes = true;  // vpdpbusd takes u8 codes up to 255
   using VI = __m512i;
   using VF = __m512;

@@ -9,7 +9,7 @@ namespace paretoq {
 
 template <bool kDot>
 struct NeonT {
-  static constexpr int NB = 4, kMT = 4;
+  static constexpr int NB = 4, kMT8 = 8, kMT = 4;
   static constexpr bool kMaskedPlanes = false;  // s8 x s8 products: codes must stay < 128
   using VI = uint32x4_t;
   using VF = float32x4_t;

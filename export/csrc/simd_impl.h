@@ -1,7 +1,8 @@
 // The one SIMD implementation of both activation modes, instantiated by every architecture's
 // translation unit with its traits class `A` (compiled with that architecture's -m flags).
 //
-// A supplies: NB (32-bit lanes = rows per vector), kMT (largest token tile), kMaskedPlanes, the
+// A supplies: NB (32-bit lanes = rows per vector), kMT / kMT8 (largest token tile in float / int8
+// mode), kMaskedPlanes, the
 // vector types VI (int32 lanes) and VF (float lanes), and
 //   load4(b, st, out[4])   16 bytes of each of the NB rows b + i * st, transposed into four word
 //                          vectors: lane i of out[j] = 32-bit word j of row i
@@ -398,7 +399,7 @@ inline void block(const LinearArgs& a, const Prepared& p, ActMode mode, const Bl
 // uses masked planes where the path and the group allow, else two accumulator chains.
 template <class A, int B>
 void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
-  constexpr int MT = A::kMT;
+  constexpr int MT = A::kMT, MT8 = A::kMT8;
   float tab[16];
   level_table(a.fmt, tab);
   const typename A::Levels lv = A::levels(tab, a.fmt.step, -a.fmt.zero * a.fmt.step);
@@ -407,6 +408,10 @@ void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, in
   for (int64_t n = n0; n < n1; n += A::NB) {
     setup_block<A>(t, a, n, kSpan<B>);
     int64_t m = 0;
+    if constexpr (MT8 > MT) {  // int8 accumulators are one register per token: wider token tiles
+      if (mode == ActMode::Int8)
+        for (; m + MT8 <= a.M; m += MT8) block<A, B, MT8, 1>(a, p, mode, t, m, lv);
+    }
     for (; m + MT <= a.M; m += MT) block<A, B, MT, 1>(a, p, mode, t, m, lv);
     for (; m + 2 <= a.M; m += 2) block<A, B, 2, 1>(a, p, mode, t, m, lv);
     if (m < a.M) {
