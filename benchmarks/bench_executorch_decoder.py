@@ -7,9 +7,15 @@ one token per call) and exported to ``.pte``:
 * ``fp32``   - float32, everything lowered to XNNPACK;
 * ``8da4w``  - torchao ``Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
   weight_granularity=PerGroup(32))`` on every block linear, lowered to XNNPACK;
-* ``pq2`` / ``pq1.58`` - ``ParetoQWeightOnlyConfig(bits=2 / 1.58)`` on every block linear, exported
-  with ``paretoq_ao.export.export_executorch`` (our C++ kernels, int8 activations; the rest to
-  XNNPACK).
+* ``pq<bits>`` / ``pq<bits>-g<group>`` (e.g. ``pq2``, ``pq1.58``, ``pq2-g64``) -
+  ``ParetoQWeightOnlyConfig(bits=..., group_size=...)`` on every block linear (per-row scales without
+  ``-g``), exported with ``paretoq_ao.export.export_executorch`` (our C++ kernels, int8 activations;
+  the rest to XNNPACK).
+
+The physical limit: this machine's DRAM read bandwidth is measured in the same run, per thread
+count (``paretoq_ao.export.cpu_backend.read_bandwidth``: a streaming read of a 1 GiB buffer), and the
+rest of each step (the step minus the lm_head alone) is converted to GB/s of the program's bytes
+without embedding and head, and to a fraction of that bandwidth.
 
 The token embedding is float32 in every variant (portable ``aten::embedding``), or, with
 ``--embedding 4`` / ``8``, group-32 quantized in 8da4w and ours alike
@@ -60,9 +66,25 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_VARIANTS = ("fp32", "8da4w", "pq2", "pq1.58")
-LABELS = {"fp32": "fp32 (XNNPACK)", "8da4w": "torchao 8da4w g32 (XNNPACK)",
-          "pq2": "ParetoQ 2-bit (ours)", "pq1.58": "ParetoQ ternary 1.58-bit (ours)"}
+ALL_VARIANTS = ("fp32", "8da4w", "pq2", "pq1.58")  # the default set; any pq<bits>[-g<group>] works
+_BASE_LABELS = {"fp32": "fp32 (XNNPACK)", "8da4w": "torchao 8da4w g32 (XNNPACK)"}
+
+
+def _pq_variant(v):
+    """(bits, group_size) of a ``pq<bits>[-g<group>]`` variant, or None."""
+    import re
+
+    m = re.fullmatch(r"pq(1\.58|[1-4])(?:-g(\d+))?", v)
+    if not m:
+        return None
+    return (1.58 if m.group(1) == "1.58" else int(m.group(1))), (int(m.group(2)) if m.group(2) else None)
+
+
+def _label(v):
+    if v in _BASE_LABELS:
+        return _BASE_LABELS[v]
+    bits, gs = _pq_variant(v)
+    return f"ParetoQ {bits}-bit {'per-row' if gs is None else f'group {gs}'} (ours)"
 
 FULL = dict(hidden=2048, intermediate=5632, layers=8, heads=32, kv_heads=4, vocab=32000)
 SMALL = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
@@ -100,9 +122,9 @@ def _parse(argv):
     if a.reps is None:
         a.reps = 1 if a.small else 5
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    bad = [v for v in a.variants if v not in ALL_VARIANTS]
+    bad = [v for v in a.variants if v not in _BASE_LABELS and _pq_variant(v) is None]
     if bad:
-        ap.error(f"unknown variant(s) {bad}; choose from {ALL_VARIANTS}")
+        ap.error(f"unknown variant(s) {bad}; choose from fp32, 8da4w, pq<bits>[-g<group>] (bits 1, 1.58, 2, 3, 4)")
     a.threads = [int(t) for t in a.threads.split(",")]
     a.check_tokens = max(1, min(a.check_tokens, a.new_tokens))
     return a
@@ -143,8 +165,8 @@ def _build_model(cfg, state, variant, head, embedding="fp32"):
         quantize_(model, _8da4w(), filter_fn=_block_linear)
     elif variant.startswith("pq"):
         from paretoq_ao import ParetoQWeightOnlyConfig
-        bits = 1.58 if variant == "pq1.58" else int(variant[2:])
-        quantize_(model, ParetoQWeightOnlyConfig(bits=bits), filter_fn=_block_linear)
+        bits, gs = _pq_variant(variant)
+        quantize_(model, ParetoQWeightOnlyConfig(bits=bits, group_size=gs), filter_fn=_block_linear)
     return model
 
 
@@ -232,6 +254,25 @@ def _fmt_mb(n):
     return f"{n / 1e6:.1f}"
 
 
+def _bandwidth_lines(a, info, bandwidth, rest_s):
+    """The rest of each step (step - lm_head alone) as GB/s of the program's bytes without
+    embedding and head, and as a fraction of the DRAM read bandwidth measured in this run."""
+    lines = ["", "DRAM read bandwidth measured in this run (streaming read of a 1 GiB buffer, "
+             "paretoq_ao.export.cpu_backend.read_bandwidth): "
+             + ", ".join(f"{th} thread(s) {bandwidth[th]:.1f} GB/s" for th in a.threads),
+             "", "Rest of the step (head removed) as read bandwidth of the bytes without embedding and head:", "",
+             "| variant | MB w/o emb+head | " + " | ".join(f"rest {th}T ms | GB/s {th}T | % of DRAM {th}T" for th in a.threads) + " |",
+             "|---|---|" + "---|---|---|" * len(a.threads)]
+    for v in a.variants:
+        cells = [v, _fmt_mb(info[v]["core"])]
+        for th in a.threads:
+            r = rest_s(v, th)
+            gbs = info[v]["core"] / r / 1e9 if r > 0 else float("nan")
+            cells += [f"{r * 1e3:.2f}", f"{gbs:.1f}", f"{100 * gbs / bandwidth[th]:.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _time_head(method, hidden, n):
     """Per-call times (s) of the lm_head-alone program on one token."""
     x = torch.randn(1, 1, hidden)
@@ -260,6 +301,9 @@ def main(argv=None):
     results = a.results or os.path.join(ROOT, "benchmarks", "results", f"executorch-decoder-{date[:10]}.md")
 
     pe.load_kernels()
+    from paretoq_ao.export import cpu_backend
+    bandwidth = {th: cpu_backend.read_bandwidth(th, gib=0.25 if a.small else 1.0) for th in a.threads}
+    print("DRAM read bandwidth: " + ", ".join(f"{th}T {bw:.1f} GB/s" for th, bw in bandwidth.items()), flush=True)
     torch.manual_seed(a.seed)
     cfg = _config(a)
     state = LlamaForCausalLM(cfg).eval().float().state_dict()
@@ -384,7 +428,7 @@ def main(argv=None):
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for v in a.variants:
         s, core = info[v]["size"], info[v]["core"]
-        cells = [v, LABELS[v], _fmt_mb(s), _fmt_mb(core)]
+        cells = [v, _label(v), _fmt_mb(s), _fmt_mb(core)]
         for th in a.threads:
             vals = [1 / t for t in times[(v, th)]]
             cells.append(f"{tok_s(v, th):.2f} ({min(vals):.2f}-{max(vals):.2f})")
@@ -405,6 +449,7 @@ def main(argv=None):
             cells += [f"{step_s(v, th) * 1e3:.2f}", f"{step_s(hp, th) * 1e3:.2f}",
                       f"{(step_s(v, th) - step_s(hp, th)) * 1e3:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _bandwidth_lines(a, info, bandwidth, lambda v, th: step_s(v, th) - step_s(f"head:{head_of(v)}", th))
     if base:
         lines += ["", "Rest-of-step speed vs 8da4w (lm_head time removed): " + "; ".join(
             f"{v} {th}T {(step_s(base, th) - step_s(f'head:{head_of(base)}', th)) / (step_s(v, th) - step_s(f'head:{head_of(v)}', th)):.2f}x"

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_executorch_decoder.py")
-VARIANTS = ["fp32", "8da4w", "pq2", "pq1.58"]
+VARIANTS = ["fp32", "8da4w", "pq2", "pq1.58", "pq2-g64"]
 
 
 def _load():
@@ -29,6 +29,7 @@ def small_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("decoder_bench")
     results = tmp / "results.md"
     out = _load().main(["--small", "--threads", "1", "--new-tokens", "3", "--check-tokens", "2", "--embedding", "4",
+                        "--variants", ",".join(VARIANTS),
                         "--results", str(results), "--pte-dir", str(tmp / "pte")])
     yield out, results, tmp / "pte"
 
@@ -72,6 +73,11 @@ def test_results_table(small_run):
         assert any(l.startswith(f"| {v} | fp32 | ") for l in text.splitlines()), v
     for (v, th), tps in out["tok_s"].items():
         assert th == 1 and tps > 0
+    # the physical limit, measured in the same run, and each variant's rest-of-step bandwidth
+    assert re.search(r"DRAM read bandwidth measured in this run .*1 thread\(s\) \d+\.\d GB/s", text)
+    for v in VARIANTS:
+        assert re.search(rf"^\| {re.escape(v)} \| \d+\.\d \| \d+\.\d+ \| \d+\.\d \| \d+% \|$", text, re.M), v
+    assert "ParetoQ 2-bit group 64 (ours)" in text
 
 
 def test_correctness_checks(small_run):
@@ -79,7 +85,7 @@ def test_correctness_checks(small_run):
     info = out["info"]
     # fp32 XNNPACK and ours with fp32 activations equal their eager models to float rounding
     assert info["fp32"]["checks"]["xnnpack"]["all"] < 1e-4
-    for v in ("pq2", "pq1.58"):
+    for v in ("pq2", "pq1.58", "pq2-g64"):
         assert info[v]["checks"]["fp32 acts"]["all"] < 1e-4
         assert info[v]["checks"]["int8 acts"]["rel"] < 0.1
     assert info["8da4w"]["checks"]["xnnpack"]["rel"] < 0.1
