@@ -18,7 +18,7 @@ called once and registers its ``LinearBackend`` with ``register_backend``. Shipp
 Never silently slow: when a call that has a backend for its device falls back to the reference,
 one warning per reason says why and how to fix it. ``disabled(names)`` turns backends off for a
 block (tests, debugging); ``PARETOQ_AO_BACKENDS=reference`` (or a comma-separated list of the
-backends to allow) does so for a process.
+backends to allow), read when the first op runs, does so for a process.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ _backends: List[LinearBackend] = []
 _activated = False
 _disabled: set = set()
 _warned: set = set()
+_env_allowed: Optional[set] = None     # PARETOQ_AO_BACKENDS, read on activation
+_by_device: Dict[str, List[LinearBackend]] = {}  # device type -> allowed backends, by priority
 
 
 def register_backend(backend: LinearBackend) -> None:
@@ -86,14 +88,19 @@ def register_backend(backend: LinearBackend) -> None:
     with _lock:
         _backends[:] = [b for b in _backends if b.name != backend.name] + [backend]
         _backends.sort(key=lambda b: -b.priority)
+        _by_device.clear()
 
 
 def _activate() -> None:
-    global _activated
+    global _activated, _env_allowed
+    if _activated:
+        return
     with _lock:
         if _activated:
             return
         _activated = True
+        env = os.environ.get("PARETOQ_AO_BACKENDS")
+        _env_allowed = None if env is None else {x.strip() for x in env.split(",")}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()()
 
@@ -104,12 +111,15 @@ def registered_backends() -> List[LinearBackend]:
 
 
 def _allowed(name: str) -> bool:
-    if name in _disabled:
-        return False
-    env = os.environ.get("PARETOQ_AO_BACKENDS")
-    if env is None:
-        return True
-    return name in {s.strip() for s in env.split(",")}
+    return name not in _disabled and (_env_allowed is None or name in _env_allowed)
+
+
+def _candidates(device_type: str) -> List[LinearBackend]:
+    found = _by_device.get(device_type)
+    if found is None:
+        found = [b for b in _backends if device_type in b.device_types and _allowed(b.name)]
+        _by_device[device_type] = found
+    return found
 
 
 @contextlib.contextmanager
@@ -120,10 +130,12 @@ def disabled(names) -> Iterator[None]:
         names = {b.name for b in registered_backends()}
     added = names - _disabled
     _disabled.update(added)
+    _by_device.clear()
     try:
         yield
     finally:
         _disabled.difference_update(added)
+        _by_device.clear()
 
 
 def _warn_once(backend: LinearBackend, call: LinearCall, reason: str) -> None:
@@ -140,11 +152,8 @@ def _warn_once(backend: LinearBackend, call: LinearCall, reason: str) -> None:
 def select(call: LinearCall) -> Optional[LinearBackend]:
     """The backend that runs ``call`` (None: the reference)."""
     _activate()
-    dev = call.input.device.type
     declined: Dict[str, str] = {}
-    for b in _backends:
-        if dev not in b.device_types or not _allowed(b.name):
-            continue
+    for b in _candidates(call.input.device.type):
         reason = b.supports(call)
         if reason is None:
             return b
