@@ -4,7 +4,7 @@ One kernel library, two thin registrations, each built on first use:
 
 * ``"executorch"``: ``libparetoq_et_kernels.so`` registers ``paretoq::linear.out`` and
   ``paretoq::linear_8da.out`` with the ExecuTorch runtime (``load_kernels()``); this build also
-  makes the C++ unit-test binary;
+  makes the C++ unit-test binary and the kernel microbenchmark ``paretoq_kernel_bench``;
 * ``"aten"``: ``libparetoq_aten_kernels.so`` registers ``paretoq_cpu::linear`` with PyTorch's
   dispatcher, built against the installed torch (``load_aten_kernels()``); paretoq_ao's CPU
   backend of ``paretoq::linear`` calls it.
@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["KernelBuildError", "load_kernels", "load_aten_kernels", "build_kernels", "kernels_loaded",
-           "source_dir", "kernel_library_handle", "LIB_NAME", "ATEN_LIB_NAME", "TEST_BINARY"]
+           "source_dir", "kernel_library_handle", "LIB_NAME", "ATEN_LIB_NAME", "TEST_BINARY", "BENCH_BINARY"]
 
 LIB_NAME = "libparetoq_et_kernels.so"
 ATEN_LIB_NAME = "libparetoq_aten_kernels.so"
 TEST_BINARY = "paretoq_kernel_tests"
+BENCH_BINARY = "paretoq_kernel_bench"
 
 _lock = threading.Lock()
 _loaded_path: Optional[str] = None
@@ -116,7 +117,7 @@ def _variant(kind: str):
     if kind == "executorch":
         pkg, ver = _executorch_dir()
         return f"et-{ver}|{pkg}", ["-DPARETOQ_WITH_EXECUTORCH=ON", f"-Dexecutorch_DIR={pkg / 'share' / 'cmake'}"], \
-            (LIB_NAME, TEST_BINARY), f"et-kernels-{ver}"
+            (LIB_NAME, TEST_BINARY, BENCH_BINARY), f"et-kernels-{ver}"
     if kind == "aten":
         ver, flags = _torch_build_flags()
         return f"torch-{ver}", flags, (ATEN_LIB_NAME,), f"aten-kernels-{ver.replace('+', '_')}"

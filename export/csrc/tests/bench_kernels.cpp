@@ -1,0 +1,142 @@
+// Kernel microbenchmark (no runtime around it): one linear, rotating through enough copies of the
+// weights to exceed the last-level cache, per path / format / layout / mode / M / threads.
+//
+//   paretoq_kernel_bench [--paths avx512,avx2,scalar] [--bits 1,1.58,2,3,4] [--groups 0,32,64,128,256]
+//                        [--m 1,8,128] [--modes int8,fp32] [--threads 1,2] [--k 11008] [--n 4096]
+//                        [--cache-mb 32] [--ms 300]
+// groups: 0 = one scale per row. Prints one line per cell: median ms per call, GB/s of weights +
+// scales, and the plan() string (which kernel ran). Threads: a simple std::thread parallel-for.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../paretoq_kernels.h"
+
+using namespace paretoq;
+
+namespace {
+
+int g_threads = 1;
+
+void threads_pf(int64_t n, RangeFn fn, void* ctx) {
+  const int T = g_threads;
+  if (T <= 1 || n < 2) return fn(ctx, 0, n);
+  std::vector<std::thread> th;
+  for (int t = 1; t < T; ++t) th.emplace_back([=] { fn(ctx, n * t / T, n * (t + 1) / T); });
+  fn(ctx, 0, n / T);
+  for (auto& x : th) x.join();
+}
+
+std::vector<std::string> split(const char* s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (const char* p = s;; ++p) {
+    if (*p == ',' || *p == 0) {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+      if (*p == 0) break;
+    } else {
+      cur += *p;
+    }
+  }
+  return out;
+}
+
+struct Opts {
+  std::vector<std::string> paths{"auto"}, modes{"int8", "fp32"};
+  std::vector<double> bits{1, 1.58, 2, 3, 4};
+  std::vector<int64_t> groups{0, 32, 64, 128, 256}, ms{1, 8, 128};
+  std::vector<int> threads{1};
+  int64_t K = 11008, N = 4096, cache_mb = 32, budget_ms = 300;
+};
+
+Path parse_path(const std::string& s) {
+  for (Path p : {Path::Auto, Path::Scalar, Path::AVX2, Path::AVX512, Path::NEON, Path::NEONDOT})
+    if (s == path_name(p)) return p;
+  std::fprintf(stderr, "unknown path %s\n", s.c_str());
+  std::exit(2);
+}
+
+double median_ms(const Opts& o, Path path, ActMode mode, double bits, int64_t gs, int64_t M) {
+  Format f;
+  format_for_bits(bits, &f);
+  const int64_t rb = (o.K * f.code_bits + 7) / 8, G = gs ? o.K / gs : 1;
+  const int64_t bytes = o.N * rb + o.N * G * 4;
+  const int copies = static_cast<int>(std::max<int64_t>(2, 3 * (o.cache_mb << 20) / bytes + 1));
+  std::mt19937 rng(1);
+  std::vector<std::vector<uint8_t>> W(copies, std::vector<uint8_t>(o.N * rb));
+  std::vector<std::vector<float>> S(copies, std::vector<float>(o.N * G));
+  for (auto& w : W) for (auto& b : w) b = static_cast<uint8_t>(rng());
+  for (auto& s : S) for (auto& v : s) v = 0.001f * (1 + rng() % 100);
+  std::vector<float> x(M * o.K), out(M * o.N);
+  for (auto& v : x) v = static_cast<float>(rng() % 2001) / 1000.f - 1.f;
+  auto call = [&](int i) {
+    LinearArgs a{x.data(), M, o.K, o.N, W[i % copies].data(), rb, S[i % copies].data(), G, f, out.data()};
+    return linear(a, path, mode, threads_pf);
+  };
+  for (int i = 0; i < copies; ++i)
+    if (const char* e = call(i)) { std::fprintf(stderr, "error: %s\n", e); std::exit(1); }
+  std::vector<double> ts;
+  double spent = 0;
+  for (int i = 0; ts.size() < 5 || (spent < o.budget_ms && ts.size() < 400); ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    call(i);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    ts.push_back(ms);
+    spent += ms;
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Opts o;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i];
+    const char* v = argv[i + 1];
+    if (k == "--paths") o.paths = split(v);
+    else if (k == "--modes") o.modes = split(v);
+    else if (k == "--bits") { o.bits.clear(); for (auto& s : split(v)) o.bits.push_back(std::atof(s.c_str())); }
+    else if (k == "--groups") { o.groups.clear(); for (auto& s : split(v)) o.groups.push_back(std::atoll(s.c_str())); }
+    else if (k == "--m") { o.ms.clear(); for (auto& s : split(v)) o.ms.push_back(std::atoll(s.c_str())); }
+    else if (k == "--threads") { o.threads.clear(); for (auto& s : split(v)) o.threads.push_back(std::atoi(s.c_str())); }
+    else if (k == "--k") o.K = std::atoll(v);
+    else if (k == "--n") o.N = std::atoll(v);
+    else if (k == "--cache-mb") o.cache_mb = std::atoll(v);
+    else if (k == "--ms") o.budget_ms = std::atoll(v);
+    else { std::fprintf(stderr, "unknown flag %s\n", k.c_str()); return 2; }
+  }
+  std::printf("K=%lld N=%lld, weights rotated past %lld MB x 3; best path here: %s\n", (long long)o.K,
+              (long long)o.N, (long long)o.cache_mb, path_name(best_path()));
+  std::printf("| path | bits | layout | acts | M | threads | ms | GB/s | plan |\n|---|---|---|---|---|---|---|---|---|\n");
+  char buf[256];
+  for (const auto& ps : o.paths) {
+    const Path path = parse_path(ps);
+    if (path != Path::Auto && !path_available(path)) { std::printf("| %s | not available on this CPU |\n", ps.c_str()); continue; }
+    for (int th : o.threads) {
+      g_threads = th;
+      for (double bits : o.bits) for (int64_t gs : o.groups) for (const auto& ms : o.modes) for (int64_t M : o.ms) {
+        if (gs && o.K % gs) continue;
+        const ActMode mode = ms == "fp32" ? ActMode::Fp32 : ActMode::Int8;
+        Format f;
+        format_for_bits(bits, &f);
+        const int64_t rb = (o.K * f.code_bits + 7) / 8, G = gs ? o.K / gs : 1;
+        const double t = median_ms(o, path, mode, bits, gs, M);
+        LinearArgs a{nullptr, M, o.K, o.N, nullptr, rb, nullptr, G, f, nullptr};
+        std::printf("| %s | %g | %s | %s | %lld | %d | %.3f | %.1f | %s |\n", path_name(path == Path::Auto ? best_path() : path),
+                    bits, gs ? ("g" + std::to_string(gs)).c_str() : "row", ms.c_str(), (long long)M, th, t,
+                    (o.N * rb + o.N * G * 4) / t / 1e6, plan(a, path, mode, buf, sizeof(buf)));
+        std::fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}
