@@ -152,6 +152,55 @@ struct Scales {
   }
 };
 
+// Group bookkeeping of one block: after block (word / quad) `blk`, flush(g, scale vector of g) if
+// group g ends there.
+template <class A>
+struct Groups {
+  Scales<A> sc;
+  GroupCursor cur;
+  Groups(const LinearArgs& a, const Block<A>& t, int64_t per_group) : cur(per_group, a.G) {
+    if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
+  }
+  template <class F>
+  PQ_INLINE void after(int64_t blk, const LinearArgs& a, const Block<A>& t, F&& flush) {
+    if (cur.ends(blk)) {
+      flush(cur.g, sc.get(t, cur.g, a.G));
+      cur.next();
+    }
+  }
+};
+
+// f(w, word vector) for every 32-bit word w of the block's rows (1/2/4-bit codes).
+template <class A, class F>
+PQ_INLINE void for_each_word(const LinearArgs& a, const Block<A>& t, F&& f) {
+  const int64_t nwords = (a.row_bytes + 3) / 4, nsteps = (a.row_bytes + 15) / 16;
+  for (int64_t s = 0; s < nsteps; ++s) {
+    typename A::VI wv[4];
+    load_span<A, 16>(t, s, wv);
+    unroll<4>([&](auto J) {
+      const int64_t w = 4 * s + J.value;
+      if (w < nwords) f(w, wv[J.value]);
+    });
+  }
+}
+
+// f(unit, W) for every 32-code unit of the block's rows, W[0..2] its three words (3-bit codes).
+template <class A, class F>
+PQ_INLINE void for_each_unit(const LinearArgs& a, const Block<A>& t, F&& f) {
+  const int64_t nunits = (a.row_bytes + kUnit3Bytes - 1) / kUnit3Bytes, nsteps = (a.row_bytes + 47) / 48;
+  for (int64_t s = 0; s < nsteps; ++s) {
+    typename A::VI wv[12];
+    load_span<A, 48>(t, s, wv);
+    unroll<4>([&](auto U) {
+      const int64_t unit = 4 * s + U.value;
+      if (unit < nunits) f(unit, static_cast<const typename A::VI*>(wv + 3 * U.value));
+    });
+  }
+}
+
+inline int64_t n_words(const LinearArgs& a) { return (a.row_bytes + 3) / 4; }
+inline int64_t n_units(const LinearArgs& a) { return (a.row_bytes + kUnit3Bytes - 1) / kUnit3Bytes; }
+
 template <class A, int MT>
 PQ_INLINE void store_block(const LinearArgs& a, const Block<A>& t, int64_t m0, const typename A::VF (&res)[MT],
                            const float* dscale, float c) {
@@ -202,34 +251,22 @@ PQ_FLATTEN void block_i8_words(const LinearArgs& a, const Prepared& p, const Blo
   constexpr int CPB = 8 / B, CPW = 32 / B;
   constexpr bool kMasked = SH != 0;
   static_assert(!kMasked || NA == CPB, "masked planes need one accumulator per plane");
-  const int64_t nwords = (a.row_bytes + 3) / 4, nsteps = (a.row_bytes + 15) / 16;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
   VI masks[CPB];
   for (int i = 0; i < CPB; ++i) masks[i] = A::set1_i(0x01010101 * (((1 << B) - 1) << (kMasked ? i * B : 0)));
   I8Acc<A, MT, NA, SH> st;
-  Scales<A> sc;
-  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
-  GroupCursor cur(a.G == 1 ? nwords : p.gs * B / 32, a.G);
-  for (int64_t s = 0; s < nsteps; ++s) {
-    VI wv[4];
-    load_span<A, 16>(t, s, wv);
-    unroll<4>([&](auto J) {
-      const int64_t w = 4 * s + J.value;
-      if (w >= nwords) return;
-      unroll<CPB>([&](auto T) {
-        constexpr int tt = T.value;
-        const VI u = kMasked ? A::band(wv[J.value], masks[tt]) : A::band(A::template srl<tt * B>(wv[J.value]), masks[0]);
-        unroll<MT>([&](auto M) {
-          st.acc[M.value][tt % NA] = A::dot(st.acc[M.value][tt % NA], u, q[M.value] + w * CPW + 4 * tt);
-        });
+  Groups<A> gr(a, t, a.G == 1 ? n_words(a) : p.gs * B / 32);
+  for_each_word<A>(a, t, [&](int64_t w, VI v) {
+    unroll<CPB>([&](auto T) {
+      constexpr int tt = T.value;
+      const VI u = kMasked ? A::band(v, masks[tt]) : A::band(A::template srl<tt * B>(v), masks[0]);
+      unroll<MT>([&](auto M) {
+        st.acc[M.value][tt % NA] = A::dot(st.acc[M.value][tt % NA], u, q[M.value] + w * CPW + 4 * tt);
       });
-      if (cur.ends(w)) {
-        st.flush(p, m0, cur.g, sc.get(t, cur.g, a.G));
-        cur.next();
-      }
     });
-  }
+    gr.after(w, a, t, [&](int64_t g, typename A::VF s) { st.flush(p, m0, g, s); });
+  });
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
 }
 
@@ -248,33 +285,20 @@ PQ_INLINE typename A::VI quad_window(const typename A::VI* W) {
 template <class A, int MT, int NA>
 PQ_FLATTEN void block_i8_units(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
   using VI = typename A::VI;
-  const int64_t nunits = (a.row_bytes + kUnit3Bytes - 1) / kUnit3Bytes, nsteps = (a.row_bytes + 47) / 48;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
   I8Acc<A, MT, NA, 0> st;
-  Scales<A> sc;
-  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
-  GroupCursor cur(a.G == 1 ? nunits * 8 : p.gs / 4, a.G);
-  for (int64_t s = 0; s < nsteps; ++s) {
-    VI wv[12];
-    load_span<A, 48>(t, s, wv);
-    unroll<4>([&](auto U) {
-      const int64_t unit = 4 * s + U.value;
-      if (unit >= nunits) return;
-      const VI* W = wv + 3 * U.value;
-      unroll<8>([&](auto Dc) {
-        constexpr int d = Dc.value;
-        const VI c4 = A::spread3(quad_window<A, d>(W));
-        unroll<MT>([&](auto M) {
-          st.acc[M.value][d % NA] = A::dot(st.acc[M.value][d % NA], c4, q[M.value] + unit * kUnit3Codes + 4 * d);
-        });
-        if (cur.ends(unit * 8 + d)) {
-          st.flush(p, m0, cur.g, sc.get(t, cur.g, a.G));
-          cur.next();
-        }
+  Groups<A> gr(a, t, a.G == 1 ? n_units(a) * 8 : p.gs / 4);
+  for_each_unit<A>(a, t, [&](int64_t unit, const VI* W) {
+    unroll<8>([&](auto Dc) {
+      constexpr int d = Dc.value;
+      const VI c4 = A::spread3(quad_window<A, d>(W));
+      unroll<MT>([&](auto M) {
+        st.acc[M.value][d % NA] = A::dot(st.acc[M.value][d % NA], c4, q[M.value] + unit * kUnit3Codes + 4 * d);
       });
+      gr.after(unit * 8 + d, a, t, [&](int64_t g, typename A::VF s) { st.flush(p, m0, g, s); });
     });
-  }
+  });
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
 }
 
@@ -302,35 +326,23 @@ struct F32Acc {
 
 template <class A, int B, int MT>
 PQ_FLATTEN void block_f32_words(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
-                     const typename A::Levels& lv) {
+                                const typename A::Levels& lv) {
   using VI = typename A::VI;
   constexpr int CPW = 32 / B;
-  const int64_t nwords = (a.row_bytes + 3) / 4, nsteps = (a.row_bytes + 15) / 16;
   const float* x[MT];
   for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
   F32Acc<A, MT> st;
-  Scales<A> sc;
-  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
-  GroupCursor cur(a.G == 1 ? nwords : p.gs * B / 32, a.G);
-  for (int64_t s = 0; s < nsteps; ++s) {
-    VI wv[4];
-    load_span<A, 16>(t, s, wv);
-    unroll<4>([&](auto J) {
-      const int64_t w = 4 * s + J.value;
-      if (w >= nwords) return;
-      unroll<CPW>([&](auto C) {
-        constexpr int c = C.value;
-        const typename A::VF l = A::template level<B>(A::template srl<c * B>(wv[J.value]), lv);
-        unroll<MT>([&](auto M) {
-          st.acc[M.value][c & 3] = A::fma(l, A::set1_f(x[M.value][w * CPW + c]), st.acc[M.value][c & 3]);
-        });
+  Groups<A> gr(a, t, a.G == 1 ? n_words(a) : p.gs * B / 32);
+  for_each_word<A>(a, t, [&](int64_t w, VI v) {
+    unroll<CPW>([&](auto C) {
+      constexpr int c = C.value;
+      const typename A::VF l = A::template level<B>(A::template srl<c * B>(v), lv);
+      unroll<MT>([&](auto M) {
+        st.acc[M.value][c & 3] = A::fma(l, A::set1_f(x[M.value][w * CPW + c]), st.acc[M.value][c & 3]);
       });
-      if (cur.ends(w)) {
-        st.flush(sc.get(t, cur.g, a.G));
-        cur.next();
-      }
     });
-  }
+    gr.after(w, a, t, [&](int64_t, typename A::VF s) { st.flush(s); });
+  });
   store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
 }
 
@@ -347,37 +359,22 @@ PQ_INLINE typename A::VI code3(const typename A::VI* W) {
 
 template <class A, int MT>
 PQ_FLATTEN void block_f32_units(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
-                     const typename A::Levels& lv) {
+                                const typename A::Levels& lv) {
   using VI = typename A::VI;
-  const int64_t nunits = (a.row_bytes + kUnit3Bytes - 1) / kUnit3Bytes, nsteps = (a.row_bytes + 47) / 48;
   const float* x[MT];
   for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
   F32Acc<A, MT> st;
-  Scales<A> sc;
-  if (a.G == 1) load_scales<A>(t, 0, 1, sc.sv);
-  GroupCursor cur(a.G == 1 ? nunits * 8 : p.gs / 4, a.G);
-  for (int64_t s = 0; s < nsteps; ++s) {
-    VI wv[12];
-    load_span<A, 48>(t, s, wv);
-    unroll<4>([&](auto U) {
-      const int64_t unit = 4 * s + U.value;
-      if (unit >= nunits) return;
-      const VI* W = wv + 3 * U.value;
-      unroll<kUnit3Codes>([&](auto Ic) {
-        constexpr int i = Ic.value;
-        const typename A::VF l = A::template level<3>(code3<A, i>(W), lv);
-        unroll<MT>([&](auto M) {
-          st.acc[M.value][i & 3] = A::fma(l, A::set1_f(x[M.value][unit * kUnit3Codes + i]), st.acc[M.value][i & 3]);
-        });
-        if constexpr (i % 4 == 3) {
-          if (cur.ends(unit * 8 + i / 4)) {
-            st.flush(sc.get(t, cur.g, a.G));
-            cur.next();
-          }
-        }
+  Groups<A> gr(a, t, a.G == 1 ? n_units(a) * 8 : p.gs / 4);
+  for_each_unit<A>(a, t, [&](int64_t unit, const VI* W) {
+    unroll<kUnit3Codes>([&](auto Ic) {
+      constexpr int i = Ic.value;
+      const typename A::VF l = A::template level<3>(code3<A, i>(W), lv);
+      unroll<MT>([&](auto M) {
+        st.acc[M.value][i & 3] = A::fma(l, A::set1_f(x[M.value][unit * kUnit3Codes + i]), st.acc[M.value][i & 3]);
       });
+      if constexpr (i % 4 == 3) gr.after(unit * 8 + i / 4, a, t, [&](int64_t, typename A::VF s) { st.flush(s); });
     });
-  }
+  });
   store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
 }
 
