@@ -321,7 +321,7 @@ void rows_neon(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, in
 void rows_neondot(const LinearArgs& a, const Prepared& p, ActMode m, int64_t n0, int64_t n1) { rows_scalar(a, p, m, n0, n1); }
 #endif
 
-uint64_t stream_read(const uint8_t* p, size_t n) {
+uint64_t stream_read_scalar(const uint8_t* p, size_t n) {
   uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   size_t i = 0;
   for (; i + 64 <= n; i += 64)
@@ -334,6 +334,13 @@ uint64_t stream_read(const uint8_t* p, size_t n) {
   for (int j = 0; j < 8; ++j) s += acc[j];
   for (; i < n; ++i) s += p[i];
   return s;
+}
+
+uint64_t stream_read(const uint8_t* p, size_t n) {
+#if defined(PARETOQ_HAVE_X86)
+  if (best_path() == Path::AVX512) return stream_read_avx512(p, n);  // full-width loads
+#endif
+  return stream_read_scalar(p, n);
 }
 
 // ---- driver ------------------------------------------------------------------------------------
@@ -384,6 +391,12 @@ const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf)
   thread_local std::vector<float> dbuf, xbuf;
   thread_local std::vector<int32_t> zbuf;
   thread_local std::vector<unsigned char> fbuf;
+  // The first row block is not prefetched by the block before it: start its reads now, so that
+  // they overlap the activation preparation (the kernels prefetch each next block themselves).
+  const int64_t first = std::min<int64_t>(a.N, 16) * a.row_bytes;
+  for (int64_t i = 0; i < first; i += 64) __builtin_prefetch(a.w + i, 0, 2);
+  for (int64_t i = 0; i < std::min<int64_t>(a.N, 16) * a.G * 4; i += 64)
+    __builtin_prefetch(reinterpret_cast<const uint8_t*>(a.scale) + i, 0, 2);
   if (mode == ActMode::Int8) {
     qbuf.resize(static_cast<size_t>(a.M * pr.kq));
     dbuf.resize(static_cast<size_t>(a.M));

@@ -62,6 +62,7 @@ struct Avx2 {
   PQ_INLINE static VI sub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
   PQ_INLINE static VI set1_i(int32_t v) { return _mm256_set1_epi32(v); }
   PQ_INLINE static VI zero_i() { return _mm256_setzero_si256(); }
+  PQ_INLINE static VF load_f(const float* p) { return _mm256_loadu_ps(p); }
   PQ_INLINE static VF as_f(VI v) { return _mm256_castsi256_ps(v); }
   PQ_INLINE static VF cvt(VI v) { return _mm256_cvtepi32_ps(v); }
   PQ_INLINE static VF fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }

@@ -72,6 +72,7 @@ struct Avx512 {
   PQ_INLINE static VI sub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
   PQ_INLINE static VI set1_i(int32_t v) { return _mm512_set1_epi32(v); }
   PQ_INLINE static VI zero_i() { return _mm512_setzero_si512(); }
+  PQ_INLINE static VF load_f(const float* p) { return _mm512_loadu_ps(p); }
   PQ_INLINE static VF as_f(VI v) { return _mm512_castsi512_ps(v); }
   PQ_INLINE static VF cvt(VI v) { return _mm512_cvtepi32_ps(v); }
   PQ_INLINE static VF fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
@@ -93,6 +94,19 @@ struct Avx512 {
 
 void rows_avx512(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
   simd::rows<Avx512>(a, p, mode, n0, n1);
+}
+
+uint64_t stream_read_avx512(const uint8_t* p, size_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(p + i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(p + i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(p + i + 192));
+  }
+  uint64_t s = static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3))));
+  return s + stream_read_scalar(p + i, n - i);
 }
 
 }  // namespace paretoq

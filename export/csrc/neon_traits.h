@@ -62,6 +62,7 @@ struct NeonT {
   PQ_INLINE static VI sub(VI a, VI b) { return vsubq_u32(a, b); }
   PQ_INLINE static VI set1_i(int32_t v) { return vreinterpretq_u32_s32(vdupq_n_s32(v)); }
   PQ_INLINE static VI zero_i() { return vdupq_n_u32(0); }
+  PQ_INLINE static VF load_f(const float* p) { return vld1q_f32(p); }
   PQ_INLINE static VF as_f(VI v) { return vreinterpretq_f32_u32(v); }
   PQ_INLINE static VF cvt(VI v) { return vcvtq_f32_s32(vreinterpretq_s32_u32(v)); }
   PQ_INLINE static VF fma(VF a, VF b, VF c) { return vfmaq_f32(c, a, b); }

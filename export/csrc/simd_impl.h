@@ -95,15 +95,23 @@ inline void setup_block(Block<A>& t, const LinearArgs& a, int64_t first, int spa
   t.lanes = static_cast<int>(a.N - st < NB ? a.N - st : NB);
   t.wb = w + st * t.ws;
   t.sb = sc + st * a.G;
+  // Stage only what the kernels will read: the partial last span of each row (none when rows are
+  // whole spans, the usual case) and the last, partial, 4 scales (none per row or when G % 4 == 0).
   const int64_t toff = t.full * span, tlen = a.row_bytes - toff;
+  if (tlen > 0)
+    for (int i = 0; i < NB; ++i) {
+      std::memset(t.tail[i], 0, sizeof(t.tail[i]));
+      std::memcpy(t.tail[i], t.wb + i * t.ws + toff, static_cast<size_t>(tlen));
+    }
   const int64_t gt = (a.G / 4) * 4, glen = a.G - gt;
-  for (int i = 0; i < NB; ++i) {
-    std::memset(t.tail[i], 0, sizeof(t.tail[i]));
-    if (tlen > 0) std::memcpy(t.tail[i], t.wb + i * t.ws + toff, static_cast<size_t>(tlen));
-    for (int j = 0; j < 4; ++j) t.stail[i][j] = j < glen ? t.sb[i * a.G + gt + j] : 0.f;
-  }
+  if (a.G > 1 && glen > 0)
+    for (int i = 0; i < NB; ++i)
+      for (int j = 0; j < 4; ++j) t.stail[i][j] = j < glen ? t.sb[i * a.G + gt + j] : 0.f;
 }
 
+#ifndef PQ_PF_BLOCKS
+#define PQ_PF_BLOCKS 1
+#endif
 // Weight span s: four word vectors (twelve for a 3-bit span).
 template <class A, int SPAN>
 PQ_INLINE void load_span(const Block<A>& t, int64_t s, typename A::VI* out) {
@@ -114,15 +122,20 @@ PQ_INLINE void load_span(const Block<A>& t, int64_t s, typename A::VI* out) {
   // well; the next block's rows are contiguous (NB * row_bytes bytes), so they are prefetched
   // sequentially into L2 while this one is computed: SPAN * NB bytes per step.
   if (direct) {
-    const uint8_t* nb = t.wb + A::NB * t.ws + s * SPAN * A::NB;
+    const uint8_t* nb = t.wb + PQ_PF_BLOCKS * A::NB * t.ws + s * SPAN * A::NB;
     for (int i = 0; i < SPAN * A::NB; i += 64) __builtin_prefetch(nb + i, 0, 2);
   }
   unroll<SPAN / 16>([&](auto I) { A::load4(b + 16 * I.value, stride, out + 4 * I.value); });
 }
 
-// Scales of groups g4 .. g4+3 (g4 % 4 == 0), clamped below at eps.
+// Scales of groups g4 .. g4+3 (g4 % 4 == 0), clamped below at eps; per-row scales (G == 1) are
+// the block's NB consecutive floats.
 template <class A>
 PQ_INLINE void load_scales(const Block<A>& t, int64_t g4, int64_t G, typename A::VF out[4]) {
+  if (G == 1) {
+    out[0] = A::max_eps(A::load_f(t.sb));
+    return;
+  }
   typename A::VI v[4];
   // the next block's scales are contiguous: prefetch as many bytes of them as this call reads
   const uint8_t* nb = reinterpret_cast<const uint8_t*>(t.sb + A::NB * t.ss) + g4 * 4 * A::NB;
@@ -282,13 +295,16 @@ PQ_INLINE typename A::VI quad_window(const typename A::VI* W) {
   }
 }
 
-template <class A, int MT, int NA>
+// UG: groups are whole 32-code units (per row, or group_size % 32 == 0), so group ends are
+// checked once per unit instead of once per quad (the flush code is inlined at every check).
+template <class A, int MT, int NA, bool UG>
 PQ_FLATTEN void block_i8_units(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
   using VI = typename A::VI;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
   I8Acc<A, MT, NA, 0> st;
-  Groups<A> gr(a, t, a.G == 1 ? n_units(a) * 8 : p.gs / 4);
+  Groups<A> gr(a, t, a.G == 1 ? n_units(a) * (UG ? 1 : 8) : p.gs / (UG ? 32 : 4));
+  auto flush = [&](int64_t g, typename A::VF s) { st.flush(p, m0, g, s); };
   for_each_unit<A>(a, t, [&](int64_t unit, const VI* W) {
     unroll<8>([&](auto Dc) {
       constexpr int d = Dc.value;
@@ -296,8 +312,9 @@ PQ_FLATTEN void block_i8_units(const LinearArgs& a, const Prepared& p, const Blo
       unroll<MT>([&](auto M) {
         st.acc[M.value][d % NA] = A::dot(st.acc[M.value][d % NA], c4, q[M.value] + unit * kUnit3Codes + 4 * d);
       });
-      gr.after(unit * 8 + d, a, t, [&](int64_t g, typename A::VF s) { st.flush(p, m0, g, s); });
+      if constexpr (!UG) gr.after(unit * 8 + d, a, t, flush);
     });
+    if constexpr (UG) gr.after(unit, a, t, flush);
   });
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
 }
@@ -357,14 +374,15 @@ PQ_INLINE typename A::VI code3(const typename A::VI* W) {
   }
 }
 
-template <class A, int MT>
+template <class A, int MT, bool UG>
 PQ_FLATTEN void block_f32_units(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
                                 const typename A::Levels& lv) {
   using VI = typename A::VI;
   const float* x[MT];
   for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
   F32Acc<A, MT> st;
-  Groups<A> gr(a, t, a.G == 1 ? n_units(a) * 8 : p.gs / 4);
+  Groups<A> gr(a, t, a.G == 1 ? n_units(a) * (UG ? 1 : 8) : p.gs / (UG ? 32 : 4));
+  auto flush = [&](int64_t, typename A::VF s) { st.flush(s); };
   for_each_unit<A>(a, t, [&](int64_t unit, const VI* W) {
     unroll<kUnit3Codes>([&](auto Ic) {
       constexpr int i = Ic.value;
@@ -372,8 +390,9 @@ PQ_FLATTEN void block_f32_units(const LinearArgs& a, const Prepared& p, const Bl
       unroll<MT>([&](auto M) {
         st.acc[M.value][i & 3] = A::fma(l, A::set1_f(x[M.value][unit * kUnit3Codes + i]), st.acc[M.value][i & 3]);
       });
-      if constexpr (i % 4 == 3) gr.after(unit * 8 + i / 4, a, t, [&](int64_t, typename A::VF s) { st.flush(s); });
+      if constexpr (!UG && i % 4 == 3) gr.after(unit * 8 + i / 4, a, t, flush);
     });
+    if constexpr (UG) gr.after(unit, a, t, flush);
   });
   store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
 }
@@ -383,11 +402,17 @@ PQ_FLATTEN void block_f32_units(const LinearArgs& a, const Prepared& p, const Bl
 template <class A, int B, int MT, int NA, int SH = 0>
 inline void block(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
                   const typename A::Levels& lv) {
-  if (mode == ActMode::Int8) {
-    if constexpr (B == 3) block_i8_units<A, MT, NA>(a, p, t, m0);
-    else block_i8_words<A, B, MT, NA, SH>(a, p, t, m0);
+  if constexpr (B == 3) {
+    const bool ug = a.G == 1 || p.gs % kUnit3Codes == 0;
+    if (mode == ActMode::Int8) {
+      if (ug) block_i8_units<A, MT, NA, true>(a, p, t, m0);
+      else block_i8_units<A, MT, NA, false>(a, p, t, m0);
+    } else {
+      if (ug) block_f32_units<A, MT, true>(a, p, t, m0, lv);
+      else block_f32_units<A, MT, false>(a, p, t, m0, lv);
+    }
   } else {
-    if constexpr (B == 3) block_f32_units<A, MT>(a, p, t, m0, lv);
+    if (mode == ActMode::Int8) block_i8_words<A, B, MT, NA, SH>(a, p, t, m0);
     else block_f32_words<A, B, MT>(a, p, t, m0, lv);
   }
 }

@@ -4,6 +4,10 @@
 //   paretoq_kernel_bench [--paths avx512,avx2,scalar] [--bits 1,1.58,2,3,4] [--groups 0,32,64,128,256]
 //                        [--m 1,8,128] [--modes int8,fp32] [--threads 1,2] [--k 11008] [--n 4096]
 //                        [--cache-mb 32] [--ms 300]
+//   paretoq_kernel_bench --decoder 2048,5632,16,256 [--bits ...] [--groups ...] [--modes ...] [--threads ...]
+//       the block linears of a decoder (hidden, intermediate, layers, kv width: q, k, v, o, gate, up,
+//       down per layer, all distinct weights) called in sequence at M = 1, like one decode step
+//       without attention: ms per step and GB/s of all their bytes.
 // groups: 0 = one scale per row. Prints one line per cell: median ms per call, GB/s of weights +
 // scales, and the plan() string (which kernel ran). Threads: a simple std::thread parallel-for.
 #include <algorithm>
@@ -54,7 +58,45 @@ struct Opts {
   std::vector<int64_t> groups{0, 32, 64, 128, 256}, ms{1, 8, 128};
   std::vector<int> threads{1};
   int64_t K = 11008, N = 4096, cache_mb = 32, budget_ms = 300;
+  std::vector<int64_t> decoder;  // hidden, intermediate, layers, kv width
 };
+
+// One decode step over the block linears of a decoder: median ms per step.
+double decoder_step_ms(const Opts& o, ActMode mode, double bits, int64_t gs, int64_t* total_bytes) {
+  Format f;
+  format_for_bits(bits, &f);
+  const int64_t H = o.decoder[0], I = o.decoder[1], L = o.decoder[2], KV = o.decoder[3];
+  const int64_t shapes[7][2] = {{H, H}, {H, KV}, {H, KV}, {H, H}, {H, I}, {H, I}, {I, H}};  // {K, N}
+  struct Layer { int64_t K, N, rb, G; std::vector<uint8_t> w; std::vector<float> s; };
+  std::vector<Layer> layers;
+  std::mt19937 rng(1);
+  *total_bytes = 0;
+  for (int64_t l = 0; l < L; ++l)
+    for (const auto& sh : shapes) {
+      Layer y{sh[0], sh[1], (sh[0] * f.code_bits + 7) / 8, gs ? sh[0] / gs : 1, {}, {}};
+      y.w.resize(y.N * y.rb);
+      y.s.assign(y.N * y.G, 0.01f);
+      for (auto& b : y.w) b = static_cast<uint8_t>(rng());
+      *total_bytes += y.N * y.rb + y.N * y.G * 4;
+      layers.push_back(std::move(y));
+    }
+  std::vector<float> x(std::max(H, I), 0.5f), out(std::max(H, I));
+  auto step = [&] {
+    for (auto& y : layers) {
+      LinearArgs a{x.data(), 1, y.K, y.N, y.w.data(), y.rb, y.s.data(), y.G, f, out.data()};
+      linear(a, Path::Auto, mode, threads_pf);
+    }
+  };
+  step();
+  std::vector<double> ts;
+  for (int i = 0; i < 15; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    ts.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
 
 Path parse_path(const std::string& s) {
   for (Path p : {Path::Auto, Path::Scalar, Path::AVX2, Path::AVX512, Path::NEON, Path::NEONDOT})
@@ -112,7 +154,25 @@ int main(int argc, char** argv) {
     else if (k == "--n") o.N = std::atoll(v);
     else if (k == "--cache-mb") o.cache_mb = std::atoll(v);
     else if (k == "--ms") o.budget_ms = std::atoll(v);
+    else if (k == "--decoder") { for (auto& x : split(v)) o.decoder.push_back(std::atoll(x.c_str())); }
     else { std::fprintf(stderr, "unknown flag %s\n", k.c_str()); return 2; }
+  }
+  if (o.decoder.size() == 4) {
+    std::printf("decoder block linears: hidden %lld, intermediate %lld, %lld layers, kv %lld, M = 1; path %s\n",
+                (long long)o.decoder[0], (long long)o.decoder[1], (long long)o.decoder[2], (long long)o.decoder[3],
+                path_name(best_path()));
+    std::printf("| bits | layout | acts | threads | ms/step | MB | GB/s |\n|---|---|---|---|---|---|---|\n");
+    for (int th : o.threads) {
+      g_threads = th;
+      for (double bits : o.bits) for (int64_t gs : o.groups) for (const auto& ms : o.modes) {
+        int64_t bytes = 0;
+        const double t = decoder_step_ms(o, ms == "fp32" ? ActMode::Fp32 : ActMode::Int8, bits, gs, &bytes);
+        std::printf("| %g | %s | %s | %d | %.2f | %.1f | %.1f |\n", bits, gs ? ("g" + std::to_string(gs)).c_str() : "row",
+                    ms.c_str(), th, t, bytes / 1e6, bytes / t / 1e6);
+        std::fflush(stdout);
+      }
+    }
+    return 0;
   }
   std::printf("K=%lld N=%lld, weights rotated past %lld MB x 3; best path here: %s\n", (long long)o.K,
               (long long)o.N, (long long)o.cache_mb, path_name(best_path()));
