@@ -9,7 +9,6 @@ __all__ = ["LlamaKVStep"]
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class LlamaKVStep(nn.Module):
@@ -25,6 +24,17 @@ class LlamaKVStep(nn.Module):
             self.register_buffer(f"k{i}", torch.zeros(1, self.nkv, max_len, self.hd))
             self.register_buffer(f"v{i}", torch.zeros(1, self.nkv, max_len, self.hd))
         self.max_len = max_len
+
+    def _grouped_attention(self, q, kc, vc, mask, T):
+        """Grouped-query attention without copying the cache: the rep = nh / nkv query heads of
+        each KV head attend to it as rep * T query rows (head h = kv * rep + r). Returns the
+        attention output as [1, T, nh * hd]."""
+        rep = self.nh // self.nkv
+        qg = q.reshape(1, self.nkv, rep * T, self.hd)
+        scores = torch.matmul(qg, kc.transpose(-2, -1)) * (self.hd ** -0.5)
+        scores = scores.masked_fill(~mask.repeat(rep, 1), float("-inf"))
+        o = torch.matmul(torch.softmax(scores, dim=-1), vc)  # [1, nkv, rep * T, hd]
+        return o.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4).reshape(1, T, self.nh * self.hd)
 
     def forward(self, ids, pos):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -44,10 +54,6 @@ class LlamaKVStep(nn.Module):
             kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
             kc.index_copy_(2, pos, k)
             vc.index_copy_(2, pos, v)
-            rep = self.nh // self.nkv
-            kk = kc.repeat_interleave(rep, dim=1)
-            vv = vc.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-            h = h + a.o_proj(o.transpose(1, 2).reshape(1, T, self.nh * self.hd))
+            h = h + a.o_proj(self._grouped_attention(q, kc, vc, mask, T))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h))
