@@ -41,8 +41,8 @@ tok/s = new_tokens / loop time). Reported: the median over reps, and the warm-up
 compile: compilation included). The lm_head alone (same mode, a
 [1, 1, hidden] input, median of many calls) is timed and subtracted from the step time: the rest
 of the step is what the block weights cost, and block weight bytes / rest time is the read
-bandwidth achieved, next to this machine's DRAM read bandwidth (``int64`` sum of a 1 GiB buffer,
-best of 7, per thread count). ParetoQ variants must have run our C++ kernels
+bandwidth achieved, next to this machine's DRAM read bandwidth (the kernel library's streaming read
+of a 1 GiB buffer, ``_meta.dram_bandwidth``, best of 5, per thread count). ParetoQ variants must have run our C++ kernels
 (``paretoq_ao.export.cpu_backend.call_count``, counted over the timed decode loops; per token =
 7 x layers, +1 with ``--head pq4``): the script stops if a packed variant made no kernel call.
 
@@ -82,7 +82,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from _meta import git_commit  # noqa: E402
+from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # noqa: E402
 
 BITS = ("4", "3", "2", "1.58", "1")
 ALL_VARIANTS = (("fp32",) + tuple(v for b in BITS for v in (f"pq{b}", f"pq{b}-i8"))
@@ -91,7 +91,6 @@ MODES = ("eager", "compile")
 FULL = dict(hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=4, vocab=32000)
 QUICK = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=512)
 INT4_FORMATS = ("plain", "tile_packed_to_4d", "plain_int32", "preshuffled")
-DRAM_BYTES = 1 << 30
 TARGET_EAGER, TARGET_COMPILE = 3.0, 2.0
 
 
@@ -150,17 +149,6 @@ def _config(a):
 
 def _is_block_linear(mod, fqn):
     return isinstance(mod, nn.Linear) and ".layers." in f".{fqn}."
-
-
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # --------------------------------------------------------------------------- building the variants
@@ -370,26 +358,6 @@ def _measure_guarded(model, mode, a, prompt, max_len, v):
         return dict(error=f"n/a: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
 
 
-def _dram_bandwidth(threads, reps=7):
-    """{threads: dict(best, median)} GB/s of a streaming read: ``buf.view(torch.int64).sum()`` of a
-    1 GiB buffer (touched first), under torch.set_num_threads(t)."""
-    buf = torch.ones(DRAM_BYTES, dtype=torch.uint8)
-    words = buf.view(torch.int64)
-    out = {}
-    for t in threads:
-        torch.set_num_threads(t)
-        words.sum()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            words.sum()
-            ts.append(time.perf_counter() - t0)
-        out[t] = dict(best=DRAM_BYTES / min(ts) / 1e9, median=DRAM_BYTES / statistics.median(ts) / 1e9)
-    del words, buf
-    gc.collect()
-    return out
-
-
 def _rel_l2(x, ref):
     return float((x.float() - ref.float()).norm() / ref.float().norm())
 
@@ -540,7 +508,7 @@ def _timing_table(a, infos, bw):
                     v, mode, str(t), r["compile"], f"{r['warm_s']:.1f}", f"{r['prefill_s'] * 1e3:.1f}",
                     f"{r['tok_s']:.2f}",
                     f"{r['step_s'] * 1e3:.2f}", f"{r['head_s'] * 1e3:.2f}", f"{rest * 1e3:.2f}",
-                    f"{info['bytes']['block'] / 1e6:.1f}", gbs, f"{bw[t]['best']:.1f}",
+                    f"{info['bytes']['block'] / 1e6:.1f}", gbs, f"{bw[t]:.1f}",
                     _ratio(r["tok_s"], _fp32_tok_s(infos, "eager", t)),
                     _ratio(r["tok_s"], _fp32_tok_s(infos, "compile", t)),
                     _calls_cell(info["spec"], r), r.get("agree", "-")]) + " |")
@@ -604,7 +572,7 @@ def _report(a, infos, bw, command, date, n_block):
             "ParetoQ 4-bit (ours) in every quantized variant, fp32 in the fp32 variant")
     lines = [f"# PyTorch CPU decoder benchmark ({date})", "",
              f"Command: `{command}`", "",
-             f"Machine: {_cpu()}, {os.cpu_count()} cores, {platform.platform()}; torch {torch.__version__}, "
+             f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}; torch {torch.__version__}, "
              f"torchao {torchao.__version__}, transformers {transformers.__version__}, python "
              f"{platform.python_version()}; git {git_commit() or 'unknown'}; date {date}", "",
              f"Model: transformers LlamaForCausalLM, random weights (seed {a.seed}), hidden {a.hidden}, intermediate "
@@ -617,9 +585,9 @@ def _report(a, infos, bw, command, date, n_block):
              "afresh per thread count (column `compile`: fullgraph, or the default when fullgraph failed). "
              "lm_head ms = the head alone on one hidden state in the same mode (median); rest = ms/token - "
              "lm_head; rest GB/s = block weight bytes / rest.",
-             "DRAM read bandwidth (method: `buf.view(torch.int64).sum()` of a 1 GiB buffer under "
-             "torch.set_num_threads(t), best of 7, median in brackets): " + "; ".join(
-                 f"{t} thread(s) {bw[t]['best']:.1f} GB/s ({bw[t]['median']:.1f})" for t in a.threads),
+             "DRAM read bandwidth (the kernel library's streaming read of a 1 GiB buffer, "
+             "paretoq_ao.export.cpu_backend.read_bandwidth, best of 5, per thread count): " + "; ".join(
+                 f"{t} thread(s) {bw[t]:.1f} GB/s" for t in a.threads),
              f"Peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB "
              "(every variant shares the saved fp32 tensors and is freed after it is measured).",
              "C++ calls/token: calls of paretoq_ao's CPU kernels (`cpu_backend.call_count`) per decode step, "
@@ -647,20 +615,6 @@ def _report(a, infos, bw, command, date, n_block):
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path, text):
-    import tempfile
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".cpu-decoder-", suffix=".md.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
     a = _parse(argv)
     from transformers import LlamaForCausalLM
@@ -674,9 +628,9 @@ def main(argv=None):
                          "PyTorch reference")
     threads_before = torch.get_num_threads()
     try:
-        bw = _dram_bandwidth(a.threads)
-        print("DRAM read bandwidth (int64 sum of 1 GiB, best of 7): " +
-              ", ".join(f"{t}T {bw[t]['best']:.1f} GB/s" for t in a.threads), flush=True)
+        bw = dram_bandwidth(a.threads)
+        print("DRAM read bandwidth (streaming read of 1 GiB, best of 5): " +
+              ", ".join(f"{t}T {bw[t]:.1f} GB/s" for t in a.threads), flush=True)
         torch.manual_seed(a.seed)
         cfg = _config(a)
         src = LlamaForCausalLM(cfg).eval().float()
@@ -695,7 +649,7 @@ def main(argv=None):
     finally:
         torch.set_num_threads(threads_before)
     print(text)
-    _write_atomic(out, text)
+    write_text(out, text)
     print("written", out, flush=True)
     return dict(out=out, text=text, infos=infos, bandwidth=bw)
 

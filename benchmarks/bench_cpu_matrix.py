@@ -48,12 +48,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from _meta import git_commit  # benchmarks/_meta.py (this folder is sys.path[0])
+from _cpu_matrix_report import _ms, report  # benchmarks/_cpu_matrix_report.py
+from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # benchmarks/_meta.py (this folder is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYOUTS = {"row": None, "g32": 32, "g64": 64, "g128": 128, "g256": 256}
 BITS = ("1", "1.58", "2", "3", "4")
-BW_BYTES = 1 << 30  # DRAM bandwidth buffer: 1 GiB, far beyond any L3
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -148,17 +148,15 @@ def _plan(x, w, acts: str) -> str:
 # ----------------------------------------------------------------------------- machine
 
 def machine_info(a) -> Dict[str, str]:
-    cpu, flags = None, set()
+    flags = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and cpu is None:
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
+                if line.startswith("flags") and not flags:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    cpu = cpu or platform.processor() or "unknown"
+    cpu = cpu_model()
     import paretoq_ao.export as pe
     try:
         path = pe.kernel_path()
@@ -177,27 +175,6 @@ def machine_info(a) -> Dict[str, str]:
         "versions": ", ".join(f"{k} {v}" for k, v in ver.items()), "git": git_commit() or "unknown",
         "load": " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
     }
-
-
-def dram_bandwidth(threads: List[int], reps: int = 5) -> Dict[int, float]:
-    """Streaming read of a 1 GiB int64 tensor: median GB/s of ``buf.sum()`` per thread count."""
-    buf = torch.ones(BW_BYTES // 8, dtype=torch.int64)  # written once: every page is resident
-    old = torch.get_num_threads()
-    out = {}
-    try:
-        for t in threads:
-            torch.set_num_threads(t)
-            buf.sum()
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                buf.sum()
-                ts.append(time.perf_counter() - t0)
-            out[t] = BW_BYTES / statistics.median(ts) / 1e9
-    finally:
-        torch.set_num_threads(old)
-        del buf
-    return out
 
 
 # ----------------------------------------------------------------------------- timing
@@ -236,17 +213,6 @@ def _dyn(a):
     return ({0: torch.export.Dim("m", min=1, max=max(a.m + [2]))},)
 
 
-def _lower_plain(model: nn.Module, x, path, ds) -> None:
-    """fp32 / torchao-quantized model -> XNNPACK -> .pte."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-    with torch.no_grad():
-        ep = torch.export.export(model.eval(), (x,), dynamic_shapes=ds, strict=False)
-    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-    with open(path, "wb") as f:
-        f.write(prog.buffer)
-
-
 def _file_copies(path: str, n: int) -> List[str]:
     """n separate files with the same program: separate page-cache pages, separate loaded programs."""
     paths = [path]
@@ -259,6 +225,7 @@ def _file_copies(path: str, n: int) -> List[str]:
 
 def _et_8da4w(base, layout, x, path, ds):
     """torchao 8da4w at this layout lowered to XNNPACK: (label, error)."""
+    import paretoq_ao.export as pe
     from torchao import quantize_
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
     if layout == "row":
@@ -271,7 +238,7 @@ def _et_8da4w(base, layout, x, path, ds):
         try:
             with _quiet():
                 quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=gran))
-                _lower_plain(m, x, path, ds)
+                pe.export_executorch(m, (x,), path, dynamic_shapes=ds)  # no packed layer: all XNNPACK
         except Exception as e:  # third-party quantize/export/lowering: any failure becomes the cell text
             errors.append(f"{label}: {_reason(e)}")
             continue
@@ -283,6 +250,8 @@ def _et_8da4w(base, layout, x, path, ds):
 
 def et_baselines(base, shape, a, tmp) -> List[dict]:
     """Specs (name, paths, nbytes, label, error) of XNNPACK fp32 and 8da4w per layout."""
+    import paretoq_ao.export as pe
+
     k, n = shape
     x = torch.randn(2, k)
     ds = _dyn(a)
@@ -290,7 +259,7 @@ def et_baselines(base, shape, a, tmp) -> List[dict]:
     path = os.path.join(tmp, f"fp32-{k}x{n}.pte")
     try:
         with _quiet():
-            _lower_plain(copy.deepcopy(base), x, path, ds)
+            pe.export_executorch(copy.deepcopy(base), (x,), path, dynamic_shapes=ds)
         nb = os.path.getsize(path)
         specs.append(dict(name="fp32", paths=_file_copies(path, _n_copies(nb, a)), nbytes=nb, label="XNNPACK fp32"))
     except Exception as e:  # third-party lowering: the cell says why
@@ -457,81 +426,6 @@ def _rows(rt, shape, bits, mm, th, variants, res, weights, calls, a) -> List[dic
     return rows
 
 
-def _ms(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _ratio(b, ours) -> str:
-    return f"{b / ours:.2f}x" if isinstance(b, float) and isinstance(ours, float) else "n/a"
-
-
-def table(rows, rt, bw) -> List[str]:
-    sel = [r for r in rows if r["runtime"] == rt]
-    if not sel:
-        return []
-    bases = list(sel[0]["base"])
-    head = ["runtime", "K x N", "bits", "layout", "acts", "M", "threads", "ours ms"] + [f"{b} ms" for b in bases] + \
-           [f"{b}/ours" for b in bases] + ["ours GB/s", "% DRAM", "copies (MiB cycled)", "kernel plan"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sel:
-        pct = f"{100 * r['gbs'] / bw[r['threads']]:.0f}%" if r["gbs"] and bw.get(r["threads"]) else "n/a"
-        plan = r["plan"] + ("" if r["calls_ok"] else "; WARNING: kernel call count did not match (not our kernel?)")
-        cells = [rt, f"{r['k']} x {r['n']}", r["bits"], r["layout"], r["acts"], str(r["m"]), str(r["threads"]),
-                 _ms(r["ours"])] + [_ms(r["base"][b]) for b in bases] + \
-                [_ratio(r["base"][b], r["ours"]) for b in bases] + \
-                [f"{r['gbs']:.1f}" if r["gbs"] else "n/a", pct, f"{r['copies']} ({r['cycled_mb']:.0f})", plan]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
-
-
-def _check(name, where, items, thr, higher=True) -> str:
-    """PASS/MISS line: every (what, value) must be >= thr (or <= thr); prints the worst value."""
-    items = [(w, v) for w, v in items if v is not None]
-    if not items:
-        return f"n/a   {name} [{where}]: no data"
-    ok = [(v >= thr) if higher else (v <= thr) for _, v in items]
-    worst = min(items, key=lambda t: t[1]) if higher else max(items, key=lambda t: t[1])
-    misses = [f"{w} {v:.3f}x" for (w, v), good in zip(items, ok) if not good]
-    cmp = ">=" if higher else "<="
-    line = f"{'PASS' if all(ok) else 'MISS'}  {name} [{where}]: worst {worst[0]} {worst[1]:.3f}x (need {cmp} {thr}x)"
-    return line + (f"; misses: {', '.join(misses)}" if misses else "")
-
-
-def targets(rows) -> List[str]:
-    """The ExecuTorch targets, per shape x threads x acts."""
-    et = [r for r in rows if r["runtime"] == "et" and isinstance(r["ours"], float)]
-    out = []
-    for key in sorted({(r["k"], r["n"], r["threads"], r["acts"]) for r in et}):
-        grp = [r for r in et if (r["k"], r["n"], r["threads"], r["acts"]) == key]
-        where = f"et {key[0]}x{key[1]}, {key[2]} thr, {key[3]} acts"
-
-        def r8(r):
-            b = r["base"].get("8da4w")
-            return b / r["ours"] if isinstance(b, float) else None
-
-        m1 = {(r["bits"], r["layout"]): r for r in grp if r["m"] == 1}
-        lab = lambda b, l: f"{b}-bit {l}"  # noqa: E731
-        out.append(_check("M=1 every bits x layout >= 1.0x 8da4w", where,
-                          [(lab(*k), r8(r)) for k, r in m1.items()], 1.0))
-        for b, nm in (("2", "2-bit"), ("1.58", "ternary"), ("3", "3-bit")):
-            thr = 1.3 if b == "3" else 1.8
-            items = [(lab(*k), r8(r)) for k, r in m1.items() if k[0] == b]
-            if items:
-                out.append(_check(f"M=1 {nm} >= {thr}x 8da4w", where, items, thr))
-        pairs = [(l, m1[("2", l)]["ours"] / m1[("1", l)]["ours"]) for (b, l) in m1 if b == "1" and ("2", l) in m1]
-        if pairs:
-            out.append(_check("M=1 1-bit at least as fast as 2-bit (2-bit ms / 1-bit ms)", where, pairs, 1.0))
-        grp_items = [(lab(b, l), r["ours"] / m1[(b, "row")]["ours"]) for (b, l), r in m1.items()
-                     if l != "row" and (b, "row") in m1]
-        if grp_items:
-            out.append(_check("M=1 group sizes within 1.25x of per-row (group ms / row ms)", where, grp_items, 1.25,
-                              higher=False))
-        m128 = [(lab(r["bits"], r["layout"]), r8(r)) for r in grp if r["m"] == 128]
-        if m128:
-            out.append(_check("M=128 >= 1.0x 8da4w at every bit width", where, m128, 1.0))
-    return out
-
-
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
@@ -599,39 +493,6 @@ def _logged(rows, log):
     return rows
 
 
-def report(a, argv, info, bw, rows, notes, date) -> str:
-    lines = [f"# CPU matrix: one linear layer, ParetoQ vs baselines ({date})", "",
-             f"Command: {' '.join([sys.executable, os.path.abspath(__file__)] + list(argv))}", "",
-             f"Machine: {info['cpu']}, {info['cores']} cores; {info['flags']}; L3 {info['l3']}; "
-             f"{info['platform']}; ParetoQ kernel path {info['kernel_path']}; load average at start "
-             f"{info['load']} (1/5/15 min: other work on the machine skews the times)",
-             f"Versions: {info['versions']}; git {info['git']}", "",
-             "DRAM read bandwidth (streaming `buf.sum()` over a 1 GiB int64 tensor, torch.set_num_threads(t), "
-             "median of 5 after one warm-up): " + ", ".join(f"{t} thread(s) {v:.1f} GB/s" for t, v in bw.items()), "",
-             f"Method: every variant cycles >= 3 x L3 = {3 * a.l3_mb:g} MiB through independent copies (et: separate "
-             f".pte files loaded as separate programs; pt: deep-copied modules), capped at {a.max_copies} copies; each "
-             "call uses the next copy. One block = one bit width (all its layouts x acts) + the baselines at one "
-             "shape, "
-             f"M and thread count, interleaved in one loop (order rotated each iteration), {a.iters} timed calls per "
-             "variant after a warm pass over every copy. Times: median ms per call. Ratios: baseline ms / ours ms "
-             "(>1: ours faster). GB/s: (packed weight + scale bytes) / our time; % DRAM: of the bandwidth above "
-             "at the same thread count. Kernel plan: paretoq_ao.export.cpu_backend.plan for the row's arguments (the "
-             "ExecuTorch and ATen registrations share the C++ linear()); plans saying scalar are flagged SLOW "
-             "PATH.", ""]
-    if a.quick:
-        lines += ["NOTE: --quick caps the copies: layers stay cache-resident, not a DRAM measurement.", ""]
-    lines += ["Baselines:"] + [f"- {n}" for n in notes] + [""]
-    for rt, title in (("et", "ExecuTorch (executorch.runtime)"), ("pt", "Eager PyTorch CPU")):
-        t = table(rows, rt, bw)
-        if t:
-            lines += [f"## {title}", ""] + t + [""]
-    tg = targets(rows)
-    if tg:
-        lines += ["## Targets (ExecuTorch, ratios vs torchao 8da4w at the same layout)", ""] + \
-                 [f"- {t}" for t in tg] + [""]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
@@ -653,16 +514,10 @@ def main(argv=None):
             seen.setdefault((r["runtime"], b, label), v if isinstance(v, str) else "")
     for (rt, b, label), v in seen.items():
         notes.append(f"{rt} column `{b}`: {label}" + (f" -- {v}" if v else ""))
-    text = report(a, argv, info, bw, rows, notes, date)
+    text = report(a, os.path.abspath(__file__), argv, info, bw, rows, notes, date)
     print(text)
-    from paretoq_ao import atomic_write
     out = a.out or os.path.join(HERE, "results", f"cpu-matrix-{date[:10]}.md")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(out, write)
+    write_text(out, text)
     print("written", out)
     return out
 

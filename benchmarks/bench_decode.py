@@ -95,7 +95,7 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from typing import List, Optional
 
-from _meta import git_commit  # benchmarks/_meta.py (this folder is sys.path[0])
+from _meta import git_commit, write_text  # benchmarks/_meta.py (this folder is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BITS = "4,3,2,1.58,1"
@@ -715,8 +715,7 @@ def write_results(args, meta, rows, base_path):
     rows = [dict(r) for r in rows]
     baselines = add_speedups(rows)
     meta = dict(meta, speedup_baselines=baselines)
-    with open(base_path + ".json", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    write_text(base_path + ".json", json.dumps({"meta": meta, "results": rows}, indent=1))
 
     m = meta["model"]
     lines = [
@@ -774,8 +773,7 @@ def write_results(args, meta, rows, base_path):
         for r in tuned:
             cfgs = "; ".join(f"{k}: {v}" for k, v in r["tuned_configs"].items())
             lines.append(f"- {r['label']}: {cfgs}")
-    with open(base_path + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(base_path + ".md", "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(ROOT, "benchmarks") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # noqa: E402
 ALL_VARIANTS = ("fp32", "8da4w", "pq2", "pq1.58")  # the default set; any pq<bits>[-g<group>] works
 _BASE_LABELS = {"fp32": "fp32 (XNNPACK)", "8da4w": "torchao 8da4w g32 (XNNPACK)"}
 
@@ -182,18 +185,6 @@ def _build_head(state, head):
     return lin
 
 
-def _export_xnnpack(step, example, path):
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-    with torch.no_grad():
-        ep = torch.export.export(step, example, strict=False)
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    data = edge.to_executorch().buffer
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def _eager_reference(step, prompt, n_check):
     """Greedy continuation of ``prompt`` by the eager step: (tokens fed, logits [n_check, vocab])."""
     seq, out = list(prompt), []
@@ -239,17 +230,6 @@ def _decode(method, prompt, new_tokens):
     return times
 
 
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _fmt_mb(n):
     return f"{n / 1e6:.1f}"
 
@@ -286,95 +266,76 @@ def _time_head(method, hidden, n):
     return ts
 
 
-def main(argv=None):
-    a = _parse(argv)
-    from transformers import LlamaForCausalLM
-    import executorch.runtime  # noqa: F401
+def _export_heads(a, state, pte_dir):
+    """The lm_head alone for each head handling in use: its .pte path and size (subtracted from
+    the decoder sizes) -- timed like the decoders."""
+    import paretoq_ao.export as pe
+
+    heads = {}
+    for h in sorted({_head_of(a, v) for v in a.variants}, key=("fp32", "8da4w").index):
+        path = os.path.join(pte_dir, f"lm_head-{h}.pte")
+        pe.export_executorch(_build_head(state, h), (torch.randn(1, 1, a.hidden),), path)  # all XNNPACK
+        heads[h] = dict(path=path, size=os.path.getsize(path))
+        print(f"lm_head alone ({h}): {path} {_fmt_mb(heads[h]['size'])} MB", flush=True)
+    return heads
+
+
+def _head_of(a, v):
+    return "fp32" if v == "fp32" else a.head
+
+
+def _emb_bytes(a, v):
+    """Stored bytes of the token embedding in variant v."""
+    if v == "fp32" or a.embedding == "fp32":
+        return a.vocab * a.hidden * 4
+    return a.vocab * a.hidden * int(a.embedding) // 8 + a.vocab * (a.hidden // 32) * 4
+
+
+def _export_variant(a, cfg, state, v, pte_dir, prompt, max_len):
+    """Quantize and export variant v, check its .pte against its eager model; returns
+    dict(path, size, quant_s, export_s, checks)."""
     import paretoq_ao.export as pe
     from paretoq_ao.export.llama import LlamaKVStep
 
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join([".venv/bin/python", "benchmarks/bench_executorch_decoder.py"] + argv_used)
-    date = datetime.datetime.now().isoformat(timespec="seconds")
-    pte_dir = a.pte_dir or tempfile.mkdtemp(prefix="pte-decoder-")
-    os.makedirs(pte_dir, exist_ok=True)
-    results = a.results or os.path.join(ROOT, "benchmarks", "results", f"executorch-decoder-{date[:10]}.md")
-
-    pe.load_kernels()
-    from paretoq_ao.export import cpu_backend
-    bandwidth = {th: cpu_backend.read_bandwidth(th, gib=0.25 if a.small else 1.0) for th in a.threads}
-    print("DRAM read bandwidth: " + ", ".join(f"{th}T {bw:.1f} GB/s" for th, bw in bandwidth.items()), flush=True)
-    torch.manual_seed(a.seed)
-    cfg = _config(a)
-    state = LlamaForCausalLM(cfg).eval().float().state_dict()
-    state = {k: v.clone() for k, v in state.items()}
-    n_block = sum(v.numel() for k, v in state.items() if ".layers." in k and k.endswith("proj.weight"))
-    emb_bytes = a.vocab * a.hidden * 4
-    print(f"config: hidden {a.hidden}, intermediate {a.intermediate}, layers {a.layers}, heads {a.heads}/"
-          f"{a.kv_heads} kv, vocab {a.vocab}; block linear params {n_block / 1e6:.1f} M; "
-          f"fp32 embedding {emb_bytes / 1e6:.1f} MB; lm_head {a.head} in the quantized variants", flush=True)
-
-    g = torch.Generator().manual_seed(a.seed + 1)
-    prompt = torch.randint(0, a.vocab, (a.prompt_len,), generator=g).tolist()
-    max_len = a.prompt_len + a.new_tokens
     example = (torch.tensor([[1]]), torch.tensor([0]))
-
-    def head_of(v):
-        return "fp32" if v == "fp32" else a.head
-
-    def emb_of(v):  # stored bytes of the token embedding in variant v
-        if v == "fp32" or a.embedding == "fp32":
-            return emb_bytes
-        return a.vocab * a.hidden * int(a.embedding) // 8 + a.vocab * (a.hidden // 32) * 4
-
-    # lm_head alone, for each head handling in use: size (subtracted below) and time per call
-    heads = {}
-    for h in sorted({head_of(v) for v in a.variants}, key=("fp32", "8da4w").index):
-        path = os.path.join(pte_dir, f"lm_head-{h}.pte")
-        _export_xnnpack(_build_head(state, h), (torch.randn(1, 1, a.hidden),), path)
-        heads[h] = dict(path=path, size=os.path.getsize(path))
-        print(f"lm_head alone ({h}): {path} {_fmt_mb(heads[h]['size'])} MB", flush=True)
-
-    info = {}  # variant -> dict(path, size, quant_s, export_s, checks)
-    for v in a.variants:
-        t0 = time.perf_counter()
-        model = _build_model(cfg, state, v, a.head, a.embedding)
-        q_s = time.perf_counter() - t0
-        path = os.path.join(pte_dir, f"decoder-{v}.pte")
-        t0 = time.perf_counter()
-        if v.startswith("pq"):  # the timed program: int8 activations (the ExecuTorch default)
-            pe.export_executorch(LlamaKVStep(model, max_len), example, path)
-            path_f = os.path.join(pte_dir, f"decoder-{v}-float-acts.pte")  # for the accuracy check
-            pe.export_executorch(LlamaKVStep(model, max_len), example, path_f, activations="float")
-        else:
-            _export_xnnpack(LlamaKVStep(model, max_len), example, path)
-        ex_s = time.perf_counter() - t0
-        seq, ref = _eager_reference(LlamaKVStep(model, max_len), prompt, a.check_tokens)
-        del model
-        gc.collect()
-        method = pe.load_executorch(path).method
-        checks = {}
-        if v.startswith("pq"):
-            method_f = pe.load_executorch(path_f).method
-            checks["fp32 acts"] = _diff(_pte_logits(method_f, seq, a.prompt_len, a.check_tokens), ref)
-            del method_f
-            gc.collect()
-            os.unlink(path_f)
-            checks["int8 acts"] = _diff(_pte_logits(method, seq, a.prompt_len, a.check_tokens), ref)
-        else:
-            checks["xnnpack"] = _diff(_pte_logits(method, seq, a.prompt_len, a.check_tokens), ref)
+    t0 = time.perf_counter()
+    model = _build_model(cfg, state, v, a.head, a.embedding)
+    q_s = time.perf_counter() - t0
+    path = os.path.join(pte_dir, f"decoder-{v}.pte")
+    path_f = os.path.join(pte_dir, f"decoder-{v}-float-acts.pte")  # ours, for the accuracy check
+    t0 = time.perf_counter()
+    if v.startswith("pq"):  # the timed program: int8 activations (the ExecuTorch default)
+        pe.export_executorch(LlamaKVStep(model, max_len), example, path)
+        pe.export_executorch(LlamaKVStep(model, max_len), example, path_f, activations="float")
+    else:
+        pe.export_executorch(LlamaKVStep(model, max_len), example, path)  # no packed layer: all XNNPACK
+    ex_s = time.perf_counter() - t0
+    seq, ref = _eager_reference(LlamaKVStep(model, max_len), prompt, a.check_tokens)
+    del model
+    gc.collect()
+    checks = {}
+    programs = [("fp32 acts", path_f), ("int8 acts", path)] if v.startswith("pq") else [("xnnpack", path)]
+    for name, prog in programs:
+        method = pe.load_executorch(prog).method
+        checks[name] = _diff(_pte_logits(method, seq, a.prompt_len, a.check_tokens), ref)
         del method
         gc.collect()
-        size = os.path.getsize(path)
-        info[v] = dict(path=path, size=size, quant_s=q_s, export_s=ex_s, checks=checks,
-                       core=size - emb_of(v) - heads[head_of(v)]["size"])
-        print(f"{v}: {path} {_fmt_mb(size)} MB (quantize {q_s:.1f} s, export {ex_s:.1f} s)", flush=True)
-        for name, d in checks.items():
-            print(f"  {v} .pte vs eager [{name}]: max|dlogits| first token {d['first']:.3e}, "
-                  f"first {d['n']} tokens {d['all']:.3e}, rel L2 {d['rel']:.2e}, argmax agree {d['agree']}/{d['n']}",
-                  flush=True)
+    if v.startswith("pq"):
+        os.unlink(path_f)
+    size = os.path.getsize(path)
+    print(f"{v}: {path} {_fmt_mb(size)} MB (quantize {q_s:.1f} s, export {ex_s:.1f} s)", flush=True)
+    for name, d in checks.items():
+        print(f"  {v} .pte vs eager [{name}]: max|dlogits| first token {d['first']:.3e}, "
+              f"first {d['n']} tokens {d['all']:.3e}, rel L2 {d['rel']:.2e}, argmax agree {d['agree']}/{d['n']}",
+              flush=True)
+    return dict(path=path, size=size, quant_s=q_s, export_s=ex_s, checks=checks)
 
-    # interleaved timing; every run loads its program after set_num_threads (see the docstring)
+
+def _time_interleaved(a, info, heads, prompt):
+    """{(program, threads): [median step s per rep]}; for rep: for threads: for program, each run
+    loading its program afresh after set_num_threads (see the module docstring)."""
+    import paretoq_ao.export as pe
+
     progs = [(v, info[v]["path"]) for v in a.variants] + [(f"head:{h}", heads[h]["path"]) for h in heads]
     times = {(p, th): [] for p, _ in progs for th in a.threads}
     for rep in range(a.reps):
@@ -393,95 +354,154 @@ def main(argv=None):
                 times[(p, th)].append(med)
                 print(f"rep {rep + 1}/{a.reps} threads {th} {p}: {med * 1e3:.2f} ms/token "
                       f"({1 / med:.2f}/s, median of {len(ts)})", flush=True)
+    return times
 
-    def step_s(p, th):
-        return statistics.median(times[(p, th)])
 
-    def tok_s(v, th):
-        return 1.0 / step_s(v, th)
+class _Times:
+    """Median step / lm_head / rest-of-step times and tokens/s over the interleaved reps."""
 
-    base = "8da4w" if "8da4w" in info else None
+    def __init__(self, a, times):
+        self.a, self.times = a, times
+
+    def step(self, p, th):
+        return statistics.median(self.times[(p, th)])
+
+    def rest(self, v, th):
+        return self.step(v, th) - self.step(f"head:{_head_of(self.a, v)}", th)
+
+    def tok_s(self, v, th):
+        return 1.0 / self.step(v, th)
+
+
+def _header_lines(a, meta):
+    import paretoq_ao.export as pe
+
     head_desc = ("float32 in every variant (XNNPACK fp32 linear)" if a.head == "fp32" else
                  "torchao 8da4w group 32 (XNNPACK) in 8da4w and ours, float32 in the fp32 variant")
-    lines = [f"# ExecuTorch decoder benchmark ({date})", "",
-             f"Machine: {_cpu()}, {os.cpu_count()} cores, {platform.platform()}; ParetoQ kernel path "
-             f"{pe.kernel_path()}; torch {torch.__version__}",
-             f"Command: `{command}`", "",
-             f"Model: LlamaForCausalLM (random weights, seed {a.seed}), hidden {a.hidden}, intermediate "
-             f"{a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} KV heads, vocab {a.vocab}, "
-             f"untied; {n_block / 1e6:.1f} M block-linear parameters. Step = `LlamaKVStep` (static KV cache, "
-             f"max_len {max_len}), one token per call.",
-             (f"Token embedding: float32 in every variant (portable aten::embedding, {_fmt_mb(emb_bytes)} MB). "
-              if a.embedding == "fp32" else
-              f"Token embedding: {a.embedding}-bit group 32 in 8da4w and ours (ExecuTorch quantized_decomposed kernels, "
-              f"{_fmt_mb(emb_of('8da4w'))} MB), float32 in fp32 ({_fmt_mb(emb_bytes)} MB). ") +
-             f"lm_head: {head_desc}. Only the block linears (q/k/v/o/gate/up/down) differ between 8da4w and ours.",
-             f"Decode: prompt of {a.prompt_len} tokens fed one per call, then {a.new_tokens} greedy tokens; "
-             f"tokens/s = 1 / median step time over the {a.new_tokens} steps that produce a token, median over "
-             f"{a.reps} interleaved reps (for rep: for threads: for variant, each run loads the .pte afresh); "
-             "range = min-max of the per-rep values.",
-             "\"MB w/o emb+head\" = file size - embedding bytes - size of the lm_head-alone .pte "
-             "(same weights and handling).", ""]
-    th_cols = [f"tok/s {th}T" for th in a.threads]
-    hdr = (["variant", "label", ".pte MB", "MB w/o emb+head"] + th_cols
-           + ([f"speed vs 8da4w {th}T" for th in a.threads] + ["size vs 8da4w", "size w/o emb+head vs 8da4w"] if base else []))
-    lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    fp32_emb = _fmt_mb(_emb_bytes(a, "fp32"))
+    emb_desc = (f"Token embedding: float32 in every variant (portable aten::embedding, {fp32_emb} MB). "
+                if a.embedding == "fp32" else
+                f"Token embedding: {a.embedding}-bit group 32 in 8da4w and ours (ExecuTorch quantized_decomposed "
+                f"kernels, {_fmt_mb(_emb_bytes(a, '8da4w'))} MB), float32 in fp32 ({fp32_emb} MB). ")
+    return [f"# ExecuTorch decoder benchmark ({meta['date']})", "",
+            f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}; ParetoQ kernel path "
+            f"{pe.kernel_path()}; torch {torch.__version__}; this repo {git_commit() or 'unknown'}",
+            f"Command: `{meta['command']}`", "",
+            f"Model: LlamaForCausalLM (random weights, seed {a.seed}), hidden {a.hidden}, intermediate "
+            f"{a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} KV heads, vocab {a.vocab}, "
+            f"untied; {meta['n_block'] / 1e6:.1f} M block-linear parameters. Step = `LlamaKVStep` (static KV "
+            f"cache, max_len {meta['max_len']}), one token per call.",
+            emb_desc + f"lm_head: {head_desc}. Only the block linears (q/k/v/o/gate/up/down) differ between "
+            "8da4w and ours.",
+            f"Decode: prompt of {a.prompt_len} tokens fed one per call, then {a.new_tokens} greedy tokens; "
+            f"tokens/s = 1 / median step time over the {a.new_tokens} steps that produce a token, median over "
+            f"{a.reps} interleaved reps (for rep: for threads: for variant, each run loads the .pte afresh); "
+            "range = min-max of the per-rep values.",
+            "\"MB w/o emb+head\" = file size - embedding bytes - size of the lm_head-alone .pte "
+            "(same weights and handling).", ""]
+
+
+def _speed_lines(a, info, t, base):
+    hdr = (["variant", "label", ".pte MB", "MB w/o emb+head"] + [f"tok/s {th}T" for th in a.threads]
+           + ([f"speed vs 8da4w {th}T" for th in a.threads] + ["size vs 8da4w", "size w/o emb+head vs 8da4w"]
+              if base else []))
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for v in a.variants:
         s, core = info[v]["size"], info[v]["core"]
         cells = [v, _label(v), _fmt_mb(s), _fmt_mb(core)]
         for th in a.threads:
-            vals = [1 / t for t in times[(v, th)]]
-            cells.append(f"{tok_s(v, th):.2f} ({min(vals):.2f}-{max(vals):.2f})")
+            vals = [1 / x for x in t.times[(v, th)]]
+            cells.append(f"{t.tok_s(v, th):.2f} ({min(vals):.2f}-{max(vals):.2f})")
         if base:
-            for th in a.threads:
-                cells.append(f"{tok_s(v, th) / tok_s(base, th):.2f}x")
-            cells.append(f"{s / info[base]['size']:.3f}x")
-            cells.append(f"{core / info[base]['core']:.3f}x")
+            cells += [f"{t.tok_s(v, th) / t.tok_s(base, th):.2f}x" for th in a.threads]
+            cells += [f"{s / info[base]['size']:.3f}x", f"{core / info[base]['core']:.3f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Where the step time goes: the lm_head alone (its own .pte, one token) and the rest of the "
               "step (median step time - median lm_head time), ms:", "",
               "| variant | lm_head | " + " | ".join(f"step {th}T | lm_head {th}T | rest {th}T" for th in a.threads) + " |",
               "|---|---|" + "---|---|---|" * len(a.threads)]
     for v in a.variants:
-        hp = f"head:{head_of(v)}"
-        cells = [v, head_of(v)]
+        cells = [v, _head_of(a, v)]
         for th in a.threads:
-            cells += [f"{step_s(v, th) * 1e3:.2f}", f"{step_s(hp, th) * 1e3:.2f}",
-                      f"{(step_s(v, th) - step_s(hp, th)) * 1e3:.2f}"]
+            cells += [f"{t.step(v, th) * 1e3:.2f}", f"{(t.step(v, th) - t.rest(v, th)) * 1e3:.2f}",
+                      f"{t.rest(v, th) * 1e3:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _bandwidth_lines(a, info, bandwidth, lambda v, th: step_s(v, th) - step_s(f"head:{head_of(v)}", th))
-    if base:
-        lines += ["", "Rest-of-step speed vs 8da4w (lm_head time removed): " + "; ".join(
-            f"{v} {th}T {(step_s(base, th) - step_s(f'head:{head_of(base)}', th)) / (step_s(v, th) - step_s(f'head:{head_of(v)}', th)):.2f}x"
-            for v in a.variants if v.startswith("pq") for th in a.threads)]
-    lines += ["", "Correctness (.pte vs its eager model, same tokens; max abs logit difference at the step "
-              f"that predicts the first generated token, and over the first {a.check_tokens}):", "",
-              "| variant | check | max abs diff (1st token) | max abs diff (first N) | rel L2 | argmax agree |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _check_lines(a, info, t, base):
+    lines = ["", "Correctness (.pte vs its eager model, same tokens; max abs logit difference at the step "
+             f"that predicts the first generated token, and over the first {a.check_tokens}):", "",
+             "| variant | check | max abs diff (1st token) | max abs diff (first N) | rel L2 | argmax agree |",
+             "|---|---|---|---|---|---|"]
     for v in a.variants:
         for name, d in info[v]["checks"].items():
             lines.append(f"| {v} | {name} | {d['first']:.3e} | {d['all']:.3e} | {d['rel']:.2e} | {d['agree']}/{d['n']} |")
     lines += ["", "Export (this machine): " + "; ".join(
         f"{v} quantize {info[v]['quant_s']:.0f} s + export {info[v]['export_s']:.0f} s" for v in a.variants)]
+    if not base:
+        return lines
+    lines += ["", "Targets (ours vs 8da4w):"]
+    for v in [x for x in a.variants if x.startswith("pq")]:
+        sr, sr2 = info[v]["size"] / info[base]["size"], info[v]["core"] / info[base]["core"]
+        lines.append(f"- {v}: size {sr:.3f}x of 8da4w (whole file; target <= 0.6: {'met' if sr <= 0.6 else 'NOT met'}), "
+                     f"{sr2:.3f}x without embedding+lm_head ({'met' if sr2 <= 0.6 else 'NOT met'}); "
+                     + ", ".join(f"{th}T decode {t.tok_s(v, th) / t.tok_s(base, th):.2f}x of 8da4w "
+                                 f"({'faster' if t.tok_s(v, th) > t.tok_s(base, th) else 'NOT faster'})"
+                                 for th in a.threads))
+    return lines
+
+
+def main(argv=None):
+    a = _parse(argv)
+    from transformers import LlamaForCausalLM
+    import executorch.runtime  # noqa: F401
+    import paretoq_ao.export as pe
+
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    meta = dict(command=" ".join([".venv/bin/python", "benchmarks/bench_executorch_decoder.py"] + argv_used),
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    pte_dir = a.pte_dir or tempfile.mkdtemp(prefix="pte-decoder-")
+    os.makedirs(pte_dir, exist_ok=True)
+    results = a.results or os.path.join(ROOT, "benchmarks", "results", f"executorch-decoder-{meta['date'][:10]}.md")
+
+    pe.load_kernels()
+    bandwidth = dram_bandwidth(a.threads, gib=0.25 if a.small else 1.0)
+    print("DRAM read bandwidth: " + ", ".join(f"{th}T {bw:.1f} GB/s" for th, bw in bandwidth.items()), flush=True)
+    torch.manual_seed(a.seed)
+    cfg = _config(a)
+    state = {k: v.clone() for k, v in LlamaForCausalLM(cfg).eval().float().state_dict().items()}
+    meta["n_block"] = sum(v.numel() for k, v in state.items() if ".layers." in k and k.endswith("proj.weight"))
+    print(f"config: hidden {a.hidden}, intermediate {a.intermediate}, layers {a.layers}, heads {a.heads}/"
+          f"{a.kv_heads} kv, vocab {a.vocab}; block linear params {meta['n_block'] / 1e6:.1f} M; "
+          f"fp32 embedding {_emb_bytes(a, 'fp32') / 1e6:.1f} MB; lm_head {a.head} in the quantized variants",
+          flush=True)
+    g = torch.Generator().manual_seed(a.seed + 1)
+    prompt = torch.randint(0, a.vocab, (a.prompt_len,), generator=g).tolist()
+    meta["max_len"] = a.prompt_len + a.new_tokens
+
+    heads = _export_heads(a, state, pte_dir)
+    info = {}
+    for v in a.variants:
+        info[v] = _export_variant(a, cfg, state, v, pte_dir, prompt, meta["max_len"])
+        info[v]["core"] = info[v]["size"] - _emb_bytes(a, v) - heads[_head_of(a, v)]["size"]
+    t = _Times(a, _time_interleaved(a, info, heads, prompt))
+
+    base = "8da4w" if "8da4w" in info else None
+    lines = _header_lines(a, meta) + _speed_lines(a, info, t, base)
+    lines += _bandwidth_lines(a, info, bandwidth, t.rest)
     if base:
-        lines += ["", "Targets (ours vs 8da4w):"]
-        for v in [x for x in a.variants if x.startswith("pq")]:
-            sr = info[v]["size"] / info[base]["size"]
-            sr2 = info[v]["core"] / info[base]["core"]
-            lines.append(f"- {v}: size {sr:.3f}x of 8da4w (whole file; target <= 0.6: {'met' if sr <= 0.6 else 'NOT met'}), "
-                         f"{sr2:.3f}x without embedding+lm_head ({'met' if sr2 <= 0.6 else 'NOT met'}); "
-                         + ", ".join(f"{th}T decode {tok_s(v, th) / tok_s(base, th):.2f}x of 8da4w "
-                                     f"({'faster' if tok_s(v, th) > tok_s(base, th) else 'NOT faster'})"
-                                     for th in a.threads))
+        lines += ["", "Rest-of-step speed vs 8da4w (lm_head time removed): " + "; ".join(
+            f"{v} {th}T {t.rest(base, th) / t.rest(v, th):.2f}x"
+            for v in a.variants if v.startswith("pq") for th in a.threads)]
+    lines += _check_lines(a, info, t, base)
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
-    with open(results, "w") as f:
-        f.write(text)
+    write_text(results, text)
     print("written", results, "; .pte files in", pte_dir)
     return dict(results=results, pte_dir=pte_dir, text=text, info=info, heads=heads,
-                step_s={k: statistics.median(t) for k, t in times.items()},
-                tok_s={(v, th): tok_s(v, th) for v in a.variants for th in a.threads})
+                step_s={k: statistics.median(x) for k, x in t.times.items()},
+                tok_s={(v, th): t.tok_s(v, th) for v in a.variants for th in a.threads})
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import shlex
 import sys
 import time
 
-from _meta import git_commit  # benchmarks/_meta.py (this folder is sys.path[0])
+from _meta import git_commit, write_text  # benchmarks/_meta.py (this folder is sys.path[0])
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 MS = [1, 4, 16, 64, 256]
@@ -347,8 +347,7 @@ def write_results(args, meta, rows):
     slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(args.out_dir, f"bench_kernels_{slug}_{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    write_text(base + ".json", json.dumps({"meta": meta, "results": rows}, indent=1))
 
     lines = [
         f"# ParetoQ Triton kernels vs bf16 cuBLAS vs torchao int4 — {meta['device']}",
@@ -394,8 +393,7 @@ def write_results(args, meta, rows):
             f"{r['speedup']:.2f} | {r['gbps']:.0f} | {r['peak_frac'] * 100:.1f} | "
             f"{r['tflops']:.1f} | {'' if err is None else f'{err:.1e}'} | {r.get('config') or ''} | "
             f"{r.get('note') or ''} |")
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(base + ".md", "\n".join(lines) + "\n")
     print(f"wrote {base}.md and {base}.json", file=sys.stderr)
 
 

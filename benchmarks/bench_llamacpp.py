@@ -287,23 +287,12 @@ def _ms(vals):
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.2f}"
 
 
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _report(a, info, command):
     """The results markdown (see the module docstring)."""
     b = next(iter(info["runs"].values()))[0]
     tg, pp = f"tg{a.n_gen}", f"pp{a.n_prompt}"
     lines = [f"# llama.cpp CPU baseline ({info['date']})", "",
-             f"Machine: {_cpu()}, {os.cpu_count()} cores, {platform.platform()}; load average before timing "
+             f"Machine: {_meta.cpu_model()}, {os.cpu_count()} cores, {platform.platform()}; load average before timing "
              f"{info['load']}; llama-bench cpu_info: {b.get('cpu_info')}",
              f"llama.cpp: {info['dir']}, build_commit {b.get('build_commit')}, build_number {b.get('build_number')}, "
              f"backends {b.get('backends')}; this repo: {_meta.git_commit()}",
@@ -342,14 +331,6 @@ def _report(a, info, command):
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".llamacpp-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     a = _parse(argv)
     p = _llama_cpp_paths(a.llama_cpp)
@@ -374,7 +355,7 @@ def main(argv=None):
                     runs=_bench_all(p, a, files, work))
         text = _report(a, info, command)
         print(text)
-        _write_atomic(out, text)
+        _meta.write_text(out, text)
         print("written", out, "; work dir", work if a.work_dir else "(temp, removed)")
         return dict(out=out, text=text, n_params=n_params, tensor_types=types, runs=info["runs"],
                     sizes={t: os.path.getsize(files[t]) for t in a.types})

@@ -38,7 +38,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from _meta import git_commit  # benchmarks/_meta.py (this folder is sys.path[0])
+from _meta import git_commit, write_text  # benchmarks/_meta.py (this folder is sys.path[0])
 
 # H100 SXM5: 132 SMs, 1.98 GHz max boost, 3.35 TB/s HBM3.
 DEFAULT_GPU = dict(sms=132, clock_ghz=1.98, peak_tbps=3.35)
@@ -261,13 +261,7 @@ def main(argv=None) -> int:
     text = render(rows, args, meta)
     print(text)
     if args.out:
-        from paretoq_ao import atomic_write
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(text)
-
-        atomic_write(args.out, write)
+        write_text(args.out, text)
     return 0
 
 

@@ -92,6 +92,10 @@ import torch
 from torch import nn
 
 from paretoq_ao import atomic_write
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _meta import write_text  # noqa: E402  (benchmarks/_meta.py)
 from paretoq_ao.formats import get_format
 from paretoq_ao.recipe import QATRecipe, paper_lr, run_qat, tiny_llama, to_packed, train_steps
 
@@ -666,14 +670,6 @@ def plot(res, args, path) -> None:
         plt.close(fig)
 
 
-def _write_text(path, text) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 def _parse_bits(s: str):
     return [get_format(x).bits for x in s.split(",") if x.strip()]
 
@@ -728,8 +724,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = run_study(args)
     plot(res, args, stem + ".png")
     md = to_markdown(res, args, ["python", "benchmarks/pareto_study.py"] + argv)
-    _write_text(stem + ".json", json.dumps(res, indent=1))
-    _write_text(stem + ".md", md)
+    write_text(stem + ".json", json.dumps(res, indent=1))
+    write_text(stem + ".md", md)
     print(md)
     print(f"wrote {stem}.md, {stem}.png, {stem}.json")
     return 0

@@ -13,7 +13,16 @@
   ``paretoq::linear_8da`` (dynamic int8 per token, integer dot products: faster). The default of
   ``export_executorch`` is ``activations="int8"`` (the choice of torchao's 8da4w programs);
   ``activations=None`` keeps each layer's own setting (``ParetoQPackedTensor.activations``).
-  float32 models only.
+* float32 only: the kernels take float32 scales and float32 activations. ``to_float32(model)``
+  makes a bf16/fp16 converted model exportable (float32 copies of its scales and other floating
+  weights; the packed codes are kept); floating example inputs must be float32.
+* NaN / Inf: a token (a row of the activations) holding NaN or +-Inf is computed with float
+  activations in both modes, so non-finite values propagate as in eager PyTorch (IEEE rules:
+  ``inf * 0`` and ``inf - inf`` give NaN, the sign of an Inf follows the weights); the other rows of
+  the batch are not affected (tested per bit width and scale layout in tests/test_export.py).
+* ``load_executorch`` checks the file before the runtime sees it (a missing file raises
+  ``FileNotFoundError``; an empty, foreign or truncated one ``ValueError``, naming the path):
+  the runtime aborts the process on some malformed files instead of raising.
 * Every non-ParetoQ op goes to XNNPACK (``XnnpackPartitioner``).
 * The same C++ library serves eager PyTorch / ``torch.compile`` on CPUs (``cpu_backend``).
 """
@@ -34,7 +43,8 @@ from ._reference import reference_linear_int8
 __all__ = [
     "load_kernels", "build_kernels", "kernels_loaded", "KernelBuildError", "source_dir",
     "export_executorch", "load_executorch", "program_activations", "kernel_path", "kernel_call_count",
-    "set_num_threads", "reference_linear_int8", "MissingKernelsError", "ACTIVATION_OPS",
+    "set_num_threads", "reference_linear_int8", "MissingKernelsError", "ACTIVATION_OPS", "to_float32",
+    "check_program_file",
 ]
 
 # The operator a layer calls records its activation mode in the program.
@@ -91,8 +101,80 @@ def _check_float32(model: torch.nn.Module) -> None:
         if isinstance(p, ParetoQPackedTensor) and p.scale.dtype != torch.float32:
             raise TypeError(
                 f"export_executorch: {name} has {p.scale.dtype} scales; the ExecuTorch kernels take "
-                f"float32 models (convert the model with .float() before quantize_)"
+                f"float32 scales: call paretoq_ao.export.to_float32(model) first (float32 copies of the "
+                f"scales, the packed codes are kept)"
             )
+
+
+def _check_not_qat(model: torch.nn.Module) -> None:
+    """A QAT layer (latent weight + learnable scale, ``weight_qat_format`` buffer) cannot be exported."""
+    for name, mod in model.named_modules():
+        fmt = mod._buffers.get("weight_qat_format")
+        if fmt is not None:
+            bits100, gs = (int(v) for v in fmt.tolist())
+            bits = bits100 / 100
+            bits = int(bits) if bits.is_integer() else bits
+            raise ValueError(
+                f"export_executorch: layer {name or type(mod).__name__!r} still holds ParetoQ QAT weights "
+                f"(bits={bits}, group_size={gs or None}); convert the model to packed weights first: "
+                f"quantize_(model, ParetoQWeightOnlyConfig(bits={bits}, group_size={gs or None})), or "
+                f"`paretoq convert <qat dir> <out>` for a saved checkpoint")
+
+
+def _check_example_inputs(example_inputs) -> None:
+    """Floating example inputs must be float32: the program keeps their dtype, the kernels take float32."""
+    from torch.utils._pytree import tree_leaves
+
+    if isinstance(example_inputs, torch.Tensor):
+        raise TypeError("export_executorch: example_inputs must be a tuple of inputs, got a single tensor "
+                        "(pass (x,))")
+    for i, x in enumerate(example_inputs):
+        for leaf in tree_leaves(x):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dtype != torch.float32:
+                raise TypeError(
+                    f"export_executorch: example input {i} is {leaf.dtype}; the program would keep that dtype "
+                    f"and the ExecuTorch kernels take float32 activations (it could never run): pass it as "
+                    f"float32 (x.float())")
+
+
+def to_float32(model: torch.nn.Module) -> Dict[str, torch.dtype]:
+    """Make a converted model exportable in place: every packed weight whose scales are not float32
+    (a model converted or saved in bf16/fp16) gets float32 copies of its scales, its packed codes
+    kept as they are; every other floating parameter and buffer that is not float32 becomes
+    float32. Tied / shared tensors stay shared. Returns ``{name: original dtype}`` of what changed
+    (empty when the model was already float32). Upcasting is exact: the model computes the same
+    function, in float32."""
+    from paretoq_ao.packed import ParetoQPackedTensor
+
+    changed: Dict[str, torch.dtype] = {}
+    memo: Dict[int, torch.Tensor] = {}
+    for mname, mod in model.named_modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in list(table.items()):
+                if t is None:
+                    continue
+                full = f"{mname}.{key}" if mname else key
+                if id(t) in memo:
+                    table[key] = memo[id(t)]
+                    continue
+                if isinstance(t, ParetoQPackedTensor):
+                    if t.scale.dtype == torch.float32:
+                        continue
+                    changed[full] = t.scale.dtype
+                    new = ParetoQPackedTensor(t.qdata, t.scale.detach().float().contiguous(), t.bits, t.shape,
+                                              t.activations)
+                    new = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+                elif type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point() \
+                        and t.dtype != torch.float32:
+                    changed[full] = t.dtype
+                    new = t.detach().float()
+                    if isinstance(t, torch.nn.Parameter):
+                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                else:
+                    continue
+                memo[id(t)] = new
+                table[key] = new
+    return changed
 
 
 class _PackedLinear(torch.nn.Module):
@@ -163,6 +245,12 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
     layer's own setting. ``embedding_bits`` (4 or 8) stores every ``nn.Embedding`` group-wise
     quantized in the program, looked up by ExecuTorch's quantized embedding kernels (see
     ``paretoq_ao.export.embedding``); the model itself is not changed. Returns the written path.
+
+    Refused before anything is exported or written (one-line errors naming the layer / input):
+    packed scales that are not float32 (``TypeError``; see ``to_float32``), floating example
+    inputs that are not float32 (``TypeError`` naming the input's index and dtype: the program
+    would keep that dtype and never run), layers still holding QAT weights (``ValueError``).
+    Tokens holding NaN/Inf propagate them as eager PyTorch does (module doc).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -171,6 +259,8 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
 
     if activations is not None and activations not in ACTIVATION_OPS:
         raise ValueError(f"export_executorch: activations must be 'int8', 'float' or None, got {activations!r}")
+    _check_example_inputs(example_inputs)
+    _check_not_qat(model)
     _check_float32(model)
     from paretoq_ao.packed import ParetoQPackedTensor
     if isinstance(model, torch.nn.Linear) and isinstance(model.weight, ParetoQPackedTensor):
@@ -192,6 +282,62 @@ def export_executorch(model: torch.nn.Module, example_inputs: Sequence[Any], pat
 
     atomic_write(path, write)
     return os.fspath(path)
+
+
+# The layout of a .pte (executorch/exir/_serialize/_program.py): a flatbuffer whose bytes 0..4
+# are the root table offset (little endian) and 4..8 the file identifier, "ET" + two letters or
+# digits (the schema version, "ET12" today); optionally followed at byte 8 by the extended header
+# "eh00", uint32 header length, uint64 program size, uint64 segment base offset and (header length
+# > 24) uint64 segment data size.
+_PTE_MIN_HEAD = 8
+_EH_MAGIC = b"eh00"
+_EH_MIN_LENGTH = 24
+
+
+def check_program_file(path, caller: str = "load_executorch") -> int:
+    """Check cheaply that ``path`` looks like a whole ExecuTorch program before the runtime reads it
+    (the runtime aborts the process on some malformed files instead of raising). Returns its size.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the path) for a
+    folder, an empty or too short file, a file identifier other than "ET" + 2 characters (not a
+    .pte), or a file shorter than its extended header says (truncated). Damage the header cannot
+    show is left to the runtime's own verification (``load_executorch`` reports it as ValueError)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{caller}: no such file {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{caller}: {path!r} is a folder, not a .pte file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if size == 0:
+        raise ValueError(f"{caller}: {path!r} is empty (0 bytes), not an ExecuTorch program")
+    if size < _PTE_MIN_HEAD:
+        raise ValueError(f"{caller}: {path!r} has {size} bytes, too short for an ExecuTorch program")
+    ident = head[4:8]
+    if not (ident[:2] == b"ET" and all(chr(c).isascii() and chr(c).isalnum() for c in ident[2:4])):
+        raise ValueError(f"{caller}: {path!r} is not an ExecuTorch program (file identifier {ident!r} at "
+                         f"bytes 4..8; a .pte has 'ET' + its schema version, e.g. b'ET12')")
+    root = int.from_bytes(head[0:4], "little")
+    if root >= size:
+        raise ValueError(f"{caller}: {path!r} is truncated or corrupt: its root table offset {root} lies "
+                         f"beyond its {size} bytes")
+    if head[8:12] == _EH_MAGIC:
+        if size < 8 + _EH_MIN_LENGTH + 8:
+            raise ValueError(f"{caller}: {path!r} is truncated: {size} bytes end inside its extended header")
+        length = int.from_bytes(head[12:16], "little")
+        if length < _EH_MIN_LENGTH:
+            raise ValueError(f"{caller}: {path!r} is corrupt: extended header length {length} < "
+                             f"{_EH_MIN_LENGTH}")
+        program_size = int.from_bytes(head[16:24], "little")
+        segment_base = int.from_bytes(head[24:32], "little")
+        segment_size = int.from_bytes(head[32:40], "little") if length > _EH_MIN_LENGTH else 0
+        need = max(program_size, segment_base + segment_size if segment_base else 0)
+        if size < need:
+            raise ValueError(f"{caller}: {path!r} is truncated: its header says {need} bytes "
+                             f"(program {program_size}, segments from {segment_base}, {segment_size} bytes), "
+                             f"the file has {size}")
+    return size
 
 
 def _ops_used(path) -> Dict[str, bool]:
@@ -217,6 +363,7 @@ def program_activations(path) -> str:
     import mmap
     import re
 
+    check_program_file(path, "program_activations")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         modes = {"int8" if m.group(1) else "float" for m in re.finditer(rb"paretoq::linear(_8da)?(?![a-z0-9_])", mm)}
     return "none" if not modes else modes.pop() if len(modes) == 1 else "mixed"
@@ -229,10 +376,16 @@ def load_executorch(path, method: str = "forward", load_library: bool = True) ->
     uses ParetoQ ops then raises ``MissingKernelsError`` naming what to load, instead of the
     runtime's bare error 0x14). The callable takes tensors and returns a tensor (one output) or a
     tuple of tensors.
+
+    The file is checked first (``check_program_file``): a missing file raises
+    ``FileNotFoundError``, an empty, foreign (random bytes) or truncated one ``ValueError`` naming
+    the path, as does a file the runtime's verification then rejects; the runtime itself would
+    abort the process on some of these.
     """
     from executorch.runtime import Runtime
 
     path = os.fspath(path)
+    check_program_file(path)
     if load_library:
         load_kernels()
     runtime = Runtime.get()
@@ -250,7 +403,12 @@ def load_executorch(path, method: str = "forward", load_library: bool = True) ->
                 f"(it builds paretoq_ao/export/csrc with CMake into ~/.cache/paretoq_ao and loads "
                 f"libparetoq_et_kernels.so) before loading the program"
             )
-    program = runtime.load_program(path)
+    try:
+        program = runtime.load_program(path)
+    except RuntimeError as e:  # verification failed (damaged flatbuffer) or the file could not be read
+        msg = " ".join(str(e).split())
+        raise ValueError(f"load_executorch: {path!r} is not a valid ExecuTorch program (the runtime refused "
+                         f"it: {msg}); export it again") from e
     m = program.load_method(method)
     if m is None:
         raise RuntimeError(f"{path} has no method {method!r} (has {sorted(program.method_names)})")

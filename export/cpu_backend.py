@@ -2,7 +2,7 @@
 entry point; see paretoq_ao/backends.py): the C++ kernel library of ``csrc/`` through its ATen
 registration ``paretoq_cpu::linear``, for eager PyTorch and ``torch.compile`` on CPUs.
 
-The library is built on first use against the installed torch (about a minute, once; cached,
+The library is built on first use against the installed torch (a few minutes on two cores, once; cached,
 see ``_build.py``) and loaded once per process. It serves every format, scale layout and batch
 size, both activation modes, any floating input dtype except float64 (computed in float32).
 If it cannot be built (no compiler, no CMake), the first CPU call warns once, naming what is
@@ -48,7 +48,7 @@ def _build_and_load() -> str:
         target = build_dir("aten")
         if not target.exists():
             _log.warning("paretoq_ao: building the C++ CPU kernels against torch %s into %s "
-                         "(once; about a minute)", torch.__version__, target)
+                         "(once; a few minutes)", torch.__version__, target)
         load_aten_kernels()
     except KernelBuildError as e:
         first = str(e).strip().splitlines()[0]

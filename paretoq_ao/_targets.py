@@ -10,6 +10,7 @@ torchao's ``FqnToConfig``) the handler validates and converts the module it is g
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import weakref
@@ -84,8 +85,9 @@ def _select(model: nn.Module, filter_fn: Callable) -> List[Tuple[str, nn.Module]
 
 def describe(module: nn.Module) -> str:
     w = getattr(module, "weight", None)
-    shape = tuple(w.shape) if isinstance(w, torch.Tensor) else None
-    return f"{type(module).__name__} with weight {shape}"
+    if not isinstance(w, torch.Tensor):
+        return type(module).__name__
+    return f"{type(module).__name__} with weight {tuple(w.shape)}"
 
 
 @dataclass
@@ -97,6 +99,23 @@ class _Plan:
 
 
 _PLANS: Dict[int, _Plan] = {}
+_AFTER: List[Callable[[nn.Module], None]] = []
+
+
+def after_quantize(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``fn(model)``, called when a ``quantize_`` call with a ParetoQ config has converted
+    every layer it selected (``paretoq_ao.hf`` uses it so that ``save_pretrained`` knows the model
+    is quantized)."""
+    if fn not in _AFTER:
+        _AFTER.append(fn)
+    return fn
+
+
+def _finished(model: nn.Module) -> None:
+    if "transformers" in sys.modules:  # a Hugging Face model may be in hand: hf registers its hook
+        importlib.import_module("paretoq_ao.hf")
+    for fn in list(_AFTER):
+        fn(model)
 
 
 def run(
@@ -133,6 +152,7 @@ def run(
         raise
     if not plan.todo:
         _PLANS.pop(key, None)
+        _finished(model)
     return module
 
 
@@ -171,15 +191,19 @@ def _make_plan(model, config, filter_fn, default_filter, problems) -> _Plan:
 
 
 def _message(config, bad) -> str:
-    lines = [f"{type(config).__name__} cannot be applied; no layer was changed:"]
-    for fqn, mod, errs in bad:
-        for e in errs:
-            lines.append(f"  layer {fqn!r} ({describe(mod)}): {e}")
-    return "\n".join(lines)
+    head = f"{type(config).__name__} cannot be applied; no layer was changed:"
+    lines = [f"layer {fqn!r} ({describe(mod)}): {e}" for fqn, mod, errs in bad for e in errs]
+    if len(lines) == 1:  # one problem: one line
+        return f"{head} {lines[0]}"
+    return "\n  ".join([head] + lines)
 
 
 def common_problems(module: nn.Module, group_size: Optional[int]) -> List[str]:
     """Checks every ParetoQ config makes on a target layer."""
+    if not isinstance(module, nn.Linear):
+        kind = type(module)
+        return [f"only nn.Linear layers can be quantized (this is a {kind.__module__}.{kind.__qualname__}); "
+                "leave it out of filter_fn"]
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return ["ParetoQ quantizes 2-D linear weights (nn.Linear); this module has none"]
@@ -192,6 +216,8 @@ def common_problems(module: nn.Module, group_size: Optional[int]) -> List[str]:
 
 
 def nonfinite_problem(w: torch.Tensor) -> List[str]:
+    if w.is_meta:  # no values yet (a model built on the meta device): nothing to check
+        return []
     finite = torch.isfinite(w.detach())
     if bool(finite.all()):
         return []

@@ -40,15 +40,64 @@ def _bits(s: str) -> float:
         raise argparse.ArgumentTypeError(f"bits must be 1, 1.58, 2, 3 or 4, got {s!r}") from e
 
 
-def _count(s: str) -> int:
-    """An integer that may be written as 1e6 / 2.5e9."""
+def _number(s: str) -> float:
     try:
-        v = float(s)
+        return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if v <= 0 or v != int(v):
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {s!r}")
+
+
+def _count(s: str) -> int:
+    """A positive whole number, which may be written as 1e6 / 2.5e9."""
+    v = _number(s)
+    if not (v >= 1 and v == int(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive whole number (>= 1), got {s!r}")
     return int(v)
+
+
+def _whole(s: str) -> int:
+    """A whole number >= 0."""
+    v = _number(s)
+    if not (v >= 0 and v == int(v)):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {s!r}")
+    return int(v)
+
+
+def _seed(s: str) -> int:
+    v = _number(s)
+    if not (v == int(v) and 0 <= v < 2 ** 63):
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2**63), got {s!r}")
+    return int(v)
+
+
+def _positive(s: str) -> float:
+    v = _number(s)
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s!r}")
+    return v
+
+
+def _non_negative(s: str) -> float:
+    v = _number(s)
+    if not (0 <= v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    v = _number(s)
+    if not (0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s!r}")
+    return v
+
+
+def _grad_norm(s: str) -> Optional[float]:
+    if s.strip().lower() == "none":
+        return None
+    v = _number(s)
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (or 'none' for no clipping), got {s!r}")
+    return v
 
 
 def _json_dict(s: str) -> dict:
@@ -71,78 +120,73 @@ def _add_generate(sub) -> None:
     g.add_argument("--threads", type=_count, default=None, help="torch.set_num_threads (default: torch's)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--seed", type=int, default=None, help="torch.manual_seed before generating (with --sample)")
+    g.add_argument("--seed", type=_seed, default=None, help="torch.manual_seed before generating (with --sample)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paretoq", description="ParetoQ 1/1.58/2/3/4-bit quantization (torchao backend)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_qat(sub) -> None:
     q = sub.add_parser("qat", help="quantization-aware training with the paper's recipe (resumable)")
     q.add_argument("--model", default="tiny", help='hub id, local folder, or "tiny" (small Llama from a config)')
     q.add_argument("--bits", type=_bits, default=2.0, help="1, 1.58, 2, 3 or 4 (default 2)")
-    q.add_argument("--group-size", type=int, default=None, help="scale per group of N inputs (default: per row)")
+    q.add_argument("--group-size", type=_count, default=None, help="scale per group of N inputs (default: per row)")
     q.add_argument("--data", default="stdlib", help='"stdlib" (offline), a .txt/.jsonl file or folder, or a dataset name')
     q.add_argument("--text-field", default="text")
     q.add_argument("--max-chars", type=_count, default=None, help="use at most this much training text")
-    q.add_argument("--block-size", type=int, default=128)
-    q.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary for --model tiny")
+    q.add_argument("--block-size", type=_count, default=128)
+    q.add_argument("--vocab-size", type=_count, default=1024, help="BPE vocabulary for --model tiny")
     q.add_argument("--tiny-config", type=_json_dict, default={}, help='LlamaConfig overrides for --model tiny, JSON')
     b = q.add_argument_group("budget (one of)")
     b.add_argument("--steps", type=_count, default=None, help="optimizer steps")
     b.add_argument("--tokens", type=_count, default=None, help="training tokens, e.g. 1e9")
-    b.add_argument("--pretrain-tokens", type=float, default=None,
+    b.add_argument("--pretrain-tokens", type=_positive, default=None,
                    help="the model's pre-training token budget; QAT uses --token-fraction of it")
-    b.add_argument("--token-fraction", type=float, default=0.1, help="default 0.1 (the paper's ~10%%)")
-    q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--grad-accum", type=int, default=1)
-    q.add_argument("--lr", type=float, default=None, help="default: 2e-5 at 1/1.58/2 bits, 1e-5 at 3/4 bits")
-    q.add_argument("--weight-decay", type=float, default=0.0)
-    q.add_argument("--max-grad-norm", type=float, default=1.0)
-    q.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    b.add_argument("--token-fraction", type=_fraction, default=0.1, help="default 0.1 (the paper's ~10%%)")
+    q.add_argument("--batch-size", type=_count, default=8)
+    q.add_argument("--grad-accum", type=_count, default=1)
+    q.add_argument("--lr", type=_positive, default=None, help="default: 2e-5 at 1/1.58/2 bits, 1e-5 at 3/4 bits")
+    q.add_argument("--weight-decay", type=_non_negative, default=0.0)
+    q.add_argument("--max-grad-norm", type=_grad_norm, default=1.0, help="> 0, or 'none' for no clipping (default 1)")
+    q.add_argument("--bf16", action="store_true", help="bf16 autocast (master weights, scales and optimizer stay fp32)")
     q.add_argument("--compile", action="store_true", help="torch.compile the model")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_seed, default=0)
     q.add_argument("--device", default=None)
     q.add_argument("--output-dir", default="paretoq-qat")
-    q.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
-    q.add_argument("--keep-last", type=int, default=1)
+    q.add_argument("--save-every", type=_whole, default=0, help="checkpoint every N steps (always at the end)")
+    q.add_argument("--keep-last", type=_count, default=1)
     q.add_argument("--no-resume", action="store_true", help="refuse to continue an existing checkpoint")
-    q.add_argument("--stop-after", type=int, default=None, help="stop (and checkpoint) after this step")
+    q.add_argument("--stop-after", type=_count, default=None, help="stop (and checkpoint) after this step")
     q.add_argument("--no-progress", action="store_true")
     m = q.add_argument_group("memory and multi-process (run under torchrun --nproc_per_node N for FSDP2)")
     m.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward pass (less memory, ~1/3 more compute)")
     m.add_argument("--checkpoint-format", choices=("auto", "dcp", "safetensors"), default="auto",
                    help="auto: torch.distributed.checkpoint (sharded) under torchrun, else safetensors")
-    m.add_argument("--dist-timeout", type=float, default=600.0,
+    m.add_argument("--dist-timeout", type=_positive, default=600.0,
                    help="seconds a collective may wait before the job fails (default 600)")
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="held-out perplexity and lm-eval zero-shot tasks")
     e.add_argument("model", help="packed or QAT model folder, a qat --output-dir, or a hub id")
     e.add_argument("--data", default="stdlib", help='perplexity text (default "stdlib"); "none" to skip')
     e.add_argument("--split", default="validation")
     e.add_argument("--text-field", default="text")
-    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--block-size", type=_count, default=128)
     e.add_argument("--max-chars", type=_count, default=None)
-    e.add_argument("--max-blocks", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-blocks", type=_count, default=None)
+    e.add_argument("--batch-size", type=_count, default=8)
     e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy")
     e.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
-    e.add_argument("--num-fewshot", type=int, default=None)
-    e.add_argument("--limit", type=float, default=None)
+    e.add_argument("--num-fewshot", type=_whole, default=None)
+    e.add_argument("--limit", type=_positive, default=None,
+                   help="examples per task (>= 1), or a fraction of each task (< 1)")
     e.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
 
-    c = sub.add_parser("convert", help="QAT checkpoint -> packed Hugging Face folder")
-    c.add_argument("checkpoint", help="a qat --output-dir, a checkpoint-N folder, or a save_qat_checkpoint folder")
-    c.add_argument("out", help="output folder")
 
-    s = sub.add_parser("size", help="stored bytes per layer of a model")
-    s.add_argument("model")
-
+def _add_export(sub) -> None:
     x = sub.add_parser("export", help="export a packed Llama-family model to an ExecuTorch .pte (KV-cache decode step)")
     x.add_argument("model", help="packed Hugging Face folder (paretoq convert) or any Llama model path")
     x.add_argument("out", help=".pte path (written atomically)")
-    x.add_argument("--max-len", type=int, default=256, help="KV-cache length (default 256)")
+    x.add_argument("--max-len", type=_count, default=256, help="KV-cache length (default 256)")
     x.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
                    help="store the token embedding at 4 or 8 bits (group 32, ExecuTorch's quantized embedding "
                         "kernels); default: float32")
@@ -150,29 +194,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 (default: dynamic per-token int8 activations, integer dot products, fastest) or "
                         "float (exactly the packed model); recorded in the program")
 
-    _add_generate(sub)
 
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="offline end-to-end demo: pre-train, QAT at 4/3/2/1.58/1 bits, table + plot")
     d.add_argument("--bits", default="4,3,2,1.58,1", help="comma-separated bit widths")
-    d.add_argument("--pretrain-steps", type=int, default=400)
-    d.add_argument("--qat-fraction", type=float, default=0.1)
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--block-size", type=int, default=128)
-    d.add_argument("--vocab-size", type=int, default=1024)
-    d.add_argument("--max-chars", type=_count, default=1_500_000)
-    d.add_argument("--val-chars", type=_count, default=200_000)
-    d.add_argument("--eval-blocks", type=int, default=64)
-    d.add_argument("--hidden-size", type=int, default=128)
-    d.add_argument("--layers", type=int, default=3)
-    d.add_argument("--intermediate-size", type=int, default=352)
-    d.add_argument("--heads", type=int, default=4)
-    d.add_argument("--kv-heads", type=int, default=2)
-    d.add_argument("--lr-scale", type=float, default=10.0, help="QAT LR = paper LR x this (tiny model)")
-    d.add_argument("--group-size", type=int, default=None)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--pretrain-steps", type=_count, default=400)
+    d.add_argument("--qat-fraction", type=_fraction, default=0.1)
+    for flag, default in (("--batch-size", 16), ("--block-size", 128), ("--vocab-size", 1024),
+                          ("--max-chars", 1_500_000), ("--val-chars", 200_000), ("--eval-blocks", 64),
+                          ("--hidden-size", 128), ("--layers", 3), ("--intermediate-size", 352), ("--heads", 4),
+                          ("--kv-heads", 2)):
+        d.add_argument(flag, type=_count, default=default)
+    d.add_argument("--lr-scale", type=_positive, default=10.0, help="QAT LR = paper LR x this (tiny model)")
+    d.add_argument("--group-size", type=_count, default=None)
+    d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--out-dir", default="paretoq-demo", help="pareto.png (and --save-models) go here")
     d.add_argument("--save-models", action="store_true", help="save each packed model (hf.save_quantized)")
     d.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paretoq", description="ParetoQ 1/1.58/2/3/4-bit quantization (torchao backend)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_qat(sub)
+    _add_eval(sub)
+    c = sub.add_parser("convert", help="QAT checkpoint -> packed Hugging Face folder")
+    c.add_argument("checkpoint", help="a qat --output-dir, a checkpoint-N folder, or a save_qat_checkpoint folder")
+    c.add_argument("out", help="output folder")
+    s = sub.add_parser("size", help="stored bytes per layer of a model")
+    s.add_argument("model")
+    _add_export(sub)
+    _add_generate(sub)
+    _add_demo(sub)
     return p
 
 
@@ -210,14 +263,21 @@ def _cmd_qat(a) -> None:
             dist.destroy_process_group()
 
 
+def _resolve_model_dir(path: str) -> str:
+    """A `paretoq qat` output folder or one of its checkpoint-N folders -> the model folder of
+    its (latest) checkpoint; anything else unchanged."""
+    from .recipe import LATEST_NAME, STATE_NAME, resolve_qat_checkpoint
+
+    if os.path.isdir(path) and (os.path.isfile(os.path.join(path, LATEST_NAME))
+                                or os.path.isfile(os.path.join(path, STATE_NAME))):
+        return resolve_qat_checkpoint(path)
+    return path
+
+
 def _load_for_eval(path: str):
     from .hf import load_model
-    from .recipe import resolve_qat_checkpoint
 
-    src = path
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):
-        src = resolve_qat_checkpoint(path)
-    model, tok = load_model(src)
+    model, tok = load_model(_resolve_model_dir(path))
     if tok is None:
         raise CLIError(f"model {path!r} has no tokenizer files; evaluation needs one")
     return model, tok
@@ -265,30 +325,47 @@ def _cmd_size(a) -> None:
     from .hf import load_model
     from .size import model_size
 
-    model, _ = load_model(a.model, tokenizer=False)
+    from .recipe import quantized_layer_count
+
+    src = _resolve_model_dir(a.model)
+    model, _ = load_model(src, tokenizer=False)
     print(model_size(model))
+    if quantized_layer_count(model):
+        print(f"({src} is a QAT checkpoint: {quantized_layer_count(model)} layers hold float latent weights as "
+              f"stored; `paretoq convert {a.model} <out>` packs them to their low-bit size)")
 
 
 def _cmd_export(a) -> None:
     import torch
 
-    from .export import export_executorch
+    from .export import export_executorch, to_float32
     from .export.llama import LlamaKVStep
-    from .hf import load_model
+    from .hf import QAT_NAME, load_model
+    from .recipe import LATEST_NAME
 
-    if a.max_len < 1:
-        raise CLIError(f"--max-len must be positive, got {a.max_len}")
-    model, _ = load_model(a.model, tokenizer=False)
+    src = os.fspath(a.model)
+    if os.path.isdir(src) and any(os.path.isfile(os.path.join(src, *n))
+                                  for n in ((QAT_NAME,), ("model", QAT_NAME), (LATEST_NAME,))):
+        # a QAT checkpoint / qat --output-dir: latent full-precision weights, nothing packed yet
+        raise CLIError(f"{src!r} is a QAT checkpoint (latent weights, not packed); run "
+                       f"`paretoq convert {src} <out>` first, then `paretoq export <out> {a.out}`")
+    model, _ = load_model(src, tokenizer=False)
     kind = getattr(model.config, "model_type", type(model).__name__)
     if kind != "llama":
         raise CLIError(f"export supports Llama-family decoders (a KV-cache decode step); {a.model!r} is {kind!r}")
-    step = LlamaKVStep(model, a.max_len)  # export_executorch checks for float32 weights
+    # the ExecuTorch kernels take float32: a bf16/fp16 folder gets float32 scales (same codes)
+    changed = to_float32(model)
+    step = LlamaKVStep(model, a.max_len)
     # one decode step: ids [1, 1], position [1]; the program is called token by token
     export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), a.out, embedding_bits=a.embedding_bits,
                       activations=a.activations)
     emb = f"; {a.embedding_bits}-bit embedding" if a.embedding_bits else ""
+    conv = ""
+    if changed:
+        dtypes = "/".join(sorted({str(d).replace("torch.", "") for d in changed.values()}))
+        conv = f"; {dtypes} scales and weights converted to float32 for the ExecuTorch kernels (codes unchanged)"
     print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions{emb}; "
-          f"{a.activations} activations)")
+          f"{a.activations} activations{conv})")
 
 
 def _cmd_generate(a) -> None:
@@ -324,6 +401,8 @@ def _cmd_demo(a) -> None:
           f"RTN = round-to-nearest post-training quantization of the same FP model.")
     if out["plot"]:
         print(f"Pareto plot: {out['plot']}")
+    if out["files"]:
+        print(f"table: {', '.join(out['files'])}")
     print(f"({out['seconds']:.0f}s)")
 
 

@@ -108,6 +108,15 @@ def all_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
+def from_main(obj):
+    """Rank 0's ``obj`` on every rank (a picklable value; no-op when alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
 def mean_across_ranks(value: float) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value

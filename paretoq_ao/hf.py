@@ -40,6 +40,19 @@ own quantization method ``"paretoq"`` through transformers' public registry
 * ``save_quantized`` writes all files into a staging folder inside ``out_dir`` and only then moves
   them into place one by one (``os.replace``), so a failure while writing leaves what was in
   ``out_dir`` untouched.
+* ``model.save_pretrained(dir)`` / ``model.push_to_hub(repo)`` of a packed model write the same
+  folder (config.json with that ``quantization_config``, model.safetensors as above -- transformers
+  keeps one copy of tied tensors -- generation config; other files such as the tokenizer's are left
+  alone). transformers saves quantized models through the model's ``hf_quantizer``:
+  ``from_pretrained`` sets it, and after ``import paretoq_ao.hf`` the ParetoQ ``quantize_`` handlers
+  set a ``ParetoQHfQuantizer`` on the ``PreTrainedModel`` passed to ``quantize_`` (a model converted
+  before this module was imported, or through ``quantize_`` on a submodule, has none: use
+  ``save_quantized``). Its ``is_serializable`` refuses models with QAT layers before anything is
+  written (``save_qat_checkpoint`` saves those); ``get_state_dict_and_metadata`` lists the layers
+  packed at save time. transformers writes the files in place, not staged: for a save that leaves
+  the previous folder intact when it fails, use ``save_quantized``.
+* A ``paretoq_qat.json`` left by an earlier ``save_qat_checkpoint`` in the same folder is ignored
+  when config.json names quant_method "paretoq" (``save_pretrained`` cannot remove it).
 
 QAT checkpoints (``save_qat_checkpoint`` / ``load_qat_checkpoint``) store the plain state dict
 (latent ``weight``, ``weight_scale``, ``weight_qat_format`` per QAT layer), the model config, and
@@ -60,13 +73,14 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import _targets
 from .formats import get_format
 from .packed import ParetoQPackedTensor, _check_loaded_packed
 from .packing import LAYOUT
 from .qat import ParetoQQATConfig, ParetoQQATWeight
 from .serialization import save_safetensors
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -168,10 +182,24 @@ class _PackedPlaceholder(nn.Module):
 
 
 class ParetoQHfQuantizer(HfQuantizer):
-    """Loads checkpoints written by ``save_quantized`` (pre-quantized only)."""
+    """Loads checkpoints written by ``save_quantized`` (pre-quantized only), and saves packed models
+    with ``model.save_pretrained`` / ``push_to_hub``.
+
+    transformers saves a model through the ``hf_quantizer`` attribute it holds: ``from_pretrained``
+    sets it on the models it loads, and once ``paretoq_ao.hf`` is imported ``quantize_`` with a
+    ParetoQ config sets it on the ``PreTrainedModel`` it converts (``_track_quantize_root``).
+    ``is_serializable`` checks the model before transformers writes anything (a model with QAT
+    layers is refused), ``get_state_dict_and_metadata`` lists the packed layers the model holds *now*
+    in ``config.quantization_config`` and returns the tensors ``save_safetensors`` writes.
+    """
 
     requires_calibration = True
     quantization_config: ParetoQHfConfig
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._model = None  # the model this quantizer belongs to (checked by is_serializable)
+        self._activations: Dict[str, str] = {}  # loading: layer -> "int8" from the checkpoint metadata
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -179,7 +207,7 @@ class ParetoQHfQuantizer(HfQuantizer):
             raise ValueError("ParetoQ packed models cannot be offloaded to disk")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        _check_checkpoint_keys(checkpoint_files, self.quantization_config.modules)
+        self._activations = _check_checkpoint_keys(checkpoint_files, self.quantization_config.modules)
         named = dict(model.named_modules())
         missing = [n for n in self.quantization_config.modules if n not in named]
         if missing:
@@ -212,41 +240,84 @@ class ParetoQHfQuantizer(HfQuantizer):
                 raise ValueError(f"ParetoQ checkpoint is missing the packed weight of layer {name!r} "
                                  f"({name}.weight.qdata / {name}.weight.scale)")
             k = _in_features(mod, ph, fmt)
-            packed = ParetoQPackedTensor(ph.qdata, ph.scale, fmt["bits"], torch.Size([ph.qdata.shape[0], k]))
+            packed = ParetoQPackedTensor(ph.qdata, ph.scale, fmt["bits"], torch.Size([ph.qdata.shape[0], k]),
+                                         self._activations.get(name, "float"))
             del mod._modules["weight"]
             mod.weight = nn.Parameter(packed, requires_grad=False)
             mod._paretoq_load_hook = mod._register_load_state_dict_pre_hook(_check_loaded_packed, with_module=True)
+        self._model = model
         return model
 
-    def get_state_dict_and_metadata(self, model):
-        """``model.save_pretrained`` of a reloaded packed model: the same flattened tensors."""
-        return _flatten_packed(model)
-
     def is_serializable(self):
+        """Called first by ``save_pretrained`` (before any file or folder is written): refuses a model
+        that the saved folder would not reproduce."""
+        model = self._model
+        if model is not None and not getattr(model, "_hf_peft_config_loaded", False):
+            _check_saveable(model, "save_pretrained")
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """``model.save_pretrained``: the flattened tensors and metadata that ``save_safetensors``
+        writes, and ``config.quantization_config`` listing the model's packed layers."""
+        if getattr(model, "_hf_peft_config_loaded", False):
+            return None, {}  # adapters only: transformers takes them from the model as for any model
+        _check_saveable(model, "save_pretrained")
+        if not packed_modules(model):  # nothing packed (any more): an ordinary float model
+            if isinstance(getattr(model.config, "quantization_config", None), ParetoQHfConfig):
+                del model.config.quantization_config
+            return None, {}
+        self.quantization_config = ParetoQHfConfig.from_model(model)
+        model.config.quantization_config = self.quantization_config
+        return _flatten_packed(model)
 
     @property
     def is_trainable(self) -> bool:
         return False
 
 
-def _check_checkpoint_keys(checkpoint_files, modules) -> None:
+def _check_saveable(model, what: str) -> None:
+    """The save_pretrained checks: QAT layers cannot be written to a Hugging Face folder that
+    ``from_pretrained`` reloads (it would give plain layers without their learned scales)."""
+    qat = qat_modules(model)
+    if qat:
+        names = sorted(qat)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise ValueError(
+            f"{what}: layers {', '.join(map(repr, names[:3]))}{more} hold ParetoQ QAT weights, which "
+            "from_pretrained would reload as plain float layers; save them with "
+            "paretoq_ao.hf.save_qat_checkpoint(model, dir) (load_model/load_qat_checkpoint resume them), or "
+            "convert first with quantize_(model, ParetoQWeightOnlyConfig(bits=...)) and then save_pretrained "
+            "or paretoq_ao.hf.save_quantized; nothing was written")
+
+
+def _check_checkpoint_keys(checkpoint_files, modules) -> Dict[str, str]:
     """Every packed layer's ``.weight.qdata`` / ``.weight.scale`` must be in the checkpoint (read from
-    the safetensors headers before loading: transformers would silently initialize missing ones)."""
+    the safetensors headers before loading: transformers would silently initialize missing ones).
+    Returns {layer: activations} of the layers whose metadata sets activations other than "float"."""
     files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
     if not files:
-        return
+        return {}
     from safetensors import safe_open
 
-    keys = set()
+    from .serialization import _META_KEY
+
+    keys, activations = set(), {}
     for f in files:
         with safe_open(f, framework="pt") as fh:
             keys.update(fh.keys())
+            try:
+                described = json.loads((fh.metadata() or {}).get(_META_KEY, "{}")).get("tensors", {})
+            except (ValueError, AttributeError):
+                described = {}
+        for name, d in described.items():
+            if isinstance(d, dict) and d.get("activations", "float") != "float" and name.endswith(".weight"):
+                activations[name[: -len(".weight")]] = d["activations"]
     missing = [f"{n}.weight.{part}" for n in modules for part in ("qdata", "scale")
                if f"{n}.weight.{part}" not in keys]
     if missing:
         raise ValueError(f"ParetoQ checkpoint {os.path.dirname(str(files[0]))!r} is missing {len(missing)} packed "
                          f"tensor(s) of the layers its config lists: {missing[:5]}")
+    return {n: a for n, a in activations.items() if n in modules}
 
 
 def _tokenizer_files(folder: str) -> bool:
@@ -274,12 +345,16 @@ def _in_features(mod, ph, fmt) -> int:
 
 
 def _flatten_packed(model):
+    """The tensors and metadata ``save_safetensors`` writes for ``model`` (packed weights as
+    ``<name>.qdata`` / ``<name>.scale``); tied tensors stay aliased for transformers to deduplicate."""
     from .serialization import _META_KEY
 
     flat, described = {}, {}
     for name, t in model.state_dict().items():
         if isinstance(t, ParetoQPackedTensor):
             described[name] = {"bits": t.bits, "shape": list(t.shape)}
+            if t.activations != "float":
+                described[name]["activations"] = t.activations
             flat[f"{name}.qdata"], flat[f"{name}.scale"] = t.qdata, t.scale
         else:
             flat[name] = t
@@ -296,6 +371,27 @@ def _register() -> None:
 
 
 _register()
+
+
+# --------------------------------------------------------------------------- model.save_pretrained
+
+def _track_quantize_root(model: nn.Module) -> None:
+    """Give the ``PreTrainedModel`` that ``quantize_`` converts a ``ParetoQHfQuantizer`` as its
+    ``hf_quantizer``, the attribute through which ``save_pretrained`` / ``push_to_hub`` save
+    quantized models (``from_pretrained`` sets it on the packed models it loads). Models that hold
+    another method's quantizer are left alone. Called by ``_targets`` when a ``quantize_`` call
+    with a ParetoQ config has converted its model."""
+    if not isinstance(model, PreTrainedModel):
+        return
+    q = model.__dict__.get("hf_quantizer")
+    if q is None:
+        q = ParetoQHfQuantizer(ParetoQHfConfig())
+        model.hf_quantizer = q
+    if isinstance(q, ParetoQHfQuantizer):
+        q._model = model
+
+
+_targets.after_quantize(_track_quantize_root)
 
 
 # --------------------------------------------------------------------------- loading
@@ -319,7 +415,7 @@ def load_model(name_or_path: PathLike, dtype=None, device=None, tokenizer: bool 
     locally or downloaded, or when a local folder is not a readable model.
     """
     src = os.fspath(name_or_path)
-    if os.path.isdir(src) and os.path.isfile(os.path.join(src, QAT_NAME)):
+    if _is_qat_folder(src):
         model, tok = load_qat_checkpoint(src, dtype=dtype, device=device)
         return model, (tok if tokenizer else None)
     local = os.path.exists(src)
@@ -351,6 +447,23 @@ def load_model(name_or_path: PathLike, dtype=None, device=None, tokenizer: bool 
     return model, tok
 
 
+def _saved_quant_method(folder: str):
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            q = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return q.get("quant_method") if isinstance(q, dict) else None
+
+
+def _is_qat_folder(src: str) -> bool:
+    """A folder ``save_qat_checkpoint`` wrote last: it has ``paretoq_qat.json`` and its config is not
+    that of a packed model (``save_pretrained`` of a packed model over a QAT checkpoint rewrites
+    config.json and the weights but cannot remove the QAT file)."""
+    return (os.path.isdir(src) and os.path.isfile(os.path.join(src, QAT_NAME))
+            and _saved_quant_method(src) != QUANT_METHOD)
+
+
 def _offline() -> bool:
     try:
         from huggingface_hub import constants
@@ -366,8 +479,11 @@ def _offline() -> bool:
 def _staging(out_dir: str):
     """Yields a staging folder inside ``out_dir``; on success its files are moved into ``out_dir``
     (``os.replace``), on failure it is removed and ``out_dir`` is unchanged."""
+    from .serialization import remove_stale_temporaries, temp_name
+
     os.makedirs(out_dir, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".paretoq-save-", dir=out_dir)
+    remove_stale_temporaries(out_dir)  # staging folders of saves that were killed
+    stage = tempfile.mkdtemp(prefix=temp_name("save-"), dir=out_dir)
     try:
         yield stage
         for name in sorted(os.listdir(stage)):
@@ -468,6 +584,10 @@ def load_qat_checkpoint(out_dir: PathLike, dtype=None, device=None):
 
     src = os.fspath(out_dir)
     meta_path = os.path.join(src, QAT_NAME)
+    if os.path.isfile(meta_path) and _saved_quant_method(src) == QUANT_METHOD:
+        raise ModelLoadError(f"load_qat_checkpoint: {src!r} holds a packed ParetoQ model saved over an older QAT "
+                             "checkpoint (its config.json has quantization_config); load it with load_model or "
+                             "AutoModelForCausalLM.from_pretrained")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)

@@ -8,11 +8,12 @@ per-row/group scale search) — the RTN baseline. The packed layout is defined i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 from torchao.utils import TorchAOBaseTensor
@@ -22,11 +23,12 @@ from .formats import get_format
 from .ops import eager_call_ok, run_linear
 from .ops import linear as paretoq_linear
 from .ops import linear_8da as paretoq_linear_8da
-from .packing import pack_codes, unpack_codes
+from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .qat import ParetoQQATWeight, detach_qat_state, validate_config
 from .quant import dequantize_codes, init_scale, quantize_codes, search_scale
 
-__all__ = ["ParetoQPackedTensor", "ParetoQWeightOnlyConfig", "ACTIVATIONS", "set_activations"]
+__all__ = ["ParetoQPackedTensor", "ParetoQWeightOnlyConfig", "ACTIVATIONS", "SCALE_DTYPES", "set_activations",
+           "packed_parts_problem", "check_packed_state_dict"]
 
 aten = torch.ops.aten
 
@@ -39,6 +41,43 @@ def _check_activations(activations) -> str:
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activations!r}")
     return activations
+
+
+# The dtypes a packed weight's scales (and so the weight itself) may have: every backend of the op
+# takes them (float64 runs the PyTorch reference); the codes are uint8 whatever the dtype.
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def packed_parts_problem(qdata, scale, bits, shape) -> Optional[str]:
+    """Why ``qdata`` and ``scale`` cannot be the packed parts of a ``bits``-bit weight of ``shape``
+    (the layout of packing.py: uint8 [N, ceil(K * code_bits / 8)], scales [N, 1] or [N, K // group_size]
+    in one of ``SCALE_DTYPES``, on one device); None when they fit. ``bits`` must be a valid format."""
+    fmt = get_format(bits)
+    if len(shape) != 2:
+        return f"shape {list(shape)} is not [out_features, in_features]"
+    n, k = (int(d) for d in shape)
+    for part, t in (("qdata", qdata), ("scale", scale)):
+        if not isinstance(t, torch.Tensor) or isinstance(t, ParetoQPackedTensor):
+            return f"{part} is a {type(t).__name__}, not a plain tensor"
+    if qdata.dtype != torch.uint8:
+        return f"qdata is {_dtype_name(qdata.dtype)}, not uint8 (the packed codes)"
+    want = (n, packed_row_bytes(k, fmt.code_bits))
+    if tuple(qdata.shape) != want:
+        return (f"qdata has shape {tuple(qdata.shape)} but a {fmt} weight of shape {(n, k)} is packed as "
+                f"{want}")
+    if scale.dtype not in SCALE_DTYPES:
+        return (f"scale is {_dtype_name(scale.dtype)}, not one of "
+                f"{', '.join(_dtype_name(d) for d in SCALE_DTYPES)}")
+    if scale.dim() != 2 or scale.shape[0] != n or scale.shape[1] < 1 or k % scale.shape[1]:
+        return (f"scale has shape {tuple(scale.shape)} but a weight of shape {(n, k)} needs [{n}, 1] (per row) "
+                f"or [{n}, {k} // group_size] (per group)")
+    if qdata.device != scale.device:
+        return f"qdata is on {qdata.device} but scale on {scale.device}"
+    return None
 
 
 class ParetoQPackedTensor(TorchAOBaseTensor):
@@ -120,8 +159,35 @@ def _(func, types, args, kwargs):
     return out + (b if b.dtype == out.dtype else b.to(out.dtype))
 
 
+def _group_size(t: ParetoQPackedTensor):
+    try:
+        return t.group_size
+    except (IndexError, ZeroDivisionError):  # a damaged scale (packed_parts_problem says what is wrong)
+        return "?"
+
+
 def _metadata(t: ParetoQPackedTensor) -> str:
-    return f"bits={t.bits}, group_size={t.group_size}, shape={tuple(t.shape)}"
+    return f"bits={t.bits}, group_size={_group_size(t)}, shape={tuple(t.shape)}"
+
+
+def _load_problem(dst: ParetoQPackedTensor, src, check_dtype: bool = True) -> Optional[str]:
+    """Why ``src`` (a checkpoint's tensor) cannot be loaded into the packed weight ``dst``, as a
+    predicate ("holds ...", "was saved with ..."); None when it can."""
+    if not isinstance(src, ParetoQPackedTensor):
+        what = (f"a plain {tuple(src.shape)} {_dtype_name(src.dtype)} weight" if isinstance(src, torch.Tensor)
+                else f"a {type(src).__name__}")
+        return (f"holds {what} but the model's layer is packed ({_metadata(dst)}); load a checkpoint saved "
+                f"from a converted model")
+    problem = packed_parts_problem(src.qdata, src.scale, src.bits, src.shape)
+    if problem is not None:
+        return f"holds a damaged packed {src.bits}-bit weight of shape {tuple(src.shape)}: {problem}"
+    if (dst.bits, dst.group_size, tuple(dst.shape)) != (src.bits, src.group_size, tuple(src.shape)):
+        return f"was saved with {_metadata(src)} but the model has {_metadata(dst)}"
+    if check_dtype and src.scale.dtype != dst.scale.dtype:
+        theirs, ours = _dtype_name(src.scale.dtype), _dtype_name(dst.scale.dtype)
+        return (f"has {theirs} scales but the model's packed layer has {ours} scales; convert the model "
+                f"with .to(torch.{theirs}) before loading, or the checkpoint's weight with .to(torch.{ours})")
+    return None
 
 
 @implements(aten.copy_.default)
@@ -131,36 +197,80 @@ def _(func, types, args, kwargs):
         raise ValueError(
             f"cannot copy a packed ParetoQ weight ({_metadata(src)}) into a plain "
             f"{tuple(dst.shape)} tensor: convert the model first with "
-            f"ParetoQWeightOnlyConfig(bits={src.bits}, group_size={src.group_size})"
+            f"ParetoQWeightOnlyConfig(bits={src.bits}, group_size={_group_size(src)})"
         )
-    if not isinstance(src, ParetoQPackedTensor):
-        raise ValueError(
-            f"cannot copy a plain {tuple(src.shape)} tensor into a packed ParetoQ weight "
-            f"({_metadata(dst)}); load a checkpoint saved from a converted model"
-        )
-    if (dst.bits, dst.group_size, tuple(dst.shape)) != (src.bits, src.group_size, tuple(src.shape)):
-        raise ValueError(
-            f"packed weight mismatch: the checkpoint has {_metadata(src)}, the model has {_metadata(dst)}"
-        )
+    # Everything is checked before either part is written: a failed copy leaves dst as it was.
+    problem = _load_problem(dst, src)
+    if problem is not None:
+        raise ValueError(f"cannot copy into a packed ParetoQ weight ({_metadata(dst)}): the source {problem}")
     dst.qdata.copy_(src.qdata)
     dst.scale.copy_(src.scale)
     return dst
 
 
-def _check_loaded_packed(module, state_dict, prefix, *args):
-    """load_state_dict pre-hook of converted layers: a ValueError naming what differs."""
-    src = state_dict.get(prefix + "weight")
-    dst = module._parameters.get("weight")
-    if src is None or not isinstance(dst, ParetoQPackedTensor):
-        return
-    where = f"checkpoint layer {prefix[:-1]!r}"
-    if not isinstance(src, ParetoQPackedTensor):
-        raise ValueError(
-            f"{where} holds a plain {tuple(src.shape)} weight but the model's layer is packed "
-            f"({_metadata(dst)}); load a checkpoint saved from a converted model"
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """``t.to(device / dtype)``, ``.half()``, ``.double()``... (and so ``module.to(...)``): the codes
+    move as they are; a dtype converts the scales, which are the weight's dtype."""
+    src = args[0]
+    kw = dict(kwargs or {})
+    dtype = kw.get("dtype") or src.dtype
+    device = kw.get("device") or src.device
+    if dtype != src.dtype and dtype not in SCALE_DTYPES:
+        raise TypeError(
+            f"cannot convert a packed ParetoQ weight ({_metadata(src)}) to {dtype}: its scales may be "
+            f"{', '.join(_dtype_name(d) for d in SCALE_DTYPES)} (its codes stay uint8)"
         )
-    if (dst.bits, dst.group_size, tuple(dst.shape)) != (src.bits, src.group_size, tuple(src.shape)):
-        raise ValueError(f"{where} was saved with {_metadata(src)} but the model has {_metadata(dst)}")
+    non_blocking = bool(kw.get("non_blocking", False))
+    # copy=True: the result never shares storage with ``src`` (a later copy_ into one would change both).
+    qdata = src.qdata.to(device=device, non_blocking=non_blocking, copy=True)
+    scale = src.scale.to(device=device, dtype=dtype, non_blocking=non_blocking, copy=True)
+    out = ParetoQPackedTensor(qdata, scale, src.bits, src.shape, src.activations)
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def _state_dict_problem(dst: ParetoQPackedTensor, state_dict: Mapping, key: str, assign: bool) -> Optional[str]:
+    src = state_dict.get(key)
+    if src is None:
+        parts = [k for k in (f"{key}.qdata", f"{key}.scale") if k in state_dict]
+        if parts:
+            return (f"checkpoint key {key!r} is missing but {', '.join(map(repr, parts))} are there: the file was "
+                    f"read as plain tensors; read it with paretoq_ao.load_safetensors")
+        return None  # load_state_dict reports the missing key
+    # assign=True keeps the checkpoint's tensors, dtype included (as for plain parameters).
+    problem = _load_problem(dst, src, check_dtype=not assign)
+    return None if problem is None else f"checkpoint key {key!r} {problem}"
+
+
+def _check_loaded_packed(module, state_dict, prefix, local_metadata=None, *args):
+    """load_state_dict pre-hook of converted layers: a ValueError naming the key and what differs
+    (format, shape, dtype, damaged parts), raised before this layer changes."""
+    dst = module._parameters.get("weight")
+    if not isinstance(dst, ParetoQPackedTensor):
+        return
+    assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
+    problem = _state_dict_problem(dst, state_dict, prefix + "weight", assign)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def check_packed_state_dict(model: nn.Module, state_dict: Mapping, assign: bool = False) -> None:
+    """Check every packed weight of ``state_dict`` against ``model`` before loading it: a ValueError
+    naming the first key whose format, shape, dtype or packed parts do not fit. ``load_state_dict``
+    checks each layer as it reaches it (earlier layers are loaded by then); call this first for an
+    all-or-nothing load."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if isinstance(p, ParetoQPackedTensor):
+            problem = _state_dict_problem(p, state_dict, name, assign)
+        elif isinstance(state_dict.get(name), ParetoQPackedTensor):
+            src = state_dict[name]
+            problem = (f"checkpoint key {name!r} holds a packed weight ({_metadata(src)}) but the model's "
+                       f"{tuple(p.shape)} weight is not converted: convert the model first with "
+                       f"ParetoQWeightOnlyConfig(bits={src.bits}, group_size={_group_size(src)})")
+        else:
+            problem = None
+        if problem is not None:
+            raise ValueError(problem)
 
 
 @dataclass
@@ -211,13 +321,25 @@ def _weight_only_transform(module: nn.Module, config: ParetoQWeightOnlyConfig) -
     def apply(mod, fqn, memo):
         old = mod.weight
         if id(old) not in memo:
-            if isinstance(old, ParetoQQATWeight):
-                latent, scale = old.detach(), old.scale.detach()
+            if old.is_meta:
+                # A model built on the meta device has no values to quantize: the layer gets a
+                # packed weight of the right format holding meta qdata / scale, which
+                # ``load_state_dict(packed_state_dict, assign=True)`` replaces with real ones.
+                from .packing import packed_row_bytes
+
+                (n, k), gs = old.shape, config.group_size
+                qdata = torch.empty(n, packed_row_bytes(k, get_format(config.bits).code_bits), dtype=torch.uint8,
+                                    device=old.device)
+                scale = torch.empty(n, 1 if gs is None else k // gs, dtype=old.dtype, device=old.device)
+                packed = ParetoQPackedTensor(qdata, scale, config.bits, old.shape, config.activations)
             else:
-                latent = old.detach()
-                pick = search_scale if config.scale_search else init_scale
-                scale = pick(latent, config.bits, config.group_size)
-            packed = ParetoQPackedTensor.from_float(latent, scale, config.bits, config.activations)
+                if isinstance(old, ParetoQQATWeight):
+                    latent, scale = old.detach(), old.scale.detach()
+                else:
+                    latent = old.detach()
+                    pick = search_scale if config.scale_search else init_scale
+                    scale = pick(latent, config.bits, config.group_size)
+                packed = ParetoQPackedTensor.from_float(latent, scale, config.bits, config.activations)
             memo[id(old)] = nn.Parameter(packed, requires_grad=False)
         detach_qat_state(mod)
         mod.weight = memo[id(old)]

@@ -51,7 +51,13 @@ class ParetoQQATConfig(AOBaseConfig):
 
     With torchao's default ``filter_fn`` every ``nn.Linear`` except the output head
     (``lm_head``/``output``, a model's ``get_output_embeddings()``, or a Linear tied to an
-    embedding) is converted; pass ``filter_fn`` to choose layers yourself.
+    embedding) is converted; pass ``filter_fn`` to choose layers yourself (only nn.Linear layers:
+    any other module it selects is refused by name, before any layer changes).
+
+    On a model built on the meta device (``with torch.device("meta")``) the weights and scales
+    become meta placeholders of the right shape; fill them with
+    ``model.load_state_dict(qat_state_dict, assign=True)``. ``ParetoQWeightOnlyConfig`` does the same
+    with packed placeholders, for ``load_state_dict(load_safetensors(path), assign=True)``.
     """
 
     bits: float = 2
@@ -125,13 +131,24 @@ def _rebuild_qat_weight(data, scale, bits, group_size, requires_grad):
     return ParetoQQATWeight(data, scale, bits, group_size, requires_grad)
 
 
-def _check_loaded_format(module, state_dict, prefix, *args):
+def _check_loaded_format(module, state_dict, prefix, local_metadata=None, *args):
+    """load_state_dict pre-hook of QAT layers: refuse a checkpoint of another format; with
+    ``assign=True`` make the loaded weight a ``ParetoQQATWeight`` on the loaded scale (assign would
+    otherwise put a plain weight and an unrelated scale in the layer)."""
     key = prefix + "weight_qat_format"
     own = module._buffers.get("weight_qat_format")
-    if own is None or key not in state_dict:
+    w = module._parameters.get("weight")
+    if own is None:
         return
-    theirs = state_dict[key]
-    if not torch.equal(theirs.to(own.device, own.dtype), own):
+    if not isinstance(w, ParetoQQATWeight) and any(fn is _qat_guard for fn in module._forward_pre_hooks.values()):
+        raise ValueError(
+            f"cannot load checkpoint layer {prefix[:-1]!r}: the model's QAT layer holds a plain "
+            f"{type(w).__name__} weight, something replaced its ParetoQQATWeight (Module.to_empty() of a "
+            "meta-device model does: load into the meta-device model with load_state_dict(..., assign=True) instead)")
+    if own.is_meta and isinstance(w, ParetoQQATWeight):  # a meta-device model: no values yet
+        own = qat_format_code(w.bits, w.group_size)
+    if key in state_dict and not own.is_meta and not torch.equal(state_dict[key].to(own.device, own.dtype), own):
+        theirs = state_dict[key]
         raise ValueError(
             f"checkpoint layer {prefix[:-1]!r} was saved with ParetoQ QAT {_describe_format(theirs)} "
             f"but the model has {_describe_format(own)}"
@@ -142,6 +159,19 @@ def _check_loaded_format(module, state_dict, prefix, *args):
             f"checkpoint layer {prefix[:-1]!r}: weight_scale has shape "
             f"{tuple(state_dict[scale_key].shape)}, the model expects {tuple(module.weight_scale.shape)}"
         )
+    if (local_metadata or {}).get("assign_to_params_buffers") and isinstance(w, ParetoQQATWeight) \
+            and prefix + "weight" in state_dict:
+        # (state_dict is load_state_dict's own copy: rewriting its entries does not touch the caller's)
+        scale = module.weight_scale
+        if scale_key not in state_dict and scale.is_meta:
+            raise ValueError(
+                f"checkpoint layer {prefix[:-1]!r} has a weight but no weight_scale, and the model's is on the meta "
+                "device: a float checkpoint is loaded before ParetoQQATConfig is applied, not after")
+        if scale_key in state_dict:
+            scale = nn.Parameter(state_dict[scale_key].detach(), requires_grad=scale.requires_grad)
+            state_dict[scale_key] = scale
+        state_dict[prefix + "weight"] = ParetoQQATWeight(state_dict[prefix + "weight"], scale, w.bits, w.group_size,
+                                                         w.requires_grad)
 
 
 def _qat_guard(module, args):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import random
@@ -61,6 +62,8 @@ from torch import nn
 
 from . import serialization
 from .formats import get_format
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "QATRecipe", "QATResult", "RecipeError", "CheckpointError", "paper_lr", "tiny_llama",
@@ -86,6 +89,37 @@ class CheckpointError(RuntimeError):
 def paper_lr(bits) -> float:
     """The paper's learning rate: 2e-5 for 1 / 1.58 / 2 bits, 1e-5 for 3 / 4 bits."""
     return 2e-5 if get_format(bits).bits <= 2 else 1e-5
+
+
+# The numeric settings and their ranges: kind "count" (whole >= 1), "whole" (>= 0), "positive"
+# (finite > 0), "non_negative", "fraction" (0 < x <= 1), "seed" (whole in [0, 2**63)); optional: None allowed.
+_FIELD_RANGES = {
+    "group_size": ("count", True), "max_chars": ("count", True), "block_size": ("count", False),
+    "vocab_size": ("count", False), "steps": ("count", True), "tokens": ("count", True),
+    "pretrain_tokens": ("positive", True), "token_fraction": ("fraction", False), "batch_size": ("count", False),
+    "grad_accum": ("count", False), "lr": ("positive", True), "weight_decay": ("non_negative", False),
+    "max_grad_norm": ("positive", True), "seed": ("seed", False), "save_every": ("whole", False),
+    "keep_last": ("count", False), "stop_after": ("count", True), "dist_timeout": ("positive", False),
+}
+_KIND_TEXT = {"count": "a whole number >= 1", "whole": "a whole number >= 0", "positive": "a finite number > 0",
+              "non_negative": "a finite number >= 0", "fraction": "a number in (0, 1]",
+              "seed": "a whole number in [0, 2**63)"}
+
+
+def _check_field(name: str, v: Any, kind: str, optional: bool) -> Any:
+    """``v`` if it is in range (a whole float such as 2e5 becomes an int), else RecipeError."""
+    if v is None and optional:
+        return v
+    if isinstance(v, float) and kind in ("count", "whole", "seed") and v.is_integer():
+        v = int(v)
+    whole = isinstance(v, int) and not isinstance(v, bool)
+    number = (whole or isinstance(v, float)) and math.isfinite(v)
+    ok = {"count": whole and v >= 1, "whole": whole and v >= 0, "seed": whole and 0 <= v < 2 ** 63,
+          "positive": number and v > 0, "non_negative": number and v >= 0,
+          "fraction": number and 0 < v <= 1}[kind]
+    if not ok:
+        raise RecipeError(f"QATRecipe.{name} must be {_KIND_TEXT[kind]}{' or None' if optional else ''}, got {v!r}")
+    return v
 
 
 @dataclass
@@ -131,12 +165,19 @@ class QATRecipe:
 
     def __post_init__(self):
         self.bits = get_format(self.bits).bits
-        for name in ("batch_size", "grad_accum", "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise RecipeError(f"{name} must be a positive integer, got {v!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise RecipeError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+        for name, (kind, optional) in _FIELD_RANGES.items():
+            setattr(self, name, _check_field(name, getattr(self, name), kind, optional))
+        if not isinstance(self.model_config, dict):
+            raise RecipeError(f"model_config must be a dict of LlamaConfig overrides, got {self.model_config!r}")
+        if self.model == "tiny":
+            _check_tiny_config(self.model_config)  # before any data is read
+        if self.device is not None:
+            from .generate import resolve_device
+
+            try:
+                resolve_device(self.device)  # 'cuda' without CUDA: refused now, not at the first step
+            except ValueError as e:
+                raise RecipeError(f"QATRecipe.device: {e}") from None
         if self.checkpoint_format not in ("auto", "dcp", "safetensors"):
             raise RecipeError(f"checkpoint_format must be 'auto', 'dcp' or 'safetensors', got {self.checkpoint_format!r}")
 
@@ -195,6 +236,26 @@ def resolve_steps(r: QATRecipe) -> int:
 
 # --------------------------------------------------------------------------- models and data
 
+def _check_tiny_config(overrides: Dict[str, Any]) -> None:
+    """LlamaConfig overrides of the tiny model: known keys (a misspelling would be ignored by
+    LlamaConfig) and whole, positive sizes."""
+    from transformers import LlamaConfig
+
+    known = set(LlamaConfig().to_dict())
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                 for k in unknown]
+        raise RecipeError(f"tiny model config: unknown LlamaConfig key(s) {', '.join(hints)}")
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings"):
+        v = overrides.get(k, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RecipeError(f"tiny model config: {k} must be a whole number >= 1, got {v!r}")
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
     """A small Llama-style causal LM built from a config (random init, float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -202,19 +263,33 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
     kw = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
               tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    _check_tiny_config(overrides)
     kw.update(overrides)
     torch.manual_seed(seed)
+    from huggingface_hub.errors import StrictDataclassError  # LlamaConfig's own validation
+
     try:
         cfg = LlamaConfig(**kw)
         return LlamaForCausalLM(cfg)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"invalid tiny model config {overrides}: {e}") from None
+    except (TypeError, ValueError, RuntimeError, StrictDataclassError) as e:
+        cause = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
+        raise RecipeError(f"invalid tiny model config {overrides}: {str(cause).strip().splitlines()[-1]}") from None
 
 
 def quantized_layer_count(model: nn.Module) -> int:
     from .qat import ParetoQQATWeight
 
     return sum(isinstance(m._parameters.get("weight"), ParetoQQATWeight) for m in model.modules())
+
+
+def _fp32_master_weights(model: nn.Module) -> None:
+    """Latent weights, scales (made from them) and so the optimizer state are float32, whatever
+    dtype the checkpoint ships in: at the paper's LR of 2e-5 most bf16 updates would round away.
+    ``bf16=True`` computes in bf16 under autocast; the master copy stays float32."""
+    low = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if low:
+        _log.info("QAT: %s parameters converted to float32 master weights", ", ".join(low))
+        model.float()
 
 
 def _apply_qat(model: nn.Module, r: QATRecipe) -> None:
@@ -282,10 +357,35 @@ def _load_base_model(r: QATRecipe):
         return model, tok
     from .hf import load_model
 
+    if os.path.isfile(os.path.join(os.fspath(r.model), LATEST_NAME)):
+        raise RecipeError(f"model {r.model!r} is a `paretoq qat` output folder: continue that run with "
+                          f"--output-dir {r.model}, or pack it with `paretoq convert {r.model} <out>`; "
+                          "--model takes the full-precision model QAT starts from")
     model, tok = load_model(r.model)  # ModelLoadError (an OSError) names the id/path
+    _refuse_quantized_start(model, r.model)
     if tok is None:
         raise RecipeError(f"model {r.model!r} has no tokenizer files; save one next to it")
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        raise RecipeError(f"model {r.model!r}: its tokenizer has {len(tok)} tokens but the model's embedding "
+                          f"only {model.get_input_embeddings().num_embeddings} rows; use the tokenizer saved "
+                          "with the model (or resize the embedding with model.resize_token_embeddings)")
     return model, tok
+
+
+def _refuse_quantized_start(model: nn.Module, name: str) -> None:
+    """QAT starts from a full-precision model: refuse a packed folder or a QAT checkpoint, once."""
+    from .packed import ParetoQPackedTensor
+    from .qat import ParetoQQATWeight
+
+    for kind, what, fix in ((ParetoQPackedTensor, "packed (a `paretoq convert` output)",
+                             "QAT starts from the full-precision model the packed one was made from"),
+                            (ParetoQQATWeight, "a QAT checkpoint (ParetoQ fake-quant weights)",
+                             "continue its run with --output-dir <its qat output folder>, or pack it with "
+                             "`paretoq convert`")):
+        layers = [n for n, m in model.named_modules() if isinstance(m._parameters.get("weight"), kind)]
+        if layers:
+            raise RecipeError(f"model {name!r} is {what}: {len(layers)} layers (first {layers[0]!r}) already "
+                              f"quantized; {fix}")
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -349,8 +449,7 @@ def _save_checkpoint(output_dir: str, step: int, model, tokenizer, opt, sched, s
 
     name = f"checkpoint-{step:08d}"
     final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(output_dir, serialization.temp_name(name))  # removed if this process dies
     state = {
         "format": STATE_FORMAT, "step": step, "tokens": tokens_seen, "settings": r.fingerprint(),
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
@@ -453,13 +552,13 @@ def _save_checkpoint_dcp(output_dir: str, step: int, model, tokenizer, opt, sche
     Built in ``.tmp-checkpoint-<step>/``; rank 0 renames it into place and only then rewrites
     ``latest``, after every rank's shards are on disk. A rank that fails (or a crash) at any point
     leaves the previous checkpoint and ``latest`` as they were; a failure is raised on every rank."""
-    from .distributed import all_ok, dcp_save, world_info
+    from .distributed import all_ok, dcp_save, from_main, world_info
     from .hf import DCP_DIR, save_qat_metadata
 
     main = world_info().is_main
     name = f"checkpoint-{step:08d}"
     final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, f".tmp-{name}")
+    tmp = from_main(os.path.join(output_dir, serialization.temp_name(name)))  # named after rank 0's process
     previous, err = None, None
     if main:
         try:
@@ -686,6 +785,9 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
                           "sharded checkpoints with torch.distributed.checkpoint (checkpoint_format='dcp')")
     device = r.device or (str(info.device) if sharded else None)
     out = os.fspath(r.output_dir) if r.output_dir else None
+    if out and info.is_main:  # what saves killed by a crash or kill -9 left behind
+        for path in serialization.remove_stale_temporaries(out):
+            _log.info("removed %s, left by a save that did not finish", path)
     ckpt = latest_checkpoint(out) if out and os.path.isdir(out) else None
     state = None
     if ckpt is not None:
@@ -705,6 +807,7 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
             tokenizer = tokenizer or loaded_tok
     if tokenizer is None and train_blocks is None:
         raise RecipeError("no tokenizer: pass tokenizer= or train_blocks=")
+    _fp32_master_weights(model)
     _apply_qat(model, r)
     if device:
         model.to(device)
@@ -960,10 +1063,28 @@ def demo(*, bits_list=(4, 3, 2, 1.58, 1), pretrain_steps: int = 400, qat_fractio
         log(f"{bits:g}-bit: QAT {res.steps} steps ({res.tokens:,} tokens), ppl {rows[-2].ppl:.2f}; "
             f"RTN ppl {rtn_row.ppl:.2f} ({time.time() - t0:.0f}s)")
     table = format_table(rows)
-    plot = None
+    plot = files = None
+    seconds = time.time() - t0
     if out_dir:
         plot = plot_pareto(rows, os.path.join(out_dir, "pareto.png"))
-    return {"rows": rows, "table": table, "plot": plot, "seconds": time.time() - t0}
+        files = _write_demo_tables(rows, out_dir, dict(
+            bits=[get_format(b).bits for b in bits_list], pretrain_steps=pretrain_steps, qat_fraction=qat_fraction,
+            batch_size=batch_size, block_size=block_size, vocab_size=vocab_size, group_size=group_size,
+            lr_scale=lr_scale, seed=seed, model_config=dict(model_config or {}), seconds=round(seconds, 1)))
+    return {"rows": rows, "table": table, "plot": plot, "files": files, "seconds": seconds}
+
+
+def _write_demo_tables(rows: List[DemoRow], out_dir: str, settings: Dict[str, Any]) -> List[str]:
+    """``pareto.md`` (the table) and ``pareto.json`` (rows + settings) next to the plot, atomically."""
+    md = ["| model | bits | model MB | linears MB | held-out ppl |", "|---|---|---|---|---|"]
+    md += [f"| {r.label} | {'32' if r.bits is None else f'{r.bits:g}'} | {r.model_mb:.3f} | {r.linear_mb:.3f} | "
+           f"{r.ppl:.2f} |" for r in rows]
+    md += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items())]
+    doc = {"rows": [dataclasses.asdict(r) for r in rows], "settings": settings}
+    paths = [os.path.join(out_dir, "pareto.md"), os.path.join(out_dir, "pareto.json")]
+    for path, text in zip(paths, ("\n".join(md) + "\n", json.dumps(doc, indent=1) + "\n")):
+        serialization.atomic_write(path, lambda p, t=text: _write_text(p, t))
+    return paths
 
 
 def _size_mb_fp(model) -> tuple:

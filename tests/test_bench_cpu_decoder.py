@@ -103,8 +103,8 @@ def test_packed_compiled_tokens_equal_eager_and_kernels_ran(quick):
 def test_bandwidth_accuracy_and_target_lines(quick):
     res, _, text = quick
     bw = next(line for line in text.splitlines() if line.startswith("DRAM read bandwidth"))
-    assert "int64" in bw and "1 GiB" in bw and re.search(r"1 thread\(s\) [\d.]+ GB/s", bw), bw
-    assert res["bandwidth"][1]["best"] > 0
+    assert "read_bandwidth" in bw and "1 GiB" in bw and re.search(r"1 thread\(s\) [\d.]+ GB/s", bw), bw
+    assert res["bandwidth"][1] > 0
     acc = next(line for line in text.splitlines() if line.startswith("int8 vs float activations: relative L2"))
     assert re.search(r"pq2 \d\.\d{3}e[-+]\d\d", acc), acc
     sizes = [line for line in text.splitlines() if line.startswith("| pq2 |") or line.startswith("| pq2-i8 |")]

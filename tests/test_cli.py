@@ -17,6 +17,21 @@ TINY_QAT = ["qat", "--model", "tiny", "--vocab-size", "300", "--max-chars", "600
             "--batch-size", "4", "--tiny-config", TINY_CFG, "--lr", "1e-3", "--no-progress"]
 
 
+def bad_flag(capsys, argv, flag, *expected):
+    """main(argv) must exit 2 (argparse) with one error line naming ``flag`` and ``expected``."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1, err
+    assert f"argument {flag}" in lines[0], lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
 def fails(capsys, argv, *expected):
     """main(argv) must exit 1 with one error line on stderr that contains ``expected``."""
     capsys.readouterr()
@@ -132,7 +147,7 @@ def test_export_packed_model_to_pte_matches_eager(tmp_path, capsys):
     assert pe.program_activations(ptef) == "float"
     gotf = pe.load_executorch(ptef)(ids, pos)
     torch.testing.assert_close(gotf[0] if isinstance(gotf, (list, tuple)) else gotf, want, atol=1e-5, rtol=1e-5)
-    fails(capsys, ["export", packed, pte, "--max-len", "0"], "--max-len must be positive")
+    bad_flag(capsys, ["export", packed, pte, "--max-len", "0"], "--max-len", ">= 1")
     # a 4-bit embedding: a smaller file whose output equals the model with that embedding
     from paretoq_ao.export.embedding import quantize_embeddings
 
@@ -162,7 +177,7 @@ def test_demo_tiny(tmp_path, capsys):
     assert main(["demo", "--pretrain-steps", "10", "--batch-size", "4", "--block-size", "32", "--vocab-size", "300",
                  "--max-chars", "60000", "--val-chars", "20000", "--eval-blocks", "8", "--hidden-size", "32",
                  "--intermediate-size", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-                 "--out-dir", os.fspath(out_dir), "--no-progress"]) == 0
+                 "--out-dir", os.fspath(out_dir), "--no-progress", "--save-models"]) == 0
     out = capsys.readouterr().out
     rows = [l.split() for l in out.splitlines()]
     qat = {r[2]: r for r in rows if r[:2] == ["ParetoQ", "QAT"]}
@@ -175,4 +190,173 @@ def test_demo_tiny(tmp_path, capsys):
     assert all(float(qat[b][5]) > 0 for b in qat)
     png = out_dir / "pareto.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the table is kept next to the plot, as Markdown and as JSON, with the same numbers as printed
+    doc = json.loads((out_dir / "pareto.json").read_text())
+    got = {(r["label"], r["bits"]): r for r in doc["rows"]}
+    assert len(got) == 11 and doc["settings"]["pretrain_steps"] == 10
+    assert f"{got[('ParetoQ QAT', 2)]['ppl']:.2f}" == qat["2"][5]
+    # --save-models: each packed model is a folder that the other commands take
+    assert main(["size", os.fspath(out_dir / "paretoq-1.58bit")]) == 0
+    assert "1.58" in capsys.readouterr().out
+    md = (out_dir / "pareto.md").read_text()
+    assert md.startswith("| model | bits |") and f"| ParetoQ QAT | 1.58 | {float(qat['1.58'][3]):.3f} |" in md
     assert not [n for n in os.listdir(out_dir) if n.startswith(".tmp")]
+
+
+# Every numeric flag of every command refuses values outside its range, naming the flag, before
+# anything runs (--max-grad-norm 0 used to stop training silently, a negative value to ascend).
+_BAD_FLAGS = [
+    ("qat", "--max-grad-norm", "0", "> 0"), ("qat", "--max-grad-norm", "-1", "> 0"),
+    ("qat", "--lr", "0", "> 0"), ("qat", "--lr", "-2e-5", "> 0"), ("qat", "--lr", "nan", "> 0"),
+    ("qat", "--weight-decay", "-0.1", ">= 0"), ("qat", "--token-fraction", "0", "(0, 1]"),
+    ("qat", "--token-fraction", "1.5", "(0, 1]"), ("qat", "--pretrain-tokens", "0", "> 0"),
+    ("qat", "--batch-size", "0", ">= 1"), ("qat", "--grad-accum", "0", ">= 1"), ("qat", "--block-size", "-3", ">= 1"),
+    ("qat", "--vocab-size", "0", ">= 1"), ("qat", "--group-size", "0", ">= 1"), ("qat", "--steps", "0", ">= 1"),
+    ("qat", "--tokens", "1.5", ">= 1"), ("qat", "--save-every", "-1", ">= 0"), ("qat", "--keep-last", "0", ">= 1"),
+    ("qat", "--stop-after", "0", ">= 1"), ("qat", "--seed", "-1", "[0, 2**63)"), ("qat", "--dist-timeout", "0", "> 0"),
+    ("qat", "--max-chars", "0", ">= 1"), ("qat", "--bits", "5", "1, 1.58, 2, 3 or 4"),
+    ("eval", "--max-blocks", "0", ">= 1"), ("eval", "--batch-size", "0", ">= 1"), ("eval", "--block-size", "0", ">= 1"),
+    ("eval", "--num-fewshot", "-1", ">= 0"), ("eval", "--limit", "0", "> 0"),
+    ("export", "--max-len", "-5", ">= 1"), ("generate", "--max-new-tokens", "0", ">= 1"),
+    ("generate", "--threads", "0", ">= 1"), ("demo", "--pretrain-steps", "0", ">= 1"),
+    ("demo", "--qat-fraction", "2", "(0, 1]"), ("demo", "--eval-blocks", "0", ">= 1"), ("demo", "--layers", "0", ">= 1"),
+    ("demo", "--lr-scale", "0", "> 0"), ("demo", "--heads", "x", "expected a number"),
+]
+_POSITIONALS = {"eval": ["m"], "export": ["m", "out.pte"], "generate": ["m", "--prompt", "hi"]}
+
+
+@pytest.mark.parametrize("cmd,flag,value,expected", _BAD_FLAGS, ids=[f"{c}{f}={v}" for c, f, v, _ in _BAD_FLAGS])
+def test_numeric_flags_are_checked(capsys, tmp_path, cmd, flag, value, expected):
+    argv = [cmd] + _POSITIONALS.get(cmd, []) + [f"{flag}={value}"]
+    if cmd == "qat":
+        argv += ["--output-dir", str(tmp_path / "run")]
+    bad_flag(capsys, argv, flag, expected)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_max_grad_norm_none_turns_clipping_off():
+    from paretoq_ao.cli import build_parser
+
+    a = build_parser().parse_args(["qat", "--max-grad-norm", "none"])
+    assert a.max_grad_norm is None
+
+
+def test_commands_on_each_others_folders(tmp_path, capsys):
+    """qat given a packed folder, a QAT checkpoint or a qat output folder as --model; size and eval
+    given a qat output folder or a checkpoint-N folder: each gets what it can use or one line saying
+    what to run instead."""
+    run = os.fspath(tmp_path / "run")
+    assert main(TINY_QAT + ["--bits", "2", "--steps", "2", "--output-dir", run]) == 0
+    packed = os.fspath(tmp_path / "packed")
+    assert main(["convert", run, packed]) == 0
+    capsys.readouterr()
+    new = ["--steps", "1", "--output-dir", os.fspath(tmp_path / "o"), "--no-progress"]
+    fails(capsys, ["qat", "--model", packed] + new, "is packed", "full-precision model")
+    fails(capsys, ["qat", "--model", run] + new, "`paretoq qat` output folder", f"--output-dir {run}",
+          "paretoq convert")
+    ckpt_model = os.path.join(run, "checkpoint-00000002", "model")
+    fails(capsys, ["qat", "--model", ckpt_model] + new, "is a QAT checkpoint", "paretoq convert")
+    assert not os.path.exists(tmp_path / "o")
+    for src in (run, os.path.join(run, "checkpoint-00000002")):
+        assert main(["size", src]) == 0
+        out = capsys.readouterr().out
+        assert "model.layers.0.self_attn.q_proj" in out and "is a QAT checkpoint" in out and "paretoq convert" in out
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path, capsys):
+    from paretoq_ao.data import load_texts, train_tokenizer
+    from paretoq_ao.recipe import tiny_llama
+
+    folder = tmp_path / "small-emb"
+    tok = train_tokenizer(load_texts("stdlib", max_chars=20_000), 300)
+    tiny_llama(len(tok) - 10, **json.loads(TINY_CFG)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    fails(capsys, TINY_QAT + ["--model", os.fspath(folder), "--steps", "1", "--output-dir", os.fspath(tmp_path / "o")],
+          f"{len(tok)} tokens", f"only {len(tok) - 10} rows")
+
+
+def test_misspelled_tiny_config_and_missing_cuda(tmp_path, capsys):
+    import torch
+
+    run = os.fspath(tmp_path / "o")
+    argv = TINY_QAT[:-5] + ["--lr", "1e-3", "--no-progress", "--steps", "1", "--output-dir", run]
+    fails(capsys, argv + ["--tiny-config", '{"hidden_sise": 32}'], "'hidden_sise' (did you mean 'hidden_size'?)")
+    fails(capsys, argv + ["--tiny-config", '{"num_hidden_layers": 0}'], "num_hidden_layers", ">= 1")
+    if not torch.cuda.is_available():
+        fails(capsys, argv + ["--device", "cuda"], "'cuda' requested but CUDA is not available")
+    assert not os.path.exists(run)
+
+
+# --------------------------------------------------------------------------- export: what the folder holds
+
+def _tiny_llama_folder(folder, dtype, packed=True):
+    """A tiny Llama saved as a packed folder (``save_quantized``) in ``dtype``, or as a QAT
+    checkpoint (``save_qat_checkpoint``)."""
+    import torch
+    from torchao import quantize_
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from paretoq_ao import ParetoQQATConfig, ParetoQWeightOnlyConfig
+    from paretoq_ao.hf import save_qat_checkpoint, save_quantized
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval().to(dtype)
+    if packed:
+        quantize_(model, ParetoQWeightOnlyConfig(bits=2, group_size=32))
+        save_quantized(model, None, folder)
+    else:
+        quantize_(model, ParetoQQATConfig(bits=2))
+        save_qat_checkpoint(model, folder)
+    return os.fspath(folder)
+
+
+def test_export_qat_folder_says_convert_first(tmp_path, capsys):
+    # a save_qat_checkpoint folder, a qat --output-dir, its checkpoint-N and checkpoint-N/model folders
+    import torch
+
+    qat_dir = _tiny_llama_folder(tmp_path / "qat", torch.float32, packed=False)
+    run = os.fspath(tmp_path / "run")
+    assert main(TINY_QAT + ["--bits", "2", "--steps", "1", "--output-dir", run]) == 0
+    ckpt = os.path.join(run, open(os.path.join(run, "latest")).read().strip())
+    pte = os.fspath(tmp_path / "m.pte")
+    for folder in (qat_dir, run, ckpt, os.path.join(ckpt, "model")):
+        line = fails(capsys, ["export", folder, pte], "is a QAT checkpoint", f"paretoq convert {folder} <out>")
+        assert "FSDP" not in line, line
+        assert not os.path.exists(pte)
+
+
+def test_export_half_precision_packed_folder(tmp_path, capsys):
+    # bf16 / fp16 scales: exported with float32 copies of the scales (the codes stay), said so
+    import torch
+
+    import paretoq_ao.export as pe
+    from paretoq_ao.export.llama import LlamaKVStep
+    from paretoq_ao.hf import load_model
+
+    ids, pos = torch.tensor([[3]]), torch.tensor([0])
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        folder = _tiny_llama_folder(tmp_path / name, dtype)
+        pte = os.fspath(tmp_path / f"{name}.pte")
+        capsys.readouterr()
+        assert main(["export", folder, pte, "--max-len", "8", "--activations", "float"]) == 0
+        out = capsys.readouterr().out
+        assert f"{name} scales and weights converted to float32" in out and "codes unchanged" in out, out
+        model, _ = load_model(folder, tokenizer=False)
+        w = model.model.layers[0].self_attn.q_proj.weight
+        assert w.scale.dtype == dtype
+        codes = w.qdata.clone()
+        assert pe.to_float32(model)
+        assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.qdata, codes)
+        with torch.no_grad():
+            want = LlamaKVStep(model, 8)(ids, pos)
+        got = pe.load_executorch(pte)(ids, pos)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the default (int8 activations) exports too; a float32 folder says nothing about conversion
+    assert main(["export", folder, os.fspath(tmp_path / "i8.pte"), "--max-len", "8"]) == 0
+    assert "converted to float32" in capsys.readouterr().out
+    f32 = _tiny_llama_folder(tmp_path / "f32", torch.float32)
+    assert main(["export", f32, os.fspath(tmp_path / "f32.pte"), "--max-len", "8"]) == 0
+    assert "converted" not in capsys.readouterr().out

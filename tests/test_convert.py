@@ -126,22 +126,27 @@ def test_a_bare_linear_is_converted():
 
 
 def test_converted_linear_calls_the_paretoq_op(make_decoder, tokens, monkeypatch):
+    """Every block linear runs the paretoq op: through the registered op, or (plain eager
+    inference) through the op's body `run_linear` directly -- both are spied on."""
     model = make_decoder()
     quantize_(model, ParetoQWeightOnlyConfig(bits=2))
     calls = []
-    real = torch.ops.paretoq.linear
 
     class Spy:
+        def __init__(self, real):
+            self.real = real
+
         def __call__(self, *args, **kwargs):
             calls.append(args[3] if len(args) > 3 else kwargs.get("bits"))
-            return real(*args, **kwargs)
+            return self.real(*args, **kwargs)
 
         def __getattr__(self, name):
-            return getattr(real, name)
+            return getattr(self.real, name)
 
     import paretoq_ao.packed as packed_mod
 
-    monkeypatch.setattr(packed_mod, "paretoq_linear", Spy())
+    for name in ("paretoq_linear", "paretoq_linear_8da", "run_linear"):
+        monkeypatch.setattr(packed_mod, name, Spy(getattr(packed_mod, name)))
     with torch.no_grad():
         model(tokens)
     assert calls == [2.0] * len(model.block_linear_names())

@@ -204,3 +204,184 @@ def test_set_num_threads_refuses_while_a_loaded_program_is_alive(tmp_path):
         gc.collect()
     finally:
         pe.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# --------------------------------------------------------------------------- dtypes refused / converted
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_export_refuses_non_float32_example_inputs(dtype, tmp_path):
+    """A floating example input that is not float32 would give a program that can never run (the
+    kernels take float32): one-line TypeError naming the input's index and dtype, nothing written."""
+    m = _quantized_mlp(2)
+    with pytest.raises(TypeError, match=rf"example input 0 is {dtype}.*float32") as e:
+        pe.export_executorch(m, (torch.randn(2, 100, dtype=dtype),), tmp_path / "m.pte")
+    assert "\n" not in str(e.value)
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = m
+
+        def forward(self, ids, x):
+            return self.mlp(x) + ids
+
+    with pytest.raises(TypeError, match=rf"example input 1 is {dtype}"):
+        pe.export_executorch(TwoInputs(), (torch.tensor([1]), torch.randn(2, 100, dtype=dtype)), tmp_path / "m.pte")
+    assert not (tmp_path / "m.pte").exists()
+    assert not [n for n in os.listdir(tmp_path)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_float32_makes_a_half_precision_packed_model_exportable(dtype, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval().to(dtype)
+    quantize_(m, ParetoQWeightOnlyConfig(bits=2, group_size=32), filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+    x = torch.randn(3, 64)
+    with pytest.raises(TypeError, match=rf"0.weight has {dtype} scales.*to_float32\(model\)"):
+        pe.export_executorch(m, (x,), tmp_path / "m.pte")
+    assert not (tmp_path / "m.pte").exists()
+    qdata = {n: p.qdata for n, p in m.named_parameters() if hasattr(p, "qdata")}
+    scales = {n: p.scale.clone() for n, p in m.named_parameters() if hasattr(p, "qdata")}
+    changed = pe.to_float32(m)
+    assert changed == {"0.weight": dtype, "0.bias": dtype, "2.weight": dtype, "2.bias": dtype}
+    for n, p in m.named_parameters():
+        assert p.dtype == torch.float32, n
+        if n in qdata:
+            # the codes are kept as they are (the same storage, not a re-quantization)
+            assert p.qdata.data_ptr() == qdata[n].data_ptr() and torch.equal(p.qdata, qdata[n])
+            assert p.scale.dtype == torch.float32
+            assert torch.equal(p.scale, scales[n].float())  # upcasting is exact
+    assert pe.to_float32(m) == {}  # already float32
+    path = pe.export_executorch(m, (x,), tmp_path / "m.pte", activations="float")
+    with torch.no_grad():
+        torch.testing.assert_close(pe.load_executorch(path)(x), m(x), rtol=0, atol=0)
+
+
+def test_export_refuses_a_qat_model(tmp_path):
+    from paretoq_ao import ParetoQQATConfig
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    quantize_(m, ParetoQQATConfig(bits=2), filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+    with pytest.raises(ValueError, match=r"layer '0' still holds ParetoQ QAT weights \(bits=2, group_size=None\).*"
+                                         r"ParetoQWeightOnlyConfig\(bits=2, group_size=None\)") as e:
+        pe.export_executorch(m, (torch.randn(1, 64),), tmp_path / "m.pte")
+    assert "FSDP" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "m.pte").exists()
+
+
+# --------------------------------------------------------------------------- NaN / Inf tokens
+
+def _assert_nonfinite_like_eager(got, want, what, atol=0.0):
+    """NaN exactly where ``want`` has NaN, the same infinities with the same signs, finite values
+    equal within ``atol``."""
+    assert got.shape == want.shape, what
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN positions differ"
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want)), f"{what}: +Inf positions differ"
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), f"{what}: -Inf positions differ"
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], rtol=atol, atol=atol, msg=what)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_pte_propagates_nan_and_inf_like_eager(bits, group_size, tmp_path):
+    """A packed Linear and a small model (Linear -> ReLU -> Linear), int8 and float activations: a
+    batch with a NaN row, a +Inf row and a -Inf row gives NaN / Inf where eager does (same signs),
+    and the finite rows equal eager (the same kernels) and the plain PyTorch reference."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 128)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 9] = -float("inf")
+    for kind in ("linear", "model"):
+        for acts in ("int8", "float"):
+            torch.manual_seed(1)
+            if kind == "linear":
+                m = nn.Linear(128, 16).eval()
+            else:
+                m = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+            quantize_(m, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size),
+                      filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+            path = pe.export_executorch(m, (torch.randn(5, 128),), tmp_path / f"{kind}-{acts}.pte", activations=acts,
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+            run = pe.load_executorch(path)
+            got = run(x)
+            set_activations(m, acts)
+            with torch.no_grad():
+                eager = m(x)
+                with backends.disabled("all"):
+                    ref = m(x)
+            what = f"{kind} bits={bits} group_size={group_size} activations={acts}"
+            assert torch.isnan(eager[1]).all(), what  # the NaN row is NaN everywhere
+            assert not torch.isfinite(eager[2]).any() and not torch.isfinite(eager[3]).any(), what
+            if kind == "linear":  # one Inf input: +-Inf by the weight's sign (NaN where it is 0)
+                assert torch.isinf(eager[2]).any() and torch.isinf(eager[3]).any(), what
+            assert torch.isfinite(eager[[0, 4]]).all(), what
+            _assert_nonfinite_like_eager(got, eager, what + " (.pte vs eager)")
+            _assert_nonfinite_like_eager(got, ref, what + " (.pte vs reference)", atol=1e-4)
+            # the finite rows are those of a batch without the bad rows
+            torch.testing.assert_close(got[[0, 4]], run(x[[0, 4]]), rtol=0, atol=0)
+            del run
+
+
+# --------------------------------------------------------------------------- damaged .pte files
+
+def test_load_executorch_refuses_damaged_files_without_crashing(tmp_path):
+    """Empty, random, foreign and truncated files: one-line ValueError naming the path (the runtime
+    alone aborts the process with SIGABRT on random bytes), a missing file FileNotFoundError.
+    Run in a subprocess: a crash would otherwise take pytest down with it."""
+    m = _quantized_mlp(2)
+    real = pe.export_executorch(m, (torch.randn(1, 100),), tmp_path / "real.pte")
+    data = open(real, "rb").read()
+    assert data[4:8] == b"ET12" and data[8:12] == b"eh00"
+    rng = torch.Generator().manual_seed(0)
+    noise = bytes(torch.randint(0, 256, (len(data),), generator=rng, dtype=torch.uint8).tolist())
+    noise = noise[:4] + b"\x91\xd0\x8f\x87" + noise[8:]  # not UTF-8: what made the runtime abort
+    files = {
+        "empty.pte": b"",
+        "tiny.pte": b"ET12",
+        "random.pte": noise,
+        "text.pte": b"this is not a program, just some text\n" * 20,
+        "half.pte": data[: len(data) // 2],
+        "short.pte": data[:-16],
+        "head.pte": data[:40],
+        "header-then-noise.pte": data[:64] + noise[64:],  # valid header, corrupt flatbuffer
+        "no-ext-header.pte": data[:8] + noise[8: len(data) // 2],
+    }
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+    code = textwrap.dedent(f"""
+        import os, sys
+        import paretoq_ao.export as pe
+        folder = {str(tmp_path)!r}
+        for name in sorted(os.listdir(folder)) + ["missing.pte"]:
+            path = os.path.join(folder, name)
+            try:
+                f = pe.load_executorch(path)
+                print("LOADED", name, flush=True)
+            except (ValueError, FileNotFoundError) as e:
+                print("ERR", name, type(e).__name__, str(e).replace(chr(10), "<NL>"), flush=True)
+            if name != "real.pte":
+                try:
+                    pe.program_activations(path)
+                    print("ACTS", name, flush=True)
+                except (ValueError, FileNotFoundError) as e:
+                    print("AERR", name, type(e).__name__, flush=True)
+        print("DONE", flush=True)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "DONE" in r.stdout, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    lines = {l.split()[1]: l for l in r.stdout.splitlines() if l.startswith(("ERR", "LOADED"))}
+    assert lines["real.pte"].startswith("LOADED")
+    for name in list(files) + ["missing.pte"]:
+        line = lines[name]
+        want = "FileNotFoundError" if name == "missing.pte" else "ValueError"
+        assert line.startswith(f"ERR {name} {want} "), line
+        assert os.path.join(str(tmp_path), name) in line and "<NL>" not in line, line
+        if name not in ("header-then-noise.pte", "no-ext-header.pte"):  # the header shows the damage:
+            assert f"AERR {name} {want}" in r.stdout, r.stdout  # program_activations refuses it too
+    assert "is empty" in lines["empty.pte"] and "not an ExecuTorch program" in lines["random.pte"]
+    assert "is truncated" in lines["half.pte"] and "is truncated" in lines["short.pte"]
+    assert "no such file" in lines["missing.pte"]
+    assert "runtime refused it" in lines["header-then-noise.pte"]

@@ -249,6 +249,205 @@ def test_unknown_layout_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+# ----------------------------------------------------------------------------- model.save_pretrained / push_to_hub
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under ``folder`` (None when it does not exist)."""
+    if not os.path.exists(folder):
+        return None
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+
+
+def _check_reloads(model, folder, x, tokenizer=None):
+    ref = logits(model, x)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert set(pq_hf.packed_modules(loaded)) == set(pq_hf.packed_modules(model))
+    assert torch.equal(logits(loaded, x), ref)
+    for name, t in model.state_dict().items():
+        u = loaded.state_dict()[name]
+        if isinstance(t, ParetoQPackedTensor):
+            assert torch.equal(t.qdata, u.qdata) and torch.equal(t.scale, u.scale), name
+            assert (u.bits, u.group_size, u.activations) == (t.bits, t.group_size, t.activations), name
+        else:
+            assert torch.equal(t, u), name
+    via_load_model, tok = pq_hf.load_model(folder)
+    assert torch.equal(logits(via_load_model, x), ref)
+    if tokenizer is not None:
+        assert tok is not None and tok.get_vocab() == tokenizer.get_vocab()
+    return loaded
+
+
+@pytest.mark.parametrize("family,bits,group_size,tie", [("llama", 2, None, False), ("qwen3", 1.58, 8, True),
+                                                        ("phi3", 3, 16, False)])
+def test_save_pretrained_of_a_converted_model_round_trips(tmp_path, family, bits, group_size, tie):
+    """A model converted in this process (no hf_quantizer from from_pretrained) saves with
+    transformers' save_pretrained into the folder save_quantized writes."""
+    model = make(family, tie=tie)
+    quantize_(model, ParetoQQATConfig(bits=bits, group_size=group_size))
+    quantize_(model, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size))
+    x = ids()
+    model.save_pretrained(tmp_path / "hf")
+    pq_hf.save_quantized(model, None, tmp_path / "pq")
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(os.listdir(tmp_path / "pq")) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["quantization_config"] == json.loads((tmp_path / "pq" / "config.json").read_text())["quantization_config"]
+    assert set(cfg["quantization_config"]["modules"]) == block_linears(family, model)
+    # the weights file is one that paretoq_ao.load_safetensors reads back to the same packed tensors
+    sd = paretoq_ao.load_safetensors(tmp_path / "hf" / "model.safetensors")
+    for name, t in model.state_dict().items():
+        if isinstance(t, ParetoQPackedTensor):
+            assert isinstance(sd[name], ParetoQPackedTensor) and torch.equal(sd[name].qdata, t.qdata), name
+    loaded = _check_reloads(model, tmp_path / "hf", x)
+    if tie:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    # a reloaded model saves again the same way
+    loaded.save_pretrained(tmp_path / "again")
+    _check_reloads(model, tmp_path / "again", x)
+
+
+def test_save_pretrained_over_a_save_quantized_folder(tmp_path):
+    from paretoq_ao.data import train_tokenizer
+
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n" * 20, "class A:\n    pass\n" * 20], vocab_size=300)
+    model = make("llama")
+    quantize_(model, ParetoQWeightOnlyConfig(bits=2))
+    pq_hf.save_quantized(model, tok, tmp_path)
+    before = _snapshot(tmp_path)
+    x = ids()
+
+    model.save_pretrained(tmp_path)
+    after = _snapshot(tmp_path)
+    assert sorted(after) == sorted(before)  # no file added or removed
+    for name in before:
+        if name not in ("config.json", "generation_config.json", "model.safetensors"):
+            assert after[name] == before[name], name  # the tokenizer is untouched
+    _check_reloads(model, tmp_path, x, tokenizer=tok)
+
+    # a different packed model saved over it replaces it
+    other = make("llama", seed=1)
+    quantize_(other, ParetoQWeightOnlyConfig(bits=4, group_size=16))
+    other.save_pretrained(tmp_path)
+    _check_reloads(other, tmp_path, x, tokenizer=tok)
+
+
+def test_save_pretrained_lists_layers_converted_later_and_int8_activations(tmp_path):
+    model = make("llama")
+    quantize_(model, ParetoQWeightOnlyConfig(bits=2))
+    quantize_(model, ParetoQWeightOnlyConfig(bits=4, group_size=16), filter_fn=lambda m, fqn: fqn == "lm_head")
+    paretoq_ao.set_activations(model, "int8")
+    model.save_pretrained(tmp_path)
+    q = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert q["modules"]["lm_head"] == {"bits": 4, "group_size": 16} and q["bits"] is None
+    loaded = _check_reloads(model, tmp_path, ids())
+    assert loaded.lm_head.weight.activations == "int8"
+    # save_quantized folders reload their int8 activations too
+    pq_hf.save_quantized(model, None, tmp_path / "pq")
+    _check_reloads(model, tmp_path / "pq", ids())
+
+
+def test_save_pretrained_over_a_qat_checkpoint_folder(tmp_path):
+    model = make("qwen2")
+    quantize_(model, ParetoQQATConfig(bits=2))
+    pq_hf.save_qat_checkpoint(model, tmp_path)
+    quantize_(model, ParetoQWeightOnlyConfig(bits=2))
+    model.save_pretrained(tmp_path)  # paretoq_qat.json stays: the packed config.json wins
+    assert (tmp_path / "paretoq_qat.json").exists()
+    _check_reloads(model, tmp_path, ids())
+    with pytest.raises(pq_hf.ModelLoadError, match="packed ParetoQ model saved over"):
+        pq_hf.load_qat_checkpoint(tmp_path)
+
+
+def test_save_pretrained_refuses_qat_models_before_writing(tmp_path):
+    packed = make("llama")
+    quantize_(packed, ParetoQWeightOnlyConfig(bits=2))
+    pq_hf.save_quantized(packed, None, tmp_path / "out")
+    before = _snapshot(tmp_path / "out")
+
+    model = make("llama", seed=3)
+    quantize_(model, ParetoQQATConfig(bits=2))
+    for target in (tmp_path / "out", tmp_path / "new"):
+        with pytest.raises(ValueError, match=r"QAT weights.*paretoq_ao\.hf\.save_qat_checkpoint.*nothing was written"):
+            model.save_pretrained(target)
+    assert _snapshot(tmp_path / "out") == before  # byte for byte
+    assert not (tmp_path / "new").exists()  # not even the folder
+    x = ids()
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), x), logits(packed, x))
+    # converted, the same model saves
+    quantize_(model, ParetoQWeightOnlyConfig(bits=2))
+    model.save_pretrained(tmp_path / "new")
+    _check_reloads(model, tmp_path / "new", x)
+
+
+class _FakeHub:
+    """Stands in for transformers' HfApi in push_to_hub: records calls, keeps the uploaded files."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        import shutil
+
+        self.calls.append(("create_commit", repo_id))
+        for op in operations:
+            dest = self.root / repo_id / op.path_in_repo
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, dest)
+        return "commit"
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    import transformers.utils.hub as tf_hub
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = _FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(tf_hub, "_hf_api", hub)
+
+    class Card:
+        def save(self, path):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("card\n")
+
+    monkeypatch.setattr(tf_hub, "create_and_tag_model_card", lambda *a, **k: Card())
+    return hub
+
+
+def test_push_to_hub_uploads_the_packed_folder(tmp_path, fake_hub):
+    model = make("mistral")
+    quantize_(model, ParetoQWeightOnlyConfig(bits=2, group_size=16))
+    model.push_to_hub("org/packed")
+    assert [c[0] for c in fake_hub.calls] == ["create_repo", "create_commit"]
+    uploaded = fake_hub.root / "org/packed"
+    assert sorted(os.listdir(uploaded)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    _check_reloads(model, uploaded, ids())
+
+
+def test_push_to_hub_refuses_qat_models_before_creating_the_repo(tmp_path, monkeypatch, fake_hub):
+    monkeypatch.chdir(tmp_path)
+    model = make("llama")
+    quantize_(model, ParetoQQATConfig(bits=2))
+    with pytest.raises(ValueError, match="save_qat_checkpoint"):
+        model.save_pretrained("org-qat", push_to_hub=True)
+    assert not os.path.exists("org-qat")
+    # push_to_hub creates the repo before it saves; nothing is uploaded
+    with pytest.raises(ValueError, match="save_qat_checkpoint"):
+        model.push_to_hub("org/qat")
+    assert ("create_commit", "org/qat") not in fake_hub.calls
+
+
 # ----------------------------------------------------------------------------- QAT checkpoints
 
 @pytest.mark.parametrize("family,tie,group_size", [("llama", False, None), ("qwen2", True, 16), ("phi3", False, 8)])
@@ -352,3 +551,32 @@ def test_importing_paretoq_ao_does_not_import_transformers():
     code = ("import sys, paretoq_ao; bad = [m for m in ('transformers', 'datasets') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_save_pretrained_works_without_importing_paretoq_ao_hf_first(tmp_path):
+    """A user who never imports paretoq_ao.hf: quantize_ on a transformers model still marks it
+    quantized, so save_pretrained writes a folder from_pretrained reloads exactly."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from torchao import quantize_
+        from paretoq_ao import ParetoQWeightOnlyConfig
+        assert "paretoq_ao.hf" not in sys.modules
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+        quantize_(m, ParetoQWeightOnlyConfig(bits=2))
+        m.save_pretrained({str(tmp_path / 'out')!r})
+        from transformers import AutoModelForCausalLM
+        r = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()
+        ids = torch.tensor([[1, 2, 3]])
+        with torch.no_grad():
+            assert torch.equal(m(ids).logits, r(ids).logits)
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]

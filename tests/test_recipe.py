@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -185,3 +186,42 @@ def test_zero_shot_local_task_on_packed_model(tmp_path):
     assert out["paretoq_tiny_mc"]["sample_len"] == 4
     with pytest.raises(ValueError, match="unknown lm-eval task"):
         zero_shot(model, res.tokenizer, ["no_such_task_xyz"], include_path=include)
+
+
+_BAD_RECIPE = [("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("lr", 0.0), ("lr", float("nan")),
+               ("weight_decay", -0.01), ("token_fraction", 0.0), ("token_fraction", 1.5), ("pretrain_tokens", 0),
+               ("batch_size", 0), ("grad_accum", 0), ("block_size", 2.5), ("steps", 0), ("tokens", -5),
+               ("save_every", -1), ("keep_last", 0), ("stop_after", 0), ("dist_timeout", 0.0), ("seed", -1),
+               ("seed", 1.5), ("seed", "1"), ("max_chars", 0), ("vocab_size", True), ("group_size", 0)]
+
+
+@pytest.mark.parametrize("name,value", _BAD_RECIPE, ids=[f"{n}={v!r}" for n, v in _BAD_RECIPE])
+def test_recipe_fields_are_range_checked(name, value):
+    """A bad setting is refused when the recipe is made, naming the field and its range."""
+    with pytest.raises(rc.RecipeError, match=rf"QATRecipe\.{name} must be .*got {re.escape(repr(value))}"):
+        rc.QATRecipe(**{name: value})
+
+
+def test_recipe_optional_fields_accept_none():
+    r = rc.QATRecipe(max_grad_norm=None, lr=None, steps=None, stop_after=None, group_size=None)
+    assert r.max_grad_norm is None
+    assert rc.QATRecipe(tokens=2e5).tokens == 200000 and isinstance(rc.QATRecipe(tokens=2e5).tokens, int)
+
+
+def test_bf16_checkpoint_trains_fp32_master_weights():
+    """A model that ships in bf16 (most hub checkpoints) trains float32 latent weights, scales and
+    optimizer state: at the paper's LR 2e-5 bf16 weights would mostly not move at all."""
+    from paretoq_ao.data import PackedBlocks
+
+    model = rc.tiny_llama(64, seed=0, **TINY).to(torch.bfloat16)
+    start = {k: v.float().clone() for k, v in model.state_dict().items() if ".layers." in k and k.endswith("proj.weight")}
+    blocks = PackedBlocks(torch.randint(0, 64, (4 * 33 * 4,), generator=torch.Generator().manual_seed(0)), 32)
+    r = rc.QATRecipe(model="tiny", bits=2, block_size=32, batch_size=4, steps=2, lr=2e-5, output_dir=None,
+                     progress=False, bf16=True)
+    res = rc.run_qat(r, model=model, train_blocks=blocks)
+    dtypes = {p.dtype for p in res.model.parameters()}
+    assert dtypes == {torch.float32}, dtypes
+    sd = res.model.state_dict()
+    changed = sum(int((sd[k].float() != v).sum()) for k, v in start.items())
+    total = sum(v.numel() for v in start.values())
+    assert changed / total > 0.9, f"only {changed / total:.0%} of the latent weights moved"

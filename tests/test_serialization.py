@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -271,3 +272,62 @@ def test_loading_packed_checkpoint_into_unconverted_model_names_the_problem(make
     msg = str(info.value)
     assert "has no attribute" not in msg, msg
     assert "bits=3" in msg and "group_size=16" in msg, msg
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    """Files are written through a temporary file, but land with the mode a plain ``open`` would
+    give them (0666 less the umask), and a replaced file keeps its mode."""
+    umask = os.umask(0o022)
+    try:
+        new = tmp_path / "w.pt"
+        paretoq_ao.save({"w": torch.ones(2)}, new)
+        assert stat.S_IMODE(os.stat(new).st_mode) == 0o644
+        st = tmp_path / "w.safetensors"
+        paretoq_ao.save_safetensors({"w": torch.ones(2)}, st)
+        assert stat.S_IMODE(os.stat(st).st_mode) == 0o644
+        os.chmod(new, 0o640)
+        paretoq_ao.save({"w": torch.zeros(2)}, new)
+        assert stat.S_IMODE(os.stat(new).st_mode) == 0o640
+    finally:
+        os.umask(umask)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    """What a save killed with kill -9 leaves (a checkpoint folder being built, a temporary
+    `latest`, the staging folder of save_quantized, the older `.tmp-checkpoint-<step>-<pid>`
+    folders) goes on the next start; temporaries of live writers and of other hosts stay."""
+    import socket
+
+    from paretoq_ao.serialization import remove_stale_temporaries, temp_name
+
+    host, dead = socket.gethostname(), _dead_pid()
+    stale = [f".tmp-{host}+{dead}+checkpoint-00000004", f".tmp-{host}+{dead}+x1y2-latest",
+             f".tmp-checkpoint-00000002-{dead}"]
+    kept = [temp_name("checkpoint-00000006"), f".tmp-other-host+{dead}+checkpoint-00000004",
+            "checkpoint-00000002", "latest"]
+    for name in stale[:1] + stale[2:] + kept[:3]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / stale[1]).write_text("checkpoint-00000004\n")
+    (tmp_path / "latest").write_text("checkpoint-00000002\n")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(os.path.basename(p) for p in removed) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+def test_atomic_write_clears_temporaries_a_killed_save_left(tmp_path):
+    import socket
+
+    leftover = tmp_path / f".tmp-{socket.gethostname()}+{_dead_pid()}+abcd-w.pt"
+    leftover.write_bytes(b"partial")
+    paretoq_ao.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    assert os.listdir(tmp_path) == ["w.pt"]

@@ -339,6 +339,7 @@ uint64_t stream_read_scalar(const uint8_t* p, size_t n) {
 uint64_t stream_read(const uint8_t* p, size_t n) {
 #if defined(PARETOQ_HAVE_X86)
   if (best_path() == Path::AVX512) return stream_read_avx512(p, n);  // full-width loads
+  if (best_path() == Path::AVX2) return stream_read_avx2(p, n);
 #endif
   return stream_read_scalar(p, n);
 }

@@ -42,8 +42,9 @@ void rows_avx512(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n
 void rows_neon(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
 void rows_neondot(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
 
-// stream_read (paretoq_kernels.h) with 64-byte loads, and the portable version.
+// stream_read (paretoq_kernels.h) with 64- / 32-byte loads, and the portable version.
 uint64_t stream_read_avx512(const uint8_t* p, size_t n);
+uint64_t stream_read_avx2(const uint8_t* p, size_t n);
 uint64_t stream_read_scalar(const uint8_t* p, size_t n);
 
 // Scalar reference (natural-order q).

@@ -169,6 +169,23 @@ int main() {
     ++checks;
     if (!e || !std::strstr(e, "G=3")) { ++fails; std::printf("FAIL bad G message: %s\n", e ? e : "(none)"); }
   }
+  // stream_read (the bandwidth figure): every byte read once; the checksum is the same on every path.
+  {
+    std::vector<uint8_t> bytes(70000);
+    for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+    for (size_t n : {size_t(0), size_t(1), size_t(63), size_t(64), size_t(200), size_t(4099), bytes.size()}) {
+      uint64_t want = 0;
+      size_t i = 0;
+      for (; i < n / 64 * 64; i += 8) {  // whole 64-byte blocks as 64-bit words, then single bytes
+        uint64_t v;
+        std::memcpy(&v, bytes.data() + i, 8);
+        want += v;
+      }
+      for (; i < n; ++i) want += bytes[i];
+      ++checks;
+      if (stream_read(bytes.data(), n) != want) { ++fails; std::printf("FAIL stream_read n=%zu\n", n); }
+    }
+  }
   std::printf("int8-vs-fp32 worst relative L2 error (K>=32): %.4g\n", worst_rel);
   if (worst_rel > 0.05) {
     std::printf("FAIL int8 activation error too large\n");
