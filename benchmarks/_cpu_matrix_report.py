@@ -90,7 +90,7 @@ def report(a, script, argv, info, bw, rows, notes, date) -> str:
              f"{info['platform']}; ParetoQ kernel path {info['kernel_path']}; load average at start "
              f"{info['load']} (1/5/15 min: other work on the machine skews the times)",
              f"Versions: {info['versions']}; git {info['git']}", "",
-             "DRAM read bandwidth (the kernel library's streaming read of a 1 GiB buffer, "
+             "DRAM read bandwidth (best streaming read of a 1 GiB buffer, the kernel library's loop or torch.sum, "
              "paretoq_ao.export.cpu_backend.read_bandwidth, best of 5, per thread count): " + ", ".join(f"{t} thread(s) {v:.1f} GB/s" for t, v in bw.items()), "",
              f"Method: every variant cycles >= 3 x L3 = {3 * a.l3_mb:g} MiB through independent copies (et: separate "
              f".pte files loaded as separate programs; pt: deep-copied modules), capped at {a.max_copies} copies; each "

@@ -38,7 +38,7 @@ def cpu_model() -> str:
 
 def dram_bandwidth(threads, gib: float = 1.0) -> Dict[int, float]:
     """{threads: GB/s}: this machine's DRAM read bandwidth per thread count, measured by the kernel
-    library's own streaming read (``paretoq_ao.export.cpu_backend.read_bandwidth``, best of 5 reads
+    library's own streaming read or torch.sum, whichever is faster (``cpu_backend.read_bandwidth``, best of 5 reads
     of a ``gib`` GiB buffer) -- the physical limit every CPU benchmark quotes its kernels against.
     Where the kernels cannot be built, a streaming ``sum()`` of an int64 tensor stands in."""
     from paretoq_ao.export import cpu_backend

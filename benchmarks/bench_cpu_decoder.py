@@ -585,7 +585,7 @@ def _report(a, infos, bw, command, date, n_block):
              "afresh per thread count (column `compile`: fullgraph, or the default when fullgraph failed). "
              "lm_head ms = the head alone on one hidden state in the same mode (median); rest = ms/token - "
              "lm_head; rest GB/s = block weight bytes / rest.",
-             "DRAM read bandwidth (the kernel library's streaming read of a 1 GiB buffer, "
+             "DRAM read bandwidth (best streaming read of a 1 GiB buffer, the kernel library's loop or torch.sum, "
              "paretoq_ao.export.cpu_backend.read_bandwidth, best of 5, per thread count): " + "; ".join(
                  f"{t} thread(s) {bw[t]:.1f} GB/s" for t in a.threads),
              f"Peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB "

@@ -294,24 +294,22 @@ def test_pte_propagates_nan_and_inf_like_eager(bits, group_size, tmp_path):
     x[1, 5] = float("nan")
     x[2, 7] = float("inf")
     x[3, 9] = -float("inf")
-    for kind in ("linear", "model"):
-        for acts in ("int8", "float"):
-            torch.manual_seed(1)
-            if kind == "linear":
-                m = nn.Linear(128, 16).eval()
-            else:
-                m = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
-            quantize_(m, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size),
-                      filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
-            path = pe.export_executorch(m, (torch.randn(5, 128),), tmp_path / f"{kind}-{acts}.pte", activations=acts,
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
-            run = pe.load_executorch(path)
-            got = run(x)
-            set_activations(m, acts)
-            with torch.no_grad():
-                eager = m(x)
-                with backends.disabled("all"):
-                    ref = m(x)
+    for acts in ("int8", "float"):
+        torch.manual_seed(1)
+        m = _LinearAndMLP().eval()  # both kinds in one program: one export per mode
+        quantize_(m, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size),
+                  filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+        path = pe.export_executorch(m, (torch.randn(5, 128),), tmp_path / f"m-{acts}.pte", activations=acts,
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+        run = pe.load_executorch(path)
+        got_all, got_finite = run(x), run(x[[0, 4]])
+        set_activations(m, acts)
+        with torch.no_grad():
+            eager_all = m(x)
+            with backends.disabled("all"):
+                ref_all = m(x)
+        for i, kind in enumerate(("linear", "model")):
+            got, eager, ref = got_all[i], eager_all[i], ref_all[i]
             what = f"{kind} bits={bits} group_size={group_size} activations={acts}"
             assert torch.isnan(eager[1]).all(), what  # the NaN row is NaN everywhere
             assert not torch.isfinite(eager[2]).any() and not torch.isfinite(eager[3]).any(), what
@@ -321,8 +319,20 @@ def test_pte_propagates_nan_and_inf_like_eager(bits, group_size, tmp_path):
             _assert_nonfinite_like_eager(got, eager, what + " (.pte vs eager)")
             _assert_nonfinite_like_eager(got, ref, what + " (.pte vs reference)", atol=1e-4)
             # the finite rows are those of a batch without the bad rows
-            torch.testing.assert_close(got[[0, 4]], run(x[[0, 4]]), rtol=0, atol=0)
-            del run
+            torch.testing.assert_close(got[[0, 4]], got_finite[i], rtol=0, atol=0)
+        del run
+
+
+class _LinearAndMLP(nn.Module):
+    """A packed Linear and a Linear -> ReLU -> Linear, side by side on the same input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(128, 16)
+        self.mlp = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    def forward(self, x):
+        return self.lin(x), self.mlp(x)
 
 
 # --------------------------------------------------------------------------- damaged .pte files
