@@ -323,15 +323,15 @@ def _cmd_convert(a) -> None:
 
 def _cmd_size(a) -> None:
     from .hf import load_model
-    from .size import model_size
-
     from .recipe import quantized_layer_count
+    from .size import model_size
 
     src = _resolve_model_dir(a.model)
     model, _ = load_model(src, tokenizer=False)
     print(model_size(model))
-    if quantized_layer_count(model):
-        print(f"({src} is a QAT checkpoint: {quantized_layer_count(model)} layers hold float latent weights as "
+    qat_layers = quantized_layer_count(model)
+    if qat_layers:
+        print(f"({src} is a QAT checkpoint: {qat_layers} layers hold float latent weights as "
               f"stored; `paretoq convert {a.model} <out>` packs them to their low-bit size)")
 
 
