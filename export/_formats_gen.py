@@ -14,6 +14,9 @@ from pathlib import Path
 
 from paretoq_ao.formats import FORMATS, SCALE_EPS
 
+# formats.BitFormat.storage -> the C++ enum value (paretoq_kernels.h: kRowBits, kTrits5)
+STORAGE = {"rowbits": 0, "trits5": 1}
+
 HEADER = Path(__file__).resolve().parent / "csrc" / "formats_table.h"
 
 
@@ -26,7 +29,8 @@ def _f32(v: float) -> str:
 def render() -> str:
     rows = []
     for fmt in FORMATS.values():
-        rows.append(f"    {{{float(fmt.bits)!r}, {fmt.code_bits}, {fmt.n_codes}, {_f32(fmt.zero)}, {_f32(fmt.step)}}},"
+        rows.append(f"    {{{float(fmt.bits)!r}, {fmt.code_bits}, {fmt.n_codes}, {_f32(fmt.zero)}, {_f32(fmt.step)}, "
+                    f"{STORAGE[fmt.storage]}}},"
                     f"  // {fmt}")
     body = "\n".join(rows)
     return f"""// GENERATED from paretoq_ao/formats.py by paretoq_ao/export/_formats_gen.py -- do not edit.
@@ -37,10 +41,11 @@ namespace paretoq {{
 
 struct FormatEntry {{
   double bits;    // user-facing bit width (1, 1.58, 2, 3, 4)
-  int code_bits;  // width of one stored code
+  int code_bits;  // width of a code field in the rowbits layout
   int n_codes;    // number of valid codes (3 for ternary)
   float zero;     // code of the level 0 (2 * zero is an integer)
   float step;     // distance between normalised levels
+  int storage;    // packed layout: 0 rowbits (code_bits-wide fields), 1 trits5 (5 trits per byte)
 }};
 
 // Scales are clamped below at this value (formats.SCALE_EPS).

@@ -9,13 +9,16 @@ A format maps the ratio ``r = W / alpha`` to a *normalised level* ``q`` (the qua
     code  = round(q / step + zero)            (stored, ``code_bits`` wide)
     value = (code - zero) * step * alpha      (dequantized)
 
-| bits | kind   | levels q                 | code_bits | zero | step | alpha init          |
-|------|--------|--------------------------|-----------|------|------|---------------------|
-| 1    | binary | -1, +1                   | 1         | 0.5  | 2    | mean abs W          |
-| 1.58 | SEQ    | -2/3, 0, +2/3            | 2         | 1    | 2/3  | max abs W           |
-| 2    | SEQ    | -3/4, -1/4, +1/4, +3/4   | 2         | 1.5  | 1/2  | max abs W           |
-| 3    | LSQ    | -4 .. 3                  | 3         | 4    | 1    | max abs W / 3       |
-| 4    | LSQ    | -8 .. 7                  | 4         | 8    | 1    | max abs W / 7       |
+| bits | kind   | levels q                 | n_codes | storage (packing.py)  | zero | step | alpha init    |
+|------|--------|--------------------------|---------|-----------------------|------|------|---------------|
+| 1    | binary | -1, +1                   | 2       | rowbits, 1-bit fields | 0.5  | 2    | mean abs W    |
+| 1.58 | SEQ    | -2/3, 0, +2/3            | 3       | trits5, 5 per byte    | 1    | 2/3  | max abs W     |
+| 2    | SEQ    | -3/4, -1/4, +1/4, +3/4   | 4       | rowbits, 2-bit fields | 1.5  | 1/2  | max abs W     |
+| 3    | LSQ    | -4 .. 3                  | 8       | rowbits, 3-bit fields | 4    | 1    | max abs W / 3 |
+| 4    | LSQ    | -8 .. 7                  | 16      | rowbits, 4-bit fields | 8    | 1    | max abs W / 7 |
+
+``code_bits`` is the width of a code field in the rowbits layout (2 for ternary: the width the
+legacy layout paretoq-rowbits-v1 stored it in, and the smallest field that holds a code).
 
 Binary maps ``W == 0`` to ``+alpha`` (the reference's ``sign(0) = 0`` is a third level that one bit
 cannot store; see ``fake_quantize``).
@@ -39,7 +42,7 @@ SEQ_CLIP = 0.99
 class BitFormat:
     bits: Union[int, float]  # the user-facing name: 1, 1.58, 2, 3, 4
     kind: str  # "binary" | "seq" | "lsq"
-    code_bits: int  # width of one stored code
+    code_bits: int  # width of one code field in the rowbits layout
     zero: float  # code of the level 0 (may be fractional: SEQ has no zero level)
     step: float  # distance between neighbouring normalised levels
     init: str  # "mean" | "max": statistic of |W| that initialises alpha (divided by init_div)
@@ -54,10 +57,12 @@ class BitFormat:
     # SEQ only: number of half-ranges and the shift of the stretched grid
     seq_levels: float = 0.0
     seq_shift: float = 0.0
+    n_codes: int = 0  # number of codes (levels); 0: 2**code_bits
+    storage: str = "rowbits"  # packed layout of the codes: "rowbits" | "trits5" (packing.py)
 
-    @property
-    def n_codes(self) -> int:
-        return 3 if self.bits == 1.58 else 2**self.code_bits
+    def __post_init__(self):
+        if not self.n_codes:
+            object.__setattr__(self, "n_codes", 2**self.code_bits)
 
     @property
     def name(self) -> str:
@@ -82,7 +87,7 @@ def _lsq(bits: int) -> BitFormat:
     )
 
 
-def _seq(bits: float, levels: float, shift: float, code_bits: int) -> BitFormat:
+def _seq(bits: float, levels: float, shift: float, code_bits: int, **kw) -> BitFormat:
     # Largest normalised level reached by the clipped grid, and the reference's out-of-range
     # scale-gradient value (n_levels - shift) / n_levels (1.0 for ternary, 0.75 for 2-bit).
     qp_grad = (levels - shift) / levels
@@ -90,7 +95,7 @@ def _seq(bits: float, levels: float, shift: float, code_bits: int) -> BitFormat:
     return BitFormat(
         bits=bits, kind="seq", code_bits=code_bits, zero=zero, step=1.0 / levels, init="max",
         init_div=1.0, grad_qp=1.0, clip_lo=-SEQ_CLIP, clip_hi=SEQ_CLIP, grad_lo=-qp_grad,
-        grad_hi=qp_grad, seq_levels=levels, seq_shift=shift,
+        grad_hi=qp_grad, seq_levels=levels, seq_shift=shift, **kw,
     )
 
 
@@ -99,7 +104,7 @@ FORMATS = {
         bits=1, kind="binary", code_bits=1, zero=0.5, step=2.0, init="mean", init_div=1.0,
         grad_qp=1.0, clip_lo=-1.0, clip_hi=1.0, grad_lo=-1.0, grad_hi=1.0,
     ),
-    1.58: _seq(1.58, levels=1.5, shift=0.0, code_bits=2),
+    1.58: _seq(1.58, levels=1.5, shift=0.0, code_bits=2, n_codes=3, storage="trits5"),
     2: _seq(2, levels=2.0, shift=0.5, code_bits=2),
     3: _lsq(3),
     4: _lsq(4),

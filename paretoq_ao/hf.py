@@ -76,7 +76,7 @@ from torch import nn
 from . import _targets
 from .formats import get_format
 from .packed import ParetoQPackedTensor, _check_loaded_packed
-from .packing import LAYOUT
+from .packing import LAYOUT, LEGACY_LAYOUTS, from_legacy, legacy_row_bytes, packed_row_bytes
 from .qat import ParetoQQATConfig, ParetoQQATWeight
 from .serialization import save_safetensors
 
@@ -143,7 +143,8 @@ class ParetoQHfConfig(QuantizationConfigMixin):
     Args:
         modules: {module name: {"bits": b, "group_size": g}} of every packed linear.
         bits, group_size: summary (the common value when all layers agree, else None).
-        layout: the packed layout name (``paretoq_ao.LAYOUT``); reloading checks it.
+        layout: the packed layout name (``paretoq_ao.LAYOUT``); reloading checks it. Folders written
+            in a layout of ``packing.LEGACY_LAYOUTS`` load too (their ternary layers are repacked).
     """
 
     def __init__(self, modules: Optional[Dict[str, Dict[str, object]]] = None, bits=None,
@@ -156,8 +157,9 @@ class ParetoQHfConfig(QuantizationConfigMixin):
         self.layout = layout
         if quant_method != QUANT_METHOD:
             raise ValueError(f"ParetoQHfConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        if layout != LAYOUT:
-            raise ValueError(f"ParetoQ checkpoint uses packed layout {layout!r}; this paretoq_ao reads {LAYOUT!r}")
+        if layout != LAYOUT and layout not in LEGACY_LAYOUTS:
+            raise ValueError(f"ParetoQ checkpoint uses packed layout {layout!r}; this paretoq_ao reads "
+                             f"{', '.join(map(repr, (LAYOUT,) + LEGACY_LAYOUTS))}")
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ParetoQHfConfig":
@@ -223,7 +225,8 @@ class ParetoQHfQuantizer(HfQuantizer):
             if gs is not None and k % gs:
                 raise ValueError(f"ParetoQ checkpoint: group_size={gs} does not divide in_features={k} of {name!r}")
             groups = 1 if gs is None else k // gs
-            qdata = torch.empty(n, (k * f.code_bits + 7) // 8, dtype=torch.uint8, device=w.device)
+            row = legacy_row_bytes(k, f) if self.quantization_config.layout in LEGACY_LAYOUTS else packed_row_bytes(k, f)
+            qdata = torch.empty(n, row, dtype=torch.uint8, device=w.device)
             scale = torch.empty(n, groups, dtype=w.dtype, device=w.device)
             del mod._parameters["weight"]
             mod.add_module("weight", _PackedPlaceholder(qdata, scale))
@@ -240,7 +243,10 @@ class ParetoQHfQuantizer(HfQuantizer):
                 raise ValueError(f"ParetoQ checkpoint is missing the packed weight of layer {name!r} "
                                  f"({name}.weight.qdata / {name}.weight.scale)")
             k = _in_features(mod, ph, fmt)
-            packed = ParetoQPackedTensor(ph.qdata, ph.scale, fmt["bits"], torch.Size([ph.qdata.shape[0], k]),
+            qdata = ph.qdata
+            if self.quantization_config.layout in LEGACY_LAYOUTS:
+                qdata = from_legacy(qdata, k, fmt["bits"])
+            packed = ParetoQPackedTensor(qdata, ph.scale, fmt["bits"], torch.Size([qdata.shape[0], k]),
                                          self._activations.get(name, "float"))
             del mod._modules["weight"]
             mod.weight = nn.Parameter(packed, requires_grad=False)
@@ -266,7 +272,7 @@ class ParetoQHfQuantizer(HfQuantizer):
             if isinstance(getattr(model.config, "quantization_config", None), ParetoQHfConfig):
                 del model.config.quantization_config
             return None, {}
-        self.quantization_config = ParetoQHfConfig.from_model(model)
+        self.quantization_config = ParetoQHfConfig.from_model(model)  # the current layout
         model.config.quantization_config = self.quantization_config
         return _flatten_packed(model)
 

@@ -9,7 +9,7 @@
     on CPUs, like torchao's 8da4w. A token holding NaN/Inf is computed with float activations.
 
 * ``input``  [..., K] floating activations;
-* ``packed`` uint8 [N, ceil(K * code_bits / 8)] in the layout of packing.py;
+* ``packed`` uint8 [N, packing.packed_row_bytes(K, bits)] in the layout of packing.py;
 * ``scale``  [N, G] with G dividing K (G = 1: per row; else groups of K / G columns);
 * ``bits``   1, 1.58, 2, 3 or 4;
 * returns [..., N] in the input's dtype.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .formats import SCALE_EPS, get_format
-from .packing import packed_row_bytes, unpack_codes
+from .packing import LEGACY_LAYOUTS, legacy_row_bytes, packed_row_bytes, unpack_codes
 from .quant import dequantize_codes
 
 __all__ = ["linear", "linear_8da", "check_linear_args", "reference_linear", "reference_linear_8da",
@@ -51,11 +51,17 @@ def check_linear_args(input: torch.Tensor, packed: torch.Tensor, scale: torch.Te
     if input.dim() < 1:
         raise ValueError("paretoq::linear: input must have at least one dimension")
     k = input.shape[-1]
-    if packed.shape[1] != packed_row_bytes(k, fmt.code_bits):
+    want = packed_row_bytes(k, fmt)
+    if packed.shape[1] != want:
+        legacy = ""
+        if fmt.storage == "trits5" and packed.shape[1] == legacy_row_bytes(k, fmt):
+            legacy = (f"; {packed.shape[1]} bytes is the 2-bit-field ternary of the old layout "
+                      f"{LEGACY_LAYOUTS[0]}: repack it with paretoq_ao.packing.from_legacy (a .pte exported "
+                      f"with it: export it again)")
         raise ValueError(
             f"paretoq::linear: input has K={k} features but the packed {fmt} weight of shape "
             f"{tuple(packed.shape)} holds {packed.shape[1]} bytes per row "
-            f"(K={k} needs {packed_row_bytes(k, fmt.code_bits)})"
+            f"(K={k} needs {want}){legacy}"
         )
     if not scale.dtype.is_floating_point:
         raise TypeError(f"paretoq::linear: scale must be floating point, got {scale.dtype}")

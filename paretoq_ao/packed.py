@@ -23,7 +23,7 @@ from .formats import get_format
 from .ops import eager_call_ok, run_linear
 from .ops import linear as paretoq_linear
 from .ops import linear_8da as paretoq_linear_8da
-from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .packing import LAYOUT, from_legacy, pack_codes, packed_row_bytes, trits5_problem, unpack_codes
 from .qat import ParetoQQATWeight, detach_qat_state, validate_config
 from .quant import dequantize_codes, init_scale, quantize_codes, search_scale
 
@@ -65,7 +65,7 @@ def packed_parts_problem(qdata, scale, bits, shape) -> Optional[str]:
             return f"{part} is a {type(t).__name__}, not a plain tensor"
     if qdata.dtype != torch.uint8:
         return f"qdata is {_dtype_name(qdata.dtype)}, not uint8 (the packed codes)"
-    want = (n, packed_row_bytes(k, fmt.code_bits))
+    want = (n, packed_row_bytes(k, fmt))
     if tuple(qdata.shape) != want:
         return (f"qdata has shape {tuple(qdata.shape)} but a {fmt} weight of shape {(n, k)} is packed as "
                 f"{want}")
@@ -77,6 +77,8 @@ def packed_parts_problem(qdata, scale, bits, shape) -> Optional[str]:
                 f"or [{n}, {k} // group_size] (per group)")
     if qdata.device != scale.device:
         return f"qdata is on {qdata.device} but scale on {scale.device}"
+    if fmt.storage == "trits5":
+        return trits5_problem(qdata)
     return None
 
 
@@ -102,6 +104,7 @@ class ParetoQPackedTensor(TorchAOBaseTensor):
         self.scale = scale
         self.bits = get_format(bits).bits
         self.activations = _check_activations(activations)
+        self.packing_layout = LAYOUT  # pickled with the object: what torch.load reads back
 
     @property
     def group_size(self) -> Optional[int]:
@@ -133,6 +136,22 @@ class ParetoQPackedTensor(TorchAOBaseTensor):
         return (f"ParetoQPackedTensor(shape={tuple(self.shape)}, bits={self.bits}, "
                 f"group_size={self.group_size}, dtype={self.dtype}{act})")
 
+
+_base_setstate = ParetoQPackedTensor.__setstate__
+
+
+def _setstate(self, state):
+    # torch.load of an object pickled before the trits5 layout (no "packing_layout" in its state): its
+    # ternary codes are in 2-bit fields and are repacked (packing.from_legacy). Assigned after the
+    # class because TorchAOBaseTensor.__init_subclass__ sets every subclass's __setstate__.
+    state = dict(state)
+    if "packing_layout" not in state and get_format(state["bits"]).storage == "trits5":
+        state["qdata"] = from_legacy(state["qdata"], self.shape[1], state["bits"])
+    state["packing_layout"] = LAYOUT
+    _base_setstate(self, state)
+
+
+ParetoQPackedTensor.__setstate__ = _setstate
 
 implements = ParetoQPackedTensor.implements
 implements_torch_function = ParetoQPackedTensor.implements_torch_function
@@ -328,7 +347,7 @@ def _weight_only_transform(module: nn.Module, config: ParetoQWeightOnlyConfig) -
                 from .packing import packed_row_bytes
 
                 (n, k), gs = old.shape, config.group_size
-                qdata = torch.empty(n, packed_row_bytes(k, get_format(config.bits).code_bits), dtype=torch.uint8,
+                qdata = torch.empty(n, packed_row_bytes(k, config.bits), dtype=torch.uint8,
                                     device=old.device)
                 scale = torch.empty(n, 1 if gs is None else k // gs, dtype=old.dtype, device=old.device)
                 packed = ParetoQPackedTensor(qdata, scale, config.bits, old.shape, config.activations)

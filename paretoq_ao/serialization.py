@@ -26,7 +26,7 @@ from torch import nn
 
 from .formats import get_format
 from .packed import ACTIVATIONS, ParetoQPackedTensor, packed_parts_problem
-from .packing import LAYOUT
+from .packing import LAYOUT, LEGACY_LAYOUTS, from_legacy
 
 __all__ = ["atomic_write", "save", "save_safetensors", "load_safetensors", "remove_stale_temporaries", "temp_name",
            "SafetensorsFileError"]
@@ -249,8 +249,10 @@ def _packed_entries(path: str, meta: Mapping[str, str], flat: Mapping[str, torch
         got = sorted(info) if isinstance(info, dict) else type(info).__name__
         raise bad(f"the {_META_KEY!r} metadata entry must be a JSON object with 'layout' and 'tensors' "
                   f"(an object), got {got}")
-    if info["layout"] != LAYOUT:
-        raise bad(f"packed layout {info['layout']!r} is not the supported {LAYOUT!r}")
+    legacy = info["layout"] in LEGACY_LAYOUTS
+    if info["layout"] != LAYOUT and not legacy:
+        raise bad(f"packed layout {info['layout']!r} is not one of the supported "
+                  f"{', '.join(map(repr, (LAYOUT,) + LEGACY_LAYOUTS))}")
     entries = {}
     for name, d in info["tensors"].items():
         where = f"packed tensor {name!r}"
@@ -271,6 +273,11 @@ def _packed_entries(path: str, meta: Mapping[str, str], flat: Mapping[str, torch
             raise bad(f"{where} is listed in the metadata but the file has no {' or '.join(map(repr, missing))}")
         if name in flat:
             raise bad(f"{where} is also stored as a plain tensor {name!r}")
+        if legacy:  # ternary codes in 2-bit fields: repacked into the current layout
+            try:
+                flat[f"{name}.qdata"] = from_legacy(flat[f"{name}.qdata"], shape[1], bits)
+            except ValueError as e:
+                raise bad(f"{where}: {e}") from None
         problem = packed_parts_problem(flat[f"{name}.qdata"], flat[f"{name}.scale"], bits, shape)
         if problem is not None:
             raise bad(f"{where}: {problem}")

@@ -80,8 +80,12 @@ def test_odd_shapes_and_unaligned_groups(k, n, group_size, bits):
     assert got.shape == (2, 3, n)
     torch.testing.assert_close(got, reference_linear(x, w.qdata, w.scale, bits) + lin.bias, rtol=2e-5, atol=2e-5)
     plan = cpu_backend.plan(x, w.qdata, w.scale, bits)
-    b = pq.get_format(bits).code_bits
-    aligned = group_size is None or (group_size % 4 == 0 if b == 3 else group_size * b % 32 == 0)
+    fmt = pq.get_format(bits)
+    b = fmt.code_bits
+    if fmt.storage == "trits5":  # planes of 4 codes; no group end inside a short last word
+        aligned = group_size is None or (group_size % 4 == 0 and group_size >= k % 20)
+    else:
+        aligned = group_size is None or (group_size % 4 == 0 if b == 3 else group_size * b % 32 == 0)
     assert plan.startswith("scalar") != aligned, plan
     if not aligned:
         assert f"group_size {group_size}" in plan

@@ -1,8 +1,10 @@
-"""The packed layout (paretoq-rowbits-v1) and the ``paretoq::linear`` op, checked against oracles.
+"""The packed layouts (rowbits, trits5) and the ``paretoq::linear`` op, checked against oracles.
 
 Oracles written here from the documentation, independent of the code under test:
 * a pure-Python bit-stream packer: each row is one little-endian integer in which code ``k``
   occupies bits ``b*k .. b*k+b-1`` (``int.to_bytes(..., "little")``);
+* a pure-Python trits5 packer / unpacker (base-3 digits with ``//`` and ``%``, not the
+  multiply-and-shift decode of the code under test);
 * hand-computed byte examples;
 * for the op: dequantization from the level table of PARETOQ.md in float64, then ``x @ W.T``.
 """
@@ -21,6 +23,7 @@ from torchao.prototype.paretoq.models.utils_quant import (
 )
 
 BITS = [1, 1.58, 2, 3, 4]
+ROWBITS = [1, 2, 3, 4]  # formats in the rowbits layout (ternary: trits5)
 CODE_BITS = {1: 1, 1.58: 2, 2: 2, 3: 3, 4: 4}
 # normalised levels, code 0 first (PARETOQ.md)
 LEVELS = {
@@ -60,6 +63,48 @@ def ref_unpack(packed, k, code_bits):
     return out
 
 
+def ref_pack_trits5(codes):
+    """The trits5 layout of packing.py, from its documentation: ceil(K / 5) bytes per row, words of
+    4 bytes (the last one nb = ceil(r / 5) bytes), offset o of word w in byte o % nb, trit o // nb,
+    v = sum t_i 3**(4 - i), byte = ceil(256 v / 243)."""
+    rows = []
+    for row in codes:
+        k = len(row)
+        rb = -(-k // 5)
+        v = [0] * rb
+        for col, c in enumerate(row):
+            w, o = divmod(col, 20)
+            nb = min(4, rb - 4 * w)
+            v[4 * w + o % nb] += int(c) * 3 ** (4 - o // nb)
+        rows.append([-(-256 * x // 243) for x in v])
+    return torch.tensor(rows, dtype=torch.uint8).reshape(len(codes), -1)
+
+
+def ref_unpack_trits5(packed, k):
+    out = []
+    for row in packed.tolist():
+        rb = len(row)
+        v = [b * 243 // 256 for b in row]  # the base-3 number each byte encodes
+        codes = []
+        for col in range(k):
+            w, o = divmod(col, 20)
+            nb = min(4, rb - 4 * w)
+            codes.append(v[4 * w + o % nb] // 3 ** (4 - o // nb) % 3)
+        out.append(codes)
+    return out
+
+
+def ref_row_bytes(k, bits):
+    return -(-k // 5) if bits == 1.58 else (k * CODE_BITS[bits] + 7) // 8
+
+
+def ref_pack_bits(codes, bits):
+    """codes: int tensor [N, K] -> the documented layout of ``bits``."""
+    if bits == 1.58:
+        return ref_pack_trits5(codes.tolist())
+    return ref_pack_bits(codes, bits)
+
+
 def random_codes(n, k, bits, seed=0, full_range=True):
     gen = torch.Generator().manual_seed(seed)
     hi = 2 ** CODE_BITS[bits] if full_range else len(LEVELS[bits])
@@ -79,16 +124,16 @@ def test_round_trip_and_layout(bits, k, n):
     codes = random_codes(n, k, bits, seed=k * 10 + n, full_range=bits != 1.58)
     packed = pq.pack_codes(codes, bits)
     assert packed.dtype == torch.uint8
-    assert packed.shape == (n, (k * b + 7) // 8)
+    assert packed.shape == (n, ref_row_bytes(k, bits))
     assert packed.is_contiguous()
-    assert torch.equal(packed, ref_pack(codes.tolist(), b))
+    assert torch.equal(packed, ref_pack_bits(codes, bits))
     unpacked = pq.unpack_codes(packed, k, bits)
     assert unpacked.dtype == torch.uint8
     assert unpacked.shape == (n, k)
     assert torch.equal(unpacked, codes)
 
 
-@pytest.mark.parametrize("bits", BITS, ids=_id)
+@pytest.mark.parametrize("bits", ROWBITS, ids=_id)
 @pytest.mark.parametrize("k", [3, 9, 13])
 def test_unpack_reads_reference_bytes(bits, k):
     # bytes produced by the reference packer (random, all bits used) decode as the reference says
@@ -100,11 +145,11 @@ def test_unpack_reads_reference_bytes(bits, k):
     assert ref_unpack(packed, k, b) == codes
 
 
-@pytest.mark.parametrize("bits", BITS, ids=_id)
+@pytest.mark.parametrize("bits", ROWBITS, ids=_id)
 def test_tail_bits_are_zero(bits):
     b = CODE_BITS[bits]
     k = 5  # 5*b is not a multiple of 8 for every b here
-    codes = torch.full((3, k), (1 << b) - 1 if bits != 1.58 else 2, dtype=torch.uint8)
+    codes = torch.full((3, k), (1 << b) - 1, dtype=torch.uint8)
     packed = pq.pack_codes(codes, bits)
     total = packed.shape[1] * 8
     used = k * b
@@ -123,9 +168,13 @@ HAND = [
     # 2-bit: code k at bits 2k..2k+1 of byte k//4
     (2, [[1, 2, 3, 0, 1]], [[0b00111001, 0b00000001]]),
     (2, [[3, 3, 3, 3]], [[0xFF]]),
-    # ternary uses 2-bit codes {0, 1, 2}
-    (1.58, [[2, 0, 1]], [[0b00010010]]),
-    (1.58, [[0, 1, 2, 1, 2, 0]], [[0b01100100, 0b00000010]]),
+    # ternary, trits5: [2, 0, 1] is v = 2*81 + 0*27 + 1*9 = 171 -> ceil(256 * 171 / 243) = 181;
+    # K = 6: two bytes, codes 0, 2, 4 in byte 0 (v = 0*81 + 2*27 + 2*9 = 72 -> 76) and 1, 3, 5 in
+    # byte 1 (v = 81 + 27 = 108 -> 114); five 2s: v = 242 -> 255; five 0s -> 0
+    (1.58, [[2, 0, 1]], [[181]]),
+    (1.58, [[0, 1, 2, 1, 2, 0]], [[76, 114]]),
+    (1.58, [[2, 2, 2, 2, 2], [0, 0, 0, 0, 0]], [[255], [0]]),
+    (1.58, [[1] * 20], [[-(-256 * 121 // 243)] * 4]),
     # 1-bit, least significant bit first
     (1, [[1, 0, 1, 1, 0, 0, 0, 0, 1]], [[0b00001101, 0b00000001]]),
     (1, [[0, 0, 0, 0, 0, 0, 0, 1]], [[0b10000000]]),
@@ -152,7 +201,8 @@ def test_hand_computed_bytes(bits, codes, expected):
 
 
 def test_layout_name():
-    assert pq.LAYOUT == "paretoq-rowbits-v1"
+    assert pq.LAYOUT == "paretoq-rowbits-v1+trits5-v1"
+    assert pq.packing.LEGACY_LAYOUTS == ("paretoq-rowbits-v1",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +214,7 @@ def test_layout_name():
 def test_pack_rejects_codes_out_of_range(bits, bad):
     codes = torch.zeros(2, 5, dtype=torch.uint8)
     codes[1, 3] = bad
-    with pytest.raises(ValueError, match=rf"< {2 ** CODE_BITS[bits]}"):
+    with pytest.raises(ValueError, match=rf"in \[0, {2 ** CODE_BITS[bits]}\)"):
         pq.pack_codes(codes, bits)
 
 
@@ -191,9 +241,9 @@ def test_pack_rejects_non_2d(shape):
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_unpack_rejects_wrong_width(bits, delta):
     k = 13
-    width = (k * CODE_BITS[bits] + 7) // 8
+    width = ref_row_bytes(k, bits)
     packed = torch.zeros(3, width + delta, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=rf"{width + delta} bytes.*in_features={k}"):
+    with pytest.raises(ValueError, match=rf"\(3, {width + delta}\).*in_features={k}.*\[N, {width}\]"):
         pq.unpack_codes(packed, k, bits)
 
 
@@ -221,7 +271,7 @@ def oracle_weight(codes, scale, bits):
 def make_case(bits, n, k, groups, scale_dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, len(LEVELS[bits]), (n, k), generator=gen)
-    packed = ref_pack(codes.tolist(), CODE_BITS[bits])
+    packed = ref_pack_bits(codes, bits)
     scale = (torch.rand(n, groups, generator=gen) * 1.5 + 0.05).to(scale_dtype)
     return codes, packed, scale
 

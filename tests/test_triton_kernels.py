@@ -642,3 +642,32 @@ def test_compiled_model_runs_kernels_and_matches_eager(kernel_calls):
     assert len(kernel_calls) == 4  # two layers, eager then compiled
     torch.testing.assert_close(compiled, eager)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ternary in the trits5 layout (its own kernel, trits5.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M", [1, 17, 70])
+@pytest.mark.parametrize("K,group_size", [(1, None), (5, None), (19, None), (21, None), (44, 4), (88, 8),
+                                          (103, None), (160, 32), (200, 40)])
+def test_trits5_every_row_tail_and_group(K, group_size, M, dtype):
+    packed, scale = make_weight(37, K, 1.58, group_size, dtype, seed=K)
+    assert packed.shape[1] == (K + 4) // 5
+    x = make_x((M, K), dtype)
+    assert_close(triton_linear(x, packed, scale, 1.58), reference_linear(x, packed, scale, 1.58), dtype)
+
+
+def test_trits5_every_code_at_every_slot():
+    K = 60  # three words; the one-hot rows hit every slot of every byte
+    codes = (torch.arange(3 * K).reshape(3, K) % 3).to(torch.uint8)
+    codes[1] = codes[1].flip(0)
+    packed = pq.pack_codes(codes, 1.58)
+    scale = torch.tensor([[1.0], [0.5], [2.0]])
+    want = pq.dequantize_codes(codes, scale, 1.58)
+    for k in range(K):
+        x = torch.zeros(1, K)
+        x[0, k] = 1.0
+        assert torch.equal(triton_linear(x, packed, scale, 1.58)[0], want[:, k]), k

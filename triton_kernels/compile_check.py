@@ -68,6 +68,39 @@ def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def compile_trits5(tile, per_row: bool, x_dtype=torch.float16, arch: int = 90):
+    """Compile the trits5 (ternary) kernel of trits5.py for one (BLOCK_M, BLOCK_N, BLOCK_K, warps)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import trits5 as T
+
+    x = _DT[x_dtype]
+    sig = {"x_ptr": f"*{x}", "w_ptr": "*u8", "s_ptr": f"*{x}", "out_ptr": f"*{x}"}
+    for name in ("M", "N", "K", "row_bytes", "stride_xm", "stride_om", "stride_wn", "stride_sn", "stride_sg"):
+        sig[name] = "i32"
+    bm, bn, bk, warps = tile
+    cons = dict(HALF_STEP=1 / 3, PER_ROW=per_row, GROUP_SIZE=1 if per_row else 64, SCALE_EPS_=1e-5,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=None if x_dtype != torch.float32 else "ieee")
+    for name in cons:
+        sig[name] = "constexpr"
+    src = ASTSource(fn=T._trits5_kernel, signature=sig, constexprs=cons, attrs={})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 2})
+
+
+def _trits5_jobs(which: str):
+    from .trits5 import TRITS5_CONFIGS
+
+    tiles = list(TRITS5_CONFIGS.values())
+    if which == "quick":
+        yield tiles[0], True, torch.float16
+        yield tiles[-1], False, torch.bfloat16
+        return
+    for tile, per_row, dt in itertools.product(tiles, (True, False), tuple(_DT)):
+        yield tile, per_row, dt
+
+
 def _jobs(which: str):
     from .linear import KernelConfig
     from . import tuning
@@ -161,6 +194,13 @@ def main(argv=None) -> int:
             fails += 1
             print(f"FAIL {cfg} code_bits={cb} scale_mode={mode} {dt} atomic={atomic} "
                   f"aligned={aligned}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+    for tile, per_row, dt in _trits5_jobs(which):
+        n += 1
+        try:
+            compile_trits5(tile, per_row, dt, arch=args.arch)
+        except Exception as e:  # noqa: BLE001
+            fails += 1
+            print(f"FAIL trits5 tile={tile} per_row={per_row} {dt}: {type(e).__name__}: {str(e)[:500]}", flush=True)
     print(f"compile_check ({which}, sm_{args.arch}): {n - fails}/{n} kernels compiled "
           f"in {time.time() - t0:.0f}s")
     return 1 if fails else 0

@@ -2,8 +2,9 @@
 
 Packed layout read
 ------------------
-The kernels read the canonical layout ``paretoq-rowbits-v1`` of ``paretoq_ao/packing.py``
-directly, with no repacking: ``packed`` is uint8 ``[N, ceil(K * b / 8)]`` (``b`` = ``code_bits``
+The kernels read the rowbits layout of ``paretoq_ao/packing.py`` (1, 2, 3, 4 bits; ternary's
+trits5 layout has its own kernel, ``trits5.py``, which ``triton_linear`` calls) directly, with no
+repacking: ``packed`` is uint8 ``[N, ceil(K * b / 8)]`` (``b`` = ``code_bits``
 of the format: 1, 2, 2, 3, 4 for bits 1, 1.58, 2, 3, 4), each row an independent little-endian bit
 stream in which code ``k`` occupies bits ``b*k .. b*k + b - 1`` (bit ``j`` = bit ``j % 8`` of byte
 ``j // 8``), the row tail zero bits. Bytes inside a row must be contiguous
@@ -131,7 +132,7 @@ from paretoq_ao.ops import check_linear_args, triton_interpreting
 
 __all__ = ["triton_linear", "supports", "KernelConfig", "interpreting", "SUPPORTED_DTYPES", "LAYOUT_READ"]
 
-LAYOUT_READ = "paretoq-rowbits-v1"
+LAYOUT_READ = "paretoq-rowbits-v1+trits5-v1"  # rowbits here, trits5 in trits5.py
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The largest M served by the GEMV kernels (they use grid axis 2 for M, one program per row).
@@ -880,6 +881,12 @@ def triton_linear(x, packed, scale, bits, out_dtype=None, *, config=None, valida
     N = packed.shape[0]
     if problem is None:
         return torch.zeros((*lead, N), dtype=out_dtype, device=x.device)
+
+    if get_format(bits).storage == "trits5":  # ternary, 5 trits per byte: its own kernel (trits5.py)
+        from .trits5 import trits5_linear
+
+        out = trits5_linear(x2, packed, scale, bits, problem.out_dtype)
+        return (out if out.dtype == out_dtype else out.to(out_dtype)).reshape(*lead, N)
 
     from .tuning import get_config  # local import: tuning imports this module
 

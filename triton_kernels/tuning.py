@@ -514,7 +514,7 @@ def warmup(*shapes, dtype=torch.bfloat16, out_dtype=None, device=None,
         groups = 1 if gs is None else K // gs
         if gs is not None and K % gs:
             raise ValueError(f"warmup: group_size={gs} does not divide K={K} in shape {s!r}")
-        packed = torch.randint(0, 256, (N, packed_row_bytes(K, fmt.code_bits)), dtype=torch.uint8,
+        packed = torch.randint(0, 256, (N, packed_row_bytes(K, fmt)), dtype=torch.uint8,
                                device=device)
         scale = torch.rand(N, groups, device=device).add_(0.5).to(scale_dtype or dtype)
         x = torch.randn(M, K, device=device, dtype=dtype)

@@ -23,7 +23,7 @@ namespace paretoq {
 bool format_for_bits(double bits, Format* f) {
   for (const FormatEntry& e : kFormats)
     if (std::fabs(e.bits - bits) < 1e-6) {
-      *f = Format{e.code_bits, e.n_codes, e.zero, e.step};
+      *f = Format{e.code_bits, e.n_codes, e.zero, e.step, e.storage};
       return true;
     }
   return false;
@@ -97,14 +97,31 @@ int rows_per_tile(Path p, int64_t) {
   }
 }
 
-int64_t padded_codes(int64_t row_bytes, int code_bits, bool simd) {
+int64_t padded_codes(int64_t row_bytes, const Format& f, bool simd) {
   if (!simd) return -1;
-  if (code_bits == 3) return (row_bytes + kUnit3Bytes - 1) / kUnit3Bytes * kUnit3Codes;
-  return (row_bytes + 3) / 4 * (32 / code_bits);
+  if (f.storage == kTrits5) return (row_bytes + 3) / 4 * 20;
+  if (f.code_bits == 3) return (row_bytes + kUnit3Bytes - 1) / kUnit3Bytes * kUnit3Codes;
+  return (row_bytes + 3) / 4 * (32 / f.code_bits);
+}
+
+static bool trits5_groups_ok(const LinearArgs& a, const char** why) {
+  const int64_t gs = a.K / a.G, tail = a.K % 20;
+  static thread_local char buf[160];
+  if (gs % 4 == 0 && gs >= tail) return true;
+  if (why) {
+    if (gs % 4)
+      std::snprintf(buf, sizeof(buf), "group_size %lld is not a multiple of 4 codes (trits5 planes)", (long long)gs);
+    else
+      std::snprintf(buf, sizeof(buf), "group_size %lld is smaller than the %lld codes of the row's short last word",
+                    (long long)gs, (long long)tail);
+    *why = buf;
+  }
+  return false;
 }
 
 bool simd_groups_ok(const LinearArgs& a, const char** why) {
   if (a.G == 1) return true;
+  if (a.fmt.storage == kTrits5) return trits5_groups_ok(a, why);
   const int64_t gs = a.K / a.G;
   const int b = a.fmt.code_bits;
   if (b == 3 ? gs % 4 == 0 : (gs * b) % 32 == 0) return true;
@@ -123,14 +140,18 @@ bool simd_groups_ok(const LinearArgs& a, const char** why) {
 const char* check_args(const LinearArgs& a) {
   static thread_local char buf[256];
   const int b = a.fmt.code_bits;
-  if (b < 1 || b > 4) return "unknown weight format (code_bits must be 1..4)";
+  if (b < 1 || b > 4 || (a.fmt.storage != kRowBits && a.fmt.storage != kTrits5))
+    return "unknown weight format (code_bits must be 1..4, storage rowbits or trits5)";
   if (a.M < 0 || a.K < 0 || a.N < 0) {
     std::snprintf(buf, sizeof(buf), "negative size: M=%lld K=%lld N=%lld", (long long)a.M, (long long)a.K, (long long)a.N);
     return buf;
   }
-  if (a.row_bytes != (a.K * b + 7) / 8) {
-    std::snprintf(buf, sizeof(buf), "input has K=%lld but the packed rows hold %lld bytes (%d-bit codes need %lld)",
-                  (long long)a.K, (long long)a.row_bytes, b, (long long)((a.K * b + 7) / 8));
+  const int64_t want = row_bytes_for(a.fmt, a.K);
+  if (a.row_bytes != want) {
+    const bool legacy = a.fmt.storage == kTrits5 && a.row_bytes == (a.K * 2 + 7) / 8;
+    std::snprintf(buf, sizeof(buf), "input has K=%lld but the packed rows hold %lld bytes (%s needs %lld)%s",
+                  (long long)a.K, (long long)a.row_bytes, a.fmt.storage == kTrits5 ? "ternary, 5 codes per byte," : "this format",
+                  (long long)want, legacy ? "; that is the 2-bit-field ternary of paretoq-rowbits-v1: export the model again" : "");
     return buf;
   }
   if (a.G < 1 || (a.K > 0 && a.K % a.G != 0)) {
@@ -172,6 +193,24 @@ inline int code_at(const uint8_t* row, int64_t k, int b) {
   unsigned v = row[byte];
   if (sh + b > 8) v |= static_cast<unsigned>(row[byte + 1]) << 8;
   return static_cast<int>((v >> sh) & ((1u << b) - 1u));
+}
+
+// trits5: byte and trit of code k (packing.py), and the fp32 chain (slot j) it goes to.
+struct TritPos {
+  int64_t byte;
+  int trit, chain;
+};
+inline TritPos trit_pos(int64_t k, int64_t row_bytes) {
+  const int64_t w = k / 20, o = k % 20, left = row_bytes - 4 * w, nb = left < 4 ? left : 4;
+  return TritPos{4 * w + o % nb, static_cast<int>(o / nb), static_cast<int>(o % nb)};
+}
+inline int trit_of(unsigned byte, int i) {
+  static const unsigned kPow3[5] = {1, 3, 9, 27, 81};
+  return static_cast<int>((((byte * kPow3[i]) & 255u) * 3u) >> 8);
+}
+inline int trit_at(const uint8_t* row, int64_t k, int64_t row_bytes) {
+  const TritPos p = trit_pos(k, row_bytes);
+  return trit_of(row[p.byte], p.trit);
 }
 
 inline float clamp_scale(float s) { return s < kScaleEps ? kScaleEps : s; }
@@ -265,6 +304,13 @@ void quantize_tokens(void* ctx, int64_t m0, int64_t m1) {
       for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += nat[k];
       j.zq2[m * G + g] = zero2 * s;
     }
+    if (j.permute && a.fmt.storage == kTrits5) {  // slot order (identity but in a short last word)
+      for (int64_t s = 0; s < kq; ++s) {
+        const int64_t k = trits5_slot_code(s, K, a.row_bytes);
+        q[s] = k < 0 ? 0 : nat[k];
+      }
+      continue;
+    }
     if (!j.permute || b == 3) {
       std::memcpy(q, nat.data(), static_cast<size_t>(kq));
       continue;
@@ -279,7 +325,44 @@ void quantize_tokens(void* ctx, int64_t m0, int64_t m1) {
 
 // ---- scalar reference --------------------------------------------------------------------------
 
+// kTrits5 reference: the arithmetic of rows_scalar with trit_at codes and slot chains.
+static void rows_scalar_trits5(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
+  const int64_t gs = a.K / a.G;
+  float tab[16];
+  level_table(a.fmt, tab);
+  const float c = 0.5f * a.fmt.step;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = a.w + n * a.row_bytes;
+    const float* s = a.scale + n * a.G;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float res = 0.f;
+      if (mode == ActMode::Int8) {
+        const int8_t* q = p.q + m * p.kq;
+        for (int64_t g = 0; g < a.G; ++g) {
+          int64_t dot = 0;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) dot += trit_at(row, k, a.row_bytes) * q[k];
+          const int32_t v2 = static_cast<int32_t>(2 * dot - p.zq2[m * a.G + g]);
+          res = std::fma(clamp_scale(s[g]), static_cast<float>(v2), res);
+        }
+        a.out[m * a.N + n] = (res * c) * p.d[m];
+      } else {
+        const float* x = p.xf + m * p.kq;
+        for (int64_t g = 0; g < a.G; ++g) {
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+            const TritPos t = trit_pos(k, a.row_bytes);
+            acc[t.chain] = std::fma(tab[trit_of(row[t.byte], t.trit)], x[k], acc[t.chain]);
+          }
+          res = std::fma(clamp_scale(s[g]), (acc[0] + acc[1]) + (acc[2] + acc[3]), res);
+        }
+        a.out[m * a.N + n] = res;
+      }
+    }
+  }
+}
+
 void rows_scalar(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
+  if (a.fmt.storage == kTrits5) return rows_scalar_trits5(a, p, mode, n0, n1);
   const int b = a.fmt.code_bits;
   const int64_t gs = a.K / a.G;
   float tab[16];
@@ -387,7 +470,7 @@ const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf)
   const bool simd = p != Path::Scalar;
   Prepared pr;
   pr.M = a.M; pr.K = a.K; pr.G = a.G; pr.gs = a.K / a.G;
-  pr.kq = simd ? padded_codes(a.row_bytes, a.fmt.code_bits, true) : a.K;
+  pr.kq = simd ? padded_codes(a.row_bytes, a.fmt, true) : a.K;
   thread_local std::vector<int8_t> qbuf;
   thread_local std::vector<float> dbuf, xbuf;
   thread_local std::vector<int32_t> zbuf;
@@ -408,6 +491,19 @@ const char* linear(const LinearArgs& a, Path path, ActMode mode, ParallelFor pf)
     pr.q = qbuf.data(); pr.d = dbuf.data(); pr.zq2 = zbuf.data();
   } else if (pr.kq == a.K) {
     pr.xf = a.x;
+  } else if (simd && a.fmt.storage == kTrits5) {  // slot order, zero where no code
+    xbuf.assign(static_cast<size_t>(a.M * pr.kq), 0.f);
+    const int64_t full = a.K / 20 * 20;  // whole words: the identity
+    for (int64_t m = 0; m < a.M; ++m) {
+      float* dst = xbuf.data() + m * pr.kq;
+      const float* src = a.x + m * a.K;
+      std::memcpy(dst, src, sizeof(float) * full);
+      for (int64_t s = full; s < pr.kq; ++s) {
+        const int64_t k = trits5_slot_code(s, a.K, a.row_bytes);
+        if (k >= 0) dst[s] = src[k];
+      }
+    }
+    pr.xf = xbuf.data();
   } else {
     xbuf.assign(static_cast<size_t>(a.M * pr.kq), 0.f);
     for (int64_t m = 0; m < a.M; ++m) std::memcpy(xbuf.data() + m * pr.kq, a.x + m * a.K, sizeof(float) * a.K);

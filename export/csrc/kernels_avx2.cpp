@@ -57,6 +57,15 @@ struct Avx2 {
     const VI s16 = _mm256_maddubs_epi16(u, _mm256_set1_epi32(v));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
   }
+  // trits5 state: the bytes with their top bit flipped, so that signed byte compares order them as
+  // unsigned; 3 * (s ^ 0x80) == (3 * s) ^ 0x80 (mod 256), so mul3 keeps the bias.
+  PQ_INLINE static VI tstate(VI w) { return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))); }
+  PQ_INLINE static VI mul3(VI s) { return _mm256_add_epi8(_mm256_add_epi8(s, s), s); }
+  PQ_INLINE static VI trit(VI s) {  // -(s > 85) - (s > 170), compares on the biased bytes
+    const VI gt85 = _mm256_cmpgt_epi8(s, _mm256_set1_epi8(85 - 128));
+    const VI gt170 = _mm256_cmpgt_epi8(s, _mm256_set1_epi8(170 - 128));
+    return _mm256_sub_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), gt85), gt170);
+  }
   PQ_INLINE static VI band(VI a, VI b) { return _mm256_and_si256(a, b); }
   PQ_INLINE static VI add(VI a, VI b) { return _mm256_add_epi32(a, b); }
   PQ_INLINE static VI sub(VI a, VI b) { return _mm256_sub_epi32(a, b); }

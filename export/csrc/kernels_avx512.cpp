@@ -67,6 +67,15 @@ struct Avx512 {
     return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(v));
 #endif
   }
+  PQ_INLINE static VI tstate(VI w) { return w; }
+  PQ_INLINE static VI mul3(VI s) { return _mm512_add_epi8(_mm512_add_epi8(s, s), s); }
+  PQ_INLINE static VI trit(VI s) {
+    const VI one = _mm512_set1_epi8(1);
+    const __mmask64 gt85 = _mm512_cmpgt_epu8_mask(s, _mm512_set1_epi8(85));
+    const __mmask64 gt170 = _mm512_cmpgt_epu8_mask(s, _mm512_set1_epi8(static_cast<char>(170)));
+    const VI t = _mm512_maskz_mov_epi8(gt85, one);
+    return _mm512_mask_add_epi8(t, gt170, t, one);
+  }
   PQ_INLINE static VI band(VI a, VI b) { return _mm512_and_si512(a, b); }
   PQ_INLINE static VI add(VI a, VI b) { return _mm512_add_epi32(a, b); }
   PQ_INLINE static VI sub(VI a, VI b) { return _mm512_sub_epi32(a, b); }

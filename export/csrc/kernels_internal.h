@@ -28,9 +28,19 @@ struct Prepared {
   const float* xf = nullptr;    // fp32 mode [M, kq], zero-padded past K (may alias the input)
 };
 
-// Number of activation slots per token a path needs: codes rounded up to whole words (1/2/4-bit)
-// or whole 32-code units (3-bit). Scalar: K.
-int64_t padded_codes(int64_t row_bytes, int code_bits, bool simd);
+// Number of activation slots per token a path needs: codes rounded up to whole words (1/2/4-bit,
+// 20 slots per word for trits5) or whole 32-code units (3-bit). Scalar: K.
+int64_t padded_codes(int64_t row_bytes, const Format& f, bool simd);
+
+// trits5, SIMD paths: activation slot 20w + 4i + j holds code 20w + nb*i + j of the row (nb = bytes of
+// word w; slots of no code hold 0). Identity except in a short last word. Returns the code or -1.
+inline int64_t trits5_slot_code(int64_t slot, int64_t K, int64_t row_bytes) {
+  const int64_t w = slot / 20, o = slot % 20, i = o / 4, j = o % 4;
+  const int64_t left = row_bytes - 4 * w, nb = left < 4 ? left : 4;
+  if (j >= nb) return -1;
+  const int64_t k = 20 * w + nb * i + j;
+  return k < K ? k : -1;
+}
 
 // Whether a SIMD path can serve this group layout; if not, *why is set to a reason.
 bool simd_groups_ok(const LinearArgs& a, const char** why);

@@ -57,6 +57,13 @@ struct NeonT {
     const int16x8_t pairs = vpaddq_s16(lo, hi);  // |pair| <= 2 * 15 * 127
     return vreinterpretq_u32_s32(vpadalq_s16(vreinterpretq_s32_u32(acc), pairs));
   }
+  PQ_INLINE static VI tstate(VI w) { return w; }
+  PQ_INLINE static VI mul3(VI s) { return vreinterpretq_u32_u8(vmulq_n_u8(vreinterpretq_u8_u32(s), 3)); }
+  PQ_INLINE static VI trit(VI s) {  // -(s > 85) - (s > 170)
+    const uint8x16_t b = vreinterpretq_u8_u32(s);
+    const uint8x16_t gt85 = vcgtq_u8(b, vdupq_n_u8(85)), gt170 = vcgtq_u8(b, vdupq_n_u8(170));
+    return vreinterpretq_u32_u8(vsubq_u8(vsubq_u8(vdupq_n_u8(0), gt85), gt170));
+  }
   PQ_INLINE static VI band(VI a, VI b) { return vandq_u32(a, b); }
   PQ_INLINE static VI add(VI a, VI b) { return vaddq_u32(a, b); }
   PQ_INLINE static VI sub(VI a, VI b) { return vsubq_u32(a, b); }

@@ -5,7 +5,7 @@
 //   paretoq::linear_8da.out(Tensor input, Tensor packed, Tensor scale, float bits, *, Tensor(a!) out)
 //       dynamic int8 activations, one scale per token
 //
-//   input [..., K] float32, packed uint8 [N, ceil(K*code_bits/8)] (paretoq-rowbits-v1),
+//   input [..., K] float32, packed uint8 [N, row_bytes_for(fmt, K)] (packing.py layouts),
 //   scale float32 [N, G] (G divides K), out float32 [..., N] (resized: dynamic batch/sequence).
 // The program itself says which activation mode each layer uses (the op it calls). Row blocks
 // are split over ExecuTorch's thread pool (executorch::extension::parallel_for).
@@ -63,10 +63,13 @@ bool check(KernelRuntimeContext& ctx, const char* op, const Tensor& input, const
   ET_KERNEL_CHECK_MSG(ctx, input.dim() >= 1, InvalidArgument, false, "%s: input must have at least 1 dim, got %d",
                       op, static_cast<int>(input.dim()));
   const int64_t K = input.size(input.dim() - 1), N = packed.size(0), row_bytes = packed.size(1);
-  ET_KERNEL_CHECK_MSG(ctx, row_bytes == (K * fmt->code_bits + 7) / 8, InvalidArgument, false,
-                      "%s: input has K=%lld but packed [%lld, %lld] at %d-bit codes needs %lld bytes per row", op,
-                      (long long)K, (long long)N, (long long)row_bytes, fmt->code_bits,
-                      (long long)((K * fmt->code_bits + 7) / 8));
+  ET_KERNEL_CHECK_MSG(ctx, row_bytes == paretoq::row_bytes_for(*fmt, K), InvalidArgument, false,
+                      "%s: input has K=%lld but packed [%lld, %lld] in the %s layout needs %lld bytes per row%s", op,
+                      (long long)K, (long long)N, (long long)row_bytes,
+                      fmt->storage == paretoq::kTrits5 ? "trits5 (ternary)" : "rowbits",
+                      (long long)paretoq::row_bytes_for(*fmt, K),
+                      fmt->storage == paretoq::kTrits5 && row_bytes == (K * 2 + 7) / 8
+                          ? " (this is 2-bit-field ternary, paretoq-rowbits-v1: export the model again)" : "");
   ET_KERNEL_CHECK_MSG(ctx, scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0,
                       InvalidArgument, false,
                       "%s: scale must be [N=%lld, G] with G dividing K=%lld, got %d dims [%lld, %lld]", op,

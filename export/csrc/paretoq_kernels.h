@@ -2,10 +2,12 @@
 // the ExecuTorch registration (op_linear_et.cpp) and the ATen registration (op_linear_aten.cpp)
 // are thin wrappers around `linear()` below.
 //
-// Weights: exactly paretoq-rowbits-v1 (paretoq_ao/packing.py), read in place -- nothing is
-// repacked, at export or at load. Each row n of the uint8 [N, row_bytes] weight is a
-// little-endian bit stream of `code_bits`-wide codes; value = (code - zero) * step * max(s, eps)
-// with s = scale[n, g] of the code's group (formats_table.h, generated from formats.py).
+// Weights: exactly the layouts of paretoq_ao/packing.py, read in place -- nothing is repacked, at
+// export or at load. Format::storage says which: kRowBits (1/2/3/4-bit: each row n of the uint8
+// [N, row_bytes] weight is a little-endian bit stream of `code_bits`-wide codes) or kTrits5
+// (ternary: 5 trits per byte, 4-byte words of 20 codes, code 20w + nb*i + j = trit i of byte 4w + j,
+// trit i of byte b = ((b * 3^i) mod 256) * 3 >> 8). value = (code - zero) * step * max(s, eps) with
+// s = scale[n, g] of the code's group (formats_table.h, generated from formats.py).
 //
 // Two activation modes, chosen per call (the ops paretoq::linear and paretoq::linear_8da):
 //
@@ -14,6 +16,8 @@
 //       c_j   = fma-chain over the k of group g with k % 4 == j, ascending:  c_j = fma(level(code_k), x_k, c_j)
 //       res   = fma-chain over g ascending:  res = fma(max(s_g, eps), (c_0 + c_1) + (c_2 + c_3), res)
 //       out   = res
+//     kTrits5 chains by *slot*: code 20w + nb*i + j goes to chain j (j < nb; = k mod 4 except in a
+//     short last word), visited in ascending k.
 //   ActMode::Int8  dynamic int8 activations, one scale per token (like torchao's 8da4w):
 //       d = amax|x| / 127, q_k = round-half-even(x_k / d) clamped to +-127 (q = 0 if d == 0),
 //       dot_g = sum_{k in g} code_k * q_k                     (exact, integer)
@@ -31,7 +35,10 @@
 // Group boundaries then fall between vector operations, never inside one, so every group size
 // whose groups are whole words (1/2/4-bit: group_size * code_bits % 32 == 0) or whole 4-code
 // quads (3-bit: group_size % 4 == 0) runs the SIMD code at full speed; other group sizes use the
-// scalar reference (plan() says so). Per-row scales (one group) run SIMD for every K.
+// scalar reference (plan() says so). Per-row scales (one group) run SIMD for every K. kTrits5
+// decodes one plane (trit i of the 4 bytes of each word: 4 consecutive codes) at a time, so its
+// groups must be multiples of 4 codes (and, when the row's last word is short, no smaller than
+// that word).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -40,12 +47,20 @@
 
 namespace paretoq {
 
+enum Storage : int { kRowBits = 0, kTrits5 = 1 };
+
 struct Format {
-  int code_bits;  // 1, 2, 3, 4
+  int code_bits;  // 1, 2, 3, 4: width of a code field (kRowBits)
   int n_codes;    // valid codes (3 for ternary)
   float zero;     // code of level 0 (2 * zero is an integer)
   float step;     // distance between normalised levels
+  int storage = kRowBits;
 };
+
+// Bytes of one packed row of K codes (packing.packed_row_bytes).
+inline int64_t row_bytes_for(const Format& f, int64_t K) {
+  return f.storage == kTrits5 ? (K + 4) / 5 : (K * f.code_bits + 7) / 8;
+}
 
 // bits: 1, 1.58, 2, 3, 4 (formats_table.h). Returns false if unknown.
 bool format_for_bits(double bits, Format* out);
@@ -60,7 +75,7 @@ Path best_path();             // what Auto resolves to (env PARETOQ_KERNEL_PATH 
 struct LinearArgs {
   const float* x;       // [M, K] activations, rows contiguous
   int64_t M, K, N;
-  const uint8_t* w;     // [N, row_bytes], paretoq-rowbits-v1
+  const uint8_t* w;     // [N, row_bytes], the layout of fmt.storage
   int64_t row_bytes;
   const float* scale;   // [N, G]
   int64_t G;

@@ -13,6 +13,9 @@
 //   band, add, sub, set1_i, zero_i; cvt (int32 -> float), fma(a, b, c) = fused a * b + c,
 //   add_f, mul_f, set1_f, zero_f, max_eps(s) = (s < eps ? eps : s, NaN kept)
 //   levels(tab16, step, bias) / level<B>(v, lv)   float level of the code in the low B bits of v
+//   tstate(w) / mul3(s) / trit(s)   trits5 decoding, per byte: tstate makes the decode state of a
+//                          word vector's bytes, mul3 multiplies every byte by 3 (mod 256), trit gives
+//                          the top trit (s * 3) >> 8 = (s > 85) + (s > 170) of every byte as 0, 1, 2
 //   store(dst, v, lo, hi)  lanes [lo, hi) of v to dst[lo .. hi)
 //
 // Work is split into row blocks of NB consecutive rows (one vector lane per row), each computed
@@ -45,7 +48,7 @@ PQ_INLINE void unroll(F&& f) {
 // Bytes of every row read per step: 16 (one load4) for 1/2/4-bit codes, 48 (three load4 = four
 // 32-code units) for 3-bit codes.
 template <int B>
-constexpr int kSpan = (B == 3) ? 48 : 16;
+constexpr int kSpan = (B == 3) ? 48 : 16;  // trits5 (B = kTrits): 16
 
 // One row block: NB consecutive rows addressed as wb + i * ws (lane i = row start + i). A block
 // that would run past N is shifted back to end at row N - 1 (its first `skip` lanes repeat rows
@@ -397,12 +400,107 @@ PQ_FLATTEN void block_f32_units(const LinearArgs& a, const Prepared& p, const Bl
   store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
 }
 
+// ---- ternary, layout trits5 --------------------------------------------------------------------
+//
+// A word vector holds 4 bytes = 20 codes of every row. Plane i (trit i of the 4 bytes, decoded by
+// trit() after i mul3() steps) is 4 consecutive codes, whose activations are 4 consecutive slots.
+// UG: groups are whole words (per row, or group_size % 20 == 0), checked once per word; otherwise
+// a group may end after any plane: plane (w, i) ends at code 20w + nb_w (i + 1) (nb_w = 4 but in a
+// short last word), and simd_groups_ok guarantees that group ends fall on plane ends.
+
+constexpr int kTrits = 5;  // the "B" of rows_b / block for kTrits5
+
+struct PlaneGroups {
+  int64_t g = 0, end, gs, groups;
+  PlaneGroups(int64_t group_size, int64_t n_groups) : end(group_size), gs(group_size), groups(n_groups) {}
+  bool ends(int64_t code_end) const { return g < groups && code_end >= end; }
+  void next() { ++g; end += gs; }
+};
+
+template <class A, int MT, int NA, bool UG>
+PQ_FLATTEN void block_i8_trits(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
+  using VI = typename A::VI;
+  const int8_t* q[MT];
+  for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
+  const int64_t nw = n_words(a), last_nb = a.row_bytes - 4 * (nw - 1);
+  I8Acc<A, MT, NA, 0> st;
+  Groups<A> gr(a, t, a.G == 1 ? nw : p.gs / 20);
+  Scales<A> sc;
+  PlaneGroups pg(p.gs, a.G);
+  for_each_word<A>(a, t, [&](int64_t w, VI v) {
+    VI s = A::tstate(v);
+    const int64_t nb = w == nw - 1 ? last_nb : 4;
+    unroll<5>([&](auto I) {
+      constexpr int i = I.value;
+      const VI u = A::trit(s);
+      if constexpr (i < 4) s = A::mul3(s);
+      unroll<MT>([&](auto M) {
+        st.acc[M.value][i % NA] = A::dot(st.acc[M.value][i % NA], u, q[M.value] + w * 20 + 4 * i);
+      });
+      if constexpr (!UG) {
+        if (pg.ends(20 * w + nb * (i + 1))) {
+          st.flush(p, m0, pg.g, sc.get(t, pg.g, a.G));
+          pg.next();
+        }
+      }
+    });
+    if constexpr (UG) gr.after(w, a, t, [&](int64_t g, typename A::VF sv) { st.flush(p, m0, g, sv); });
+  });
+  store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
+}
+
+template <class A, int MT, bool UG>
+PQ_FLATTEN void block_f32_trits(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
+                                const typename A::Levels& lv) {
+  using VI = typename A::VI;
+  const float* x[MT];
+  for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
+  const int64_t nw = n_words(a), last_nb = a.row_bytes - 4 * (nw - 1);
+  F32Acc<A, MT> st;
+  Groups<A> gr(a, t, a.G == 1 ? nw : p.gs / 20);
+  Scales<A> sc;
+  PlaneGroups pg(p.gs, a.G);
+  for_each_word<A>(a, t, [&](int64_t w, VI v) {
+    VI s = A::tstate(v);
+    const int64_t nb = w == nw - 1 ? last_nb : 4;
+    unroll<5>([&](auto I) {
+      constexpr int i = I.value;
+      const VI u = A::trit(s);
+      if constexpr (i < 4) s = A::mul3(s);
+      unroll<4>([&](auto J) {
+        constexpr int j = J.value;
+        const typename A::VF l = A::template level<2>(A::template srl<8 * j>(u), lv);
+        unroll<MT>([&](auto M) {
+          st.acc[M.value][j] = A::fma(l, A::set1_f(x[M.value][w * 20 + 4 * i + j]), st.acc[M.value][j]);
+        });
+      });
+      if constexpr (!UG) {
+        if (pg.ends(20 * w + nb * (i + 1))) {
+          st.flush(sc.get(t, pg.g, a.G));
+          pg.next();
+        }
+      }
+    });
+    if constexpr (UG) gr.after(w, a, t, [&](int64_t, typename A::VF sv) { st.flush(sv); });
+  });
+  store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
+}
+
 // ---- blocks and row ranges ---------------------------------------------------------------------
 
 template <class A, int B, int MT, int NA, int SH = 0>
 inline void block(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
                   const typename A::Levels& lv) {
-  if constexpr (B == 3) {
+  if constexpr (B == kTrits) {
+    const bool ug = a.G == 1 || p.gs % 20 == 0;
+    if (mode == ActMode::Int8) {
+      if (ug) block_i8_trits<A, MT, NA, true>(a, p, t, m0);
+      else block_i8_trits<A, MT, NA, false>(a, p, t, m0);
+    } else {
+      if (ug) block_f32_trits<A, MT, true>(a, p, t, m0, lv);
+      else block_f32_trits<A, MT, false>(a, p, t, m0, lv);
+    }
+  } else if constexpr (B == 3) {
     const bool ug = a.G == 1 || p.gs % kUnit3Codes == 0;
     if (mode == ActMode::Int8) {
       if (ug) block_i8_units<A, MT, NA, true>(a, p, t, m0);
@@ -425,7 +523,8 @@ void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, in
   float tab[16];
   level_table(a.fmt, tab);
   const typename A::Levels lv = A::levels(tab, a.fmt.step, -a.fmt.zero * a.fmt.step);
-  const bool masked = A::kMaskedPlanes && B != 3 && mode == ActMode::Int8 && p.gs <= kMaskedMaxGroup;
+  constexpr bool kCanMask = A::kMaskedPlanes && B != 3 && B != kTrits;
+  const bool masked = kCanMask && mode == ActMode::Int8 && p.gs <= kMaskedMaxGroup;
   Block<A> t;
   for (int64_t n = n0; n < n1; n += A::NB) {
     setup_block<A>(t, a, n, kSpan<B>);
@@ -437,7 +536,7 @@ void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, in
     for (; m + MT <= a.M; m += MT) block<A, B, MT, 1>(a, p, mode, t, m, lv);
     for (; m + 2 <= a.M; m += 2) block<A, B, 2, 1>(a, p, mode, t, m, lv);
     if (m < a.M) {
-      if constexpr (A::kMaskedPlanes && B != 3) {
+      if constexpr (kCanMask) {
         if (masked) {
           block<A, B, 1, 8 / B, B>(a, p, mode, t, m, lv);
           continue;
@@ -450,6 +549,7 @@ void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, in
 
 template <class A>
 void rows(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
+  if (a.fmt.storage == kTrits5) return rows_b<A, kTrits>(a, p, mode, n0, n1);
   switch (a.fmt.code_bits) {
     case 1: return rows_b<A, 1>(a, p, mode, n0, n1);
     case 2: return rows_b<A, 2>(a, p, mode, n0, n1);

@@ -5,6 +5,7 @@
 // Prints "PASS ..." / "FAIL ..." lines; exit code 0 on success.
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -39,8 +40,18 @@ static Case make_case(std::mt19937& rng, double bits, const Shape& s) {
   format_for_bits(bits, &c.f);
   c.bits = bits;
   c.s = s;
-  c.rb = (s.K * c.f.code_bits + 7) / 8;
+  c.rb = row_bytes_for(c.f, s.K);
   c.w.assign(static_cast<size_t>(s.N * c.rb), 0);
+  if (c.f.storage == kTrits5) {  // packing.py trits5: code 20w + nb*i + j = trit i of byte 4w + j
+    std::vector<int> v(static_cast<size_t>(s.N * c.rb), 0);
+    const int pow3[5] = {81, 27, 9, 3, 1};
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t k = 0; k < s.K; ++k) {
+        const int64_t w = k / 20, o = k % 20, nb = std::min<int64_t>(4, c.rb - 4 * w);
+        v[n * c.rb + 4 * w + o % nb] += static_cast<int>(rng() % 3) * pow3[o / nb];
+      }
+    for (size_t i = 0; i < v.size(); ++i) c.w[i] = static_cast<uint8_t>((256 * v[i] + 242) / 243);
+  } else
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t k = 0; k < s.K; ++k) {
       const unsigned code = static_cast<unsigned>(rng() % c.f.n_codes);
@@ -75,6 +86,7 @@ static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) 
 static bool simd_aligned(const Case& c) {
   if (c.s.G == 1) return true;
   const int64_t gs = c.s.K / c.s.G;
+  if (c.f.storage == kTrits5) return gs % 4 == 0 && gs >= c.s.K % 20;
   return c.f.code_bits == 3 ? gs % 4 == 0 : (gs * c.f.code_bits) % 32 == 0;
 }
 
@@ -87,7 +99,10 @@ int main() {
       {2, 520, 5, 65},  {1, 192, 8, 6},    {1, 2048, 67, 1},  {8, 1024, 21, 2},  {3, 4096, 14, 4},
       {6, 1536, 19, 1}, {1, 3072, 14, 3},  {1, 512, 33, 16},  {1, 768, 40, 24},  {1, 1024, 70, 4},
       {1, 2048, 16, 64}, {2, 1024, 35, 32}, {5, 1024, 18, 8}, {17, 256, 23, 8},  {70, 384, 37, 12},
-      {1, 96, 130, 3},  {4, 64, 65, 2},    {1, 48, 16, 3},    {2, 80, 9, 5},     {33, 64, 17, 1}};
+      {1, 96, 130, 3},  {4, 64, 65, 2},    {1, 48, 16, 3},    {2, 80, 9, 5},     {33, 64, 17, 1},
+      // trits5 tails (K % 20) and group ends between planes / inside a short last word
+      {2, 88, 9, 11},   {1, 72, 5, 9},     {3, 120, 17, 10},  {1, 4100, 33, 1},  {2, 4, 3, 1},
+      {1, 9, 17, 1},    {1, 640, 20, 10},  {1, 11008, 16, 172}, {5, 68, 18, 17}, {1, 76, 16, 19}};
   std::vector<Path> paths;
   for (Path p : {Path::AVX2, Path::AVX512, Path::NEON, Path::NEONDOT})
     if (path_available(p)) paths.push_back(p);
@@ -168,6 +183,15 @@ int main() {
     e = linear(a, Path::Auto, ActMode::Int8, nullptr);
     ++checks;
     if (!e || !std::strstr(e, "G=3")) { ++fails; std::printf("FAIL bad G message: %s\n", e ? e : "(none)"); }
+  }
+  // A ternary weight in 2-bit fields (paretoq-rowbits-v1) is refused, naming the old layout.
+  {
+    Case c = make_case(rng, 1.58, Shape{1, 64, 4, 1});
+    std::vector<float> out(4);
+    LinearArgs a{c.x.data(), 1, 64, 4, c.w.data(), 16, c.sc.data(), 1, c.f, out.data()};
+    const char* e = linear(a, Path::Auto, ActMode::Fp32, nullptr);
+    ++checks;
+    if (!e || !std::strstr(e, "rowbits-v1")) { ++fails; std::printf("FAIL legacy ternary message: %s\n", e ? e : "(none)"); }
   }
   // stream_read (the bandwidth figure): every byte read once; the checksum is the same on every path.
   {
