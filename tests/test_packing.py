@@ -102,7 +102,7 @@ def ref_pack_bits(codes, bits):
     """codes: int tensor [N, K] -> the documented layout of ``bits``."""
     if bits == 1.58:
         return ref_pack_trits5(codes.tolist())
-    return ref_pack_bits(codes, bits)
+    return ref_pack(codes.tolist(), CODE_BITS[bits])
 
 
 def random_codes(n, k, bits, seed=0, full_range=True):

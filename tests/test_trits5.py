@@ -263,6 +263,20 @@ def test_int8_mode_is_the_integer_arithmetic_exactly(group_size):
 # ExecuTorch
 
 
+def _pte_code_bytes(path) -> int:
+    """Bytes of the program's uint8 constants (the packed codes), read from the .pte itself."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    prog = deserialize_pte_binary(open(path, "rb").read()).program
+    bufs = prog.constant_buffer
+    total = 0
+    for v in prog.execution_plan[0].values:
+        t = v.val
+        if type(t).__name__ == "Tensor" and int(t.scalar_type) == 0 and t.data_buffer_idx > 0:  # Byte
+            total += len(bufs[t.data_buffer_idx].storage)
+    return total
+
+
 def test_pte_codes_shrink_by_exactly_the_expected_bytes(tmp_path):
     import paretoq_ao.export as pe
 
@@ -272,10 +286,10 @@ def test_pte_codes_shrink_by_exactly_the_expected_bytes(tmp_path):
         m = nn.Sequential(nn.Linear(320, 64, bias=False), nn.ReLU(), nn.Linear(64, 48, bias=False)).eval()
         quantize_(m, pq.ParetoQWeightOnlyConfig(bits=bits), filter_fn=lambda mod, f: isinstance(mod, nn.Linear))
         path = pe.export_executorch(m, (torch.randn(1, 320),), tmp_path / f"{bits}.pte", activations="int8")
-        sizes[bits], models[bits] = os.path.getsize(path), (m, path)
-    # 2-bit fields (the old ternary layout's row length) minus 5 codes per byte, per layer
-    expected = 64 * (320 // 4 - 320 // 5) + 48 * (64 // 4 - 64 // 5)
-    assert sizes[2] - sizes[1.58] == expected
+        sizes[bits], models[bits] = _pte_code_bytes(path), (m, path)
+    # 2-bit fields (the old ternary layout's row length) against ceil(K / 5) bytes, per layer
+    assert sizes[2] == 64 * 80 + 48 * 16
+    assert sizes[2] - sizes[1.58] == 64 * (80 - 64) + 48 * (16 - 13)
     m, path = models[1.58]
     f = pe.load_executorch(path)
     x = torch.randn(1, 320)
@@ -297,7 +311,7 @@ def test_bad_ternary_code_byte_and_truncated_row_are_clear_errors(tmp_path):
     qdata[2, 3] = packing.TRITS5_INVALID_BYTES[4]
     assert "row 2, byte 3 encodes no 5 ternary codes" in packing.trits5_problem(qdata)
     save_safetensors({"w": pq.ParetoQPackedTensor(qdata, w.scale, 1.58, w.shape)}, tmp_path / "bad.safetensors")
-    with pytest.raises(SafetensorsFileError, match=r"packed tensor 'w'.*byte 99 at row 2, byte 3"):
+    with pytest.raises(SafetensorsFileError, match=rf"packed tensor .w..*byte {packing.TRITS5_INVALID_BYTES[4]} at row 2, byte 3"):
         load_safetensors(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"do not fit in_features=30.*\[N, 6\]"):
         pq.unpack_codes(w.qdata[:, :5], 30, 1.58)

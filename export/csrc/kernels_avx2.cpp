@@ -12,6 +12,7 @@ namespace {
 struct Avx2 {
   static constexpr int NB = 8, kMT8 = 2, kMT = 2;
   static constexpr bool kMaskedPlanes = false;  // vpmaddubsw int16 pair sums would saturate
+  static constexpr bool kRawTrits = false;      // (the same reason)
   using VI = __m256i;
   using VF = __m256;
   struct Levels { VF tab, step, bias; };

@@ -8,6 +8,8 @@
 #define PQ_INLINE inline __attribute__((always_inline))
 // Inline everything (the unrolled lambdas included) into a kernel body.
 #define PQ_FLATTEN __attribute__((flatten))
+// A lambda that must be inlined wherever it is called (flatten does not always reach them).
+#define PQ_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace paretoq {
 

@@ -11,6 +11,7 @@ template <bool kDot>
 struct NeonT {
   static constexpr int NB = 4, kMT8 = 8, kMT = 4;
   static constexpr bool kMaskedPlanes = false;  // s8 x s8 products: codes must stay < 128
+  static constexpr bool kRawTrits = false;
   using VI = uint32x4_t;
   using VF = float32x4_t;
   struct Levels { VF step, bias; };
@@ -58,7 +59,7 @@ struct NeonT {
     return vreinterpretq_u32_s32(vpadalq_s16(vreinterpretq_s32_u32(acc), pairs));
   }
   PQ_INLINE static VI tstate(VI w) { return w; }
-  PQ_INLINE static VI mul3(VI s) { return vreinterpretq_u32_u8(vmulq_n_u8(vreinterpretq_u8_u32(s), 3)); }
+  PQ_INLINE static VI mul3(VI s) { return vreinterpretq_u32_u8(vmulq_u8(vreinterpretq_u8_u32(s), vdupq_n_u8(3))); }
   PQ_INLINE static VI trit(VI s) {  // -(s > 85) - (s > 170)
     const uint8x16_t b = vreinterpretq_u8_u32(s);
     const uint8x16_t gt85 = vcgtq_u8(b, vdupq_n_u8(85)), gt170 = vcgtq_u8(b, vdupq_n_u8(170));

@@ -2,7 +2,7 @@
 // translation unit with its traits class `A` (compiled with that architecture's -m flags).
 //
 // A supplies: NB (32-bit lanes = rows per vector), kMT / kMT8 (largest token tile in float / int8
-// mode), kMaskedPlanes, the
+// mode), kMaskedPlanes, kRawTrits (dot() takes u8 values up to 255: raw trits5 states), the
 // vector types VI (int32 lanes) and VF (float lanes), and
 //   load4(b, st, out[4])   16 bytes of each of the NB rows b + i * st, transposed into four word
 //                          vectors: lane i of out[j] = 32-bit word j of row i
@@ -402,13 +402,24 @@ PQ_FLATTEN void block_f32_units(const LinearArgs& a, const Prepared& p, const Bl
 
 // ---- ternary, layout trits5 --------------------------------------------------------------------
 //
-// A word vector holds 4 bytes = 20 codes of every row. Plane i (trit i of the 4 bytes, decoded by
-// trit() after i mul3() steps) is 4 consecutive codes, whose activations are 4 consecutive slots.
-// UG: groups are whole words (per row, or group_size % 20 == 0), checked once per word; otherwise
-// a group may end after any plane: plane (w, i) ends at code 20w + nb_w (i + 1) (nb_w = 4 but in a
-// short last word), and simd_groups_ok guarantees that group ends fall on plane ends.
+// A word vector holds 4 bytes = 20 codes of every row. Plane i (trit i of the 4 bytes: the decode
+// state s_i = byte * 3^i mod 256, i mul3() steps from tstate()) is 4 consecutive codes, whose
+// activations are 4 consecutive slots. Group ends (GM, chosen per call):
+//   0  groups are whole words (per row, or group_size % 20 == 0): checked once per word;
+//   1  group_size >= 20: at most one group end per word, after plane P; the word body is
+//      instantiated for every P (0..4, none) and chosen with a switch, so that a flush sits at a
+//      fixed place in straight-line code;
+//   2  smaller groups: checked after every plane (plane (w, i) ends at code 20w + nb_w (i + 1)).
+// simd_groups_ok guarantees that group ends fall on plane ends and that a short last word holds
+// no group end but the row's.
 
 constexpr int kTrits = 5;  // the "B" of rows_b / block for kTrits5
+// Raw-state int8 accumulation (A::kRawTrits): sums of 256 * trit * q; exact while a flush covers
+// at most this many codes (|256 * 2 * 127 * n| < 2^31).
+constexpr int64_t kRawMaxGroup = 32768;
+#ifndef PQ_RAW_CHAINS
+#define PQ_RAW_CHAINS 2
+#endif
 
 struct PlaneGroups {
   int64_t g = 0, end, gs, groups;
@@ -417,73 +428,215 @@ struct PlaneGroups {
   void next() { ++g; end += gs; }
 };
 
-template <class A, int MT, int NA, bool UG>
+template <int V>
+using IC = std::integral_constant<int, V>;
+
+// plane(w, IC<i>, s_i) for every plane of the block's rows, flush(g, scale vector) at group ends.
+// Super-blocks (GM 1 with a compile-time group size of PPG planes, PPG % 5 != 0): every
+// lcm(PPG, 5) / 5 words hold 5 whole groups whose ends fall at fixed planes; unrolled, the flushes
+// sit in straight-line code with no test at all. The plane of word j after which a group ends, or -1:
+constexpr int super_end_plane(int ppg, int j) {
+  for (int g = 0; ppg * (g + 1) - 1 < 5 * (j + 1); ++g)
+    if ((ppg * (g + 1) - 1) / 5 == j) return (ppg * (g + 1) - 1) % 5;
+  return -1;
+}
+constexpr int super_words(int ppg) { return ppg % 5 == 0 ? ppg / 5 : ppg; }  // lcm(ppg, 5) / 5
+
+template <class A, int GM, int PPG = 0, class Plane, class Flush>
+PQ_INLINE void trit_planes(const LinearArgs& a, const Prepared& p, const Block<A>& t, Plane&& plane, Flush&& flush) {
+  using VI = typename A::VI;
+  const int64_t nw = n_words(a), last_nb = a.row_bytes - 4 * (nw - 1);
+  Groups<A> gr(a, t, a.G == 1 ? nw : p.gs / 20);
+  Scales<A> sc;
+  PlaneGroups pg(p.gs, a.G);
+  auto group_end = [&]() PQ_LAMBDA_INLINE {
+    flush(pg.g, sc.get(t, pg.g, a.G));
+    pg.next();
+  };
+  auto word = [&](auto Pc, int64_t w, VI v, int64_t nb) PQ_LAMBDA_INLINE {
+    constexpr int P = decltype(Pc)::value;
+    VI s = A::tstate(v);
+    unroll<5>([&](auto I) PQ_LAMBDA_INLINE {
+      constexpr int i = I.value;
+      plane(w, I, s);
+      if constexpr (i < 4) s = A::mul3(s);
+      if constexpr (GM == 2) {
+        if (pg.ends(20 * w + nb * (i + 1))) group_end();
+      } else if constexpr (i == P) {
+        group_end();
+      }
+    });
+  };
+  auto body = [&](int64_t w, VI v, int64_t nb) PQ_LAMBDA_INLINE {
+    if constexpr (GM == 0) {
+      word(IC<-1>{}, w, v, nb);
+      if (a.G > 1) gr.after(w, a, t, flush);  // per row: one flush after the last word (below)
+    } else if constexpr (GM == 2) {
+      word(IC<-1>{}, w, v, nb);
+    } else {
+      const int64_t rel = pg.end - 20 * w;  // the next group end, from this word's first code
+      const int P = (pg.g < a.G && nb == 4 && rel <= 20) ? static_cast<int>(rel / 4) - 1 : -1;
+      switch (P) {
+        case 0: word(IC<0>{}, w, v, nb); break;
+        case 1: word(IC<1>{}, w, v, nb); break;
+        case 2: word(IC<2>{}, w, v, nb); break;
+        case 3: word(IC<3>{}, w, v, nb); break;
+        case 4: word(IC<4>{}, w, v, nb); break;
+        default: word(IC<-1>{}, w, v, nb); break;
+      }
+      if (nb < 4 && pg.g < a.G) group_end();  // a short last word ends the row's last group
+    }
+  };
+  const int64_t whole_words = nw - (last_nb < 4 ? 1 : 0);
+  int64_t first_span = 0;
+  if constexpr (PPG > 0) {
+    constexpr int WPS = super_words(PPG);
+    static_assert(GM == 1 && WPS % 4 == 0, "super-blocks are whole spans of GM 1");
+    const int64_t nsuper = whole_words / WPS;
+    for (int64_t sb = 0; sb < nsuper; ++sb) {
+      unroll<WPS / 4>([&](auto S) PQ_LAMBDA_INLINE {
+        VI wv[4];
+        load_span<A, 16>(t, sb * (WPS / 4) + S.value, wv);
+        unroll<4>([&](auto J) PQ_LAMBDA_INLINE {
+          constexpr int j = 4 * S.value + J.value;
+          word(IC<super_end_plane(PPG, j)>{}, sb * WPS + j, wv[J.value], 4);
+        });
+      });
+    }
+    first_span = nsuper * (WPS / 4);
+  }
+  // Spans whose 4 words are all whole (no per-word test in the hot loop), then the rest.
+  const int64_t nsteps = (a.row_bytes + 15) / 16, whole = whole_words / 4;
+  for (int64_t st = first_span; st < whole; ++st) {
+    VI wv[4];
+    load_span<A, 16>(t, st, wv);
+    unroll<4>([&](auto J) PQ_LAMBDA_INLINE { body(4 * st + J.value, wv[J.value], 4); });
+  }
+  for (int64_t st = whole > first_span ? whole : first_span; st < nsteps; ++st) {
+    VI wv[4];
+    load_span<A, 16>(t, st, wv);
+    unroll<4>([&](auto J) PQ_LAMBDA_INLINE {
+      const int64_t w = 4 * st + J.value;
+      if (w < nw) body(w, wv[J.value], w == nw - 1 ? last_nb : 4);
+    });
+  }
+  if constexpr (GM == 0) {
+    if (a.G == 1) flush(0, gr.sc.sv[0]);
+  }
+}
+
+// int8, decoded trits: u_i = trit(s_i), one dot per plane.
+template <class A, int MT, int NA, int GM>
 PQ_FLATTEN void block_i8_trits(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
   using VI = typename A::VI;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
-  const int64_t nw = n_words(a), last_nb = a.row_bytes - 4 * (nw - 1);
   I8Acc<A, MT, NA, 0> st;
-  Groups<A> gr(a, t, a.G == 1 ? nw : p.gs / 20);
-  Scales<A> sc;
-  PlaneGroups pg(p.gs, a.G);
-  for_each_word<A>(a, t, [&](int64_t w, VI v) {
-    VI s = A::tstate(v);
-    const int64_t nb = w == nw - 1 ? last_nb : 4;
-    unroll<5>([&](auto I) {
-      constexpr int i = I.value;
-      const VI u = A::trit(s);
-      if constexpr (i < 4) s = A::mul3(s);
-      unroll<MT>([&](auto M) {
-        st.acc[M.value][i % NA] = A::dot(st.acc[M.value][i % NA], u, q[M.value] + w * 20 + 4 * i);
-      });
-      if constexpr (!UG) {
-        if (pg.ends(20 * w + nb * (i + 1))) {
-          st.flush(p, m0, pg.g, sc.get(t, pg.g, a.G));
-          pg.next();
-        }
-      }
-    });
-    if constexpr (UG) gr.after(w, a, t, [&](int64_t g, typename A::VF sv) { st.flush(p, m0, g, sv); });
-  });
+  trit_planes<A, GM>(a, p, t,
+      [&](int64_t w, auto I, VI s) PQ_LAMBDA_INLINE {
+        constexpr int i = decltype(I)::value;
+        const VI u = A::trit(s);
+        unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
+          st.acc[M.value][i % NA] = A::dot(st.acc[M.value][i % NA], u, q[M.value] + w * 20 + 4 * i);
+        });
+      },
+      [&](int64_t g, typename A::VF sv) PQ_LAMBDA_INLINE { st.flush(p, m0, g, sv); });
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
 }
 
-template <class A, int MT, bool UG>
+// int8, raw states (dot takes u8 up to 255): trit_i = (3 s_i - s_{i+1}) / 256 exactly, so
+// sum trit * q = (3 * sum s_i q - sum s_{i+1} q) >> 8: two dots per plane and no decode. Two
+// chains of each sum (by plane parity) keep the dot latency hidden at M = 1.
+template <class A, int MT, int GM, int PPG = 0>
+PQ_FLATTEN void block_i8_trits_raw(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
+  using VI = typename A::VI;
+  using VF = typename A::VF;
+  const int8_t* q[MT];
+  for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
+  constexpr int NC = PQ_RAW_CHAINS;
+  VI sa[MT][NC], sb[MT][NC];
+  VF res[MT];
+  unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
+    res[M.value] = A::zero_f();
+    unroll<NC>([&](auto C) PQ_LAMBDA_INLINE { sa[M.value][C.value] = sb[M.value][C.value] = A::zero_i(); });
+  });
+  trit_planes<A, GM, PPG>(a, p, t,
+      [&](int64_t w, auto I, VI s) PQ_LAMBDA_INLINE {
+        constexpr int i = decltype(I)::value;
+        const VI s1 = A::mul3(s);  // (the next plane's state: the same value trit_planes computes)
+        unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
+          const int8_t* x4 = q[M.value] + w * 20 + 4 * i;
+          sa[M.value][i % NC] = A::dot(sa[M.value][i % NC], s, x4);
+          sb[M.value][i % NC] = A::dot(sb[M.value][i % NC], s1, x4);
+        });
+      },
+      [&](int64_t g, VF sv) PQ_LAMBDA_INLINE {
+        unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
+          constexpr int mt = M.value;
+          VI A1 = sa[mt][0], B1 = sb[mt][0];
+          unroll<NC - 1>([&](auto C) PQ_LAMBDA_INLINE {
+            A1 = A::add(A1, sa[mt][C.value + 1]);
+            B1 = A::add(B1, sb[mt][C.value + 1]);
+          });
+          const VI dot = A::template sra<8>(A::sub(A::add(A1, A::add(A1, A1)), B1));
+          const VI v2 = A::sub(A::template sll<1>(dot), A::set1_i(p.zq2[(m0 + mt) * p.G + g]));
+          res[mt] = A::fma(sv, A::cvt(v2), res[mt]);
+          unroll<NC>([&](auto C) PQ_LAMBDA_INLINE { sa[mt][C.value] = sb[mt][C.value] = A::zero_i(); });
+        });
+      });
+  store_block<A, MT>(a, t, m0, res, p.d, 0.5f * a.fmt.step);
+}
+
+template <class A, int MT, int GM>
 PQ_FLATTEN void block_f32_trits(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
                                 const typename A::Levels& lv) {
   using VI = typename A::VI;
   const float* x[MT];
   for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
-  const int64_t nw = n_words(a), last_nb = a.row_bytes - 4 * (nw - 1);
   F32Acc<A, MT> st;
-  Groups<A> gr(a, t, a.G == 1 ? nw : p.gs / 20);
-  Scales<A> sc;
-  PlaneGroups pg(p.gs, a.G);
-  for_each_word<A>(a, t, [&](int64_t w, VI v) {
-    VI s = A::tstate(v);
-    const int64_t nb = w == nw - 1 ? last_nb : 4;
-    unroll<5>([&](auto I) {
-      constexpr int i = I.value;
-      const VI u = A::trit(s);
-      if constexpr (i < 4) s = A::mul3(s);
-      unroll<4>([&](auto J) {
-        constexpr int j = J.value;
-        const typename A::VF l = A::template level<2>(A::template srl<8 * j>(u), lv);
-        unroll<MT>([&](auto M) {
-          st.acc[M.value][j] = A::fma(l, A::set1_f(x[M.value][w * 20 + 4 * i + j]), st.acc[M.value][j]);
+  trit_planes<A, GM>(a, p, t,
+      [&](int64_t w, auto I, VI s) PQ_LAMBDA_INLINE {
+        constexpr int i = decltype(I)::value;
+        const VI u = A::trit(s);
+        unroll<4>([&](auto J) PQ_LAMBDA_INLINE {
+          constexpr int j = J.value;
+          const typename A::VF l = A::template level<2>(A::template srl<8 * j>(u), lv);
+          unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
+            st.acc[M.value][j] = A::fma(l, A::set1_f(x[M.value][w * 20 + 4 * i + j]), st.acc[M.value][j]);
+          });
         });
-      });
-      if constexpr (!UG) {
-        if (pg.ends(20 * w + nb * (i + 1))) {
-          st.flush(sc.get(t, pg.g, a.G));
-          pg.next();
-        }
-      }
-    });
-    if constexpr (UG) gr.after(w, a, t, [&](int64_t, typename A::VF sv) { st.flush(sv); });
-  });
+      },
+      [&](int64_t, typename A::VF sv) PQ_LAMBDA_INLINE { st.flush(sv); });
   store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
+}
+
+template <class A, int MT, int NA, int GM>
+inline void block_trits_gm(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
+                           const typename A::Levels& lv) {
+  if (mode == ActMode::Fp32) return block_f32_trits<A, MT, GM>(a, p, t, m0, lv);
+  if constexpr (A::kRawTrits) {
+    if constexpr (GM == 1 && MT == 1) {  // decode: the usual group sizes as super-blocks (64, 128)
+      switch (p.gs) {
+        case 64: return block_i8_trits_raw<A, MT, GM, 16>(a, p, t, m0);
+        case 128: return block_i8_trits_raw<A, MT, GM, 32>(a, p, t, m0);
+        default: break;
+      }
+    }
+    if (p.gs <= kRawMaxGroup) return block_i8_trits_raw<A, MT, GM>(a, p, t, m0);
+    // groups beyond kRawMaxGroup are whole rows or multiples of 20 codes: one instantiation
+    return block_i8_trits<A, MT, NA, 0>(a, p, t, m0);
+  }
+  block_i8_trits<A, MT, NA, GM>(a, p, t, m0);
+}
+
+template <class A, int MT, int NA>
+inline void block_trits(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
+                        const typename A::Levels& lv) {
+  // GM 1 (a switch over 6 instantiated word bodies) only where it pays: one token (decode). Token
+  // tiles spend more per plane and take the per-plane test; this keeps the build time in check.
+  if (a.G == 1 || p.gs % 20 == 0) block_trits_gm<A, MT, NA, 0>(a, p, mode, t, m0, lv);
+  else if (MT == 1 && p.gs >= 20) block_trits_gm<A, MT, NA, MT == 1 ? 1 : 2>(a, p, mode, t, m0, lv);
+  else block_trits_gm<A, MT, NA, 2>(a, p, mode, t, m0, lv);
 }
 
 // ---- blocks and row ranges ---------------------------------------------------------------------
@@ -492,14 +645,7 @@ template <class A, int B, int MT, int NA, int SH = 0>
 inline void block(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
                   const typename A::Levels& lv) {
   if constexpr (B == kTrits) {
-    const bool ug = a.G == 1 || p.gs % 20 == 0;
-    if (mode == ActMode::Int8) {
-      if (ug) block_i8_trits<A, MT, NA, true>(a, p, t, m0);
-      else block_i8_trits<A, MT, NA, false>(a, p, t, m0);
-    } else {
-      if (ug) block_f32_trits<A, MT, true>(a, p, t, m0, lv);
-      else block_f32_trits<A, MT, false>(a, p, t, m0, lv);
-    }
+    block_trits<A, MT, NA>(a, p, mode, t, m0, lv);
   } else if constexpr (B == 3) {
     const bool ug = a.G == 1 || p.gs % kUnit3Codes == 0;
     if (mode == ActMode::Int8) {

@@ -73,7 +73,7 @@ double decoder_step_ms(const Opts& o, ActMode mode, double bits, int64_t gs, int
   *total_bytes = 0;
   for (int64_t l = 0; l < L; ++l)
     for (const auto& sh : shapes) {
-      Layer y{sh[0], sh[1], (sh[0] * f.code_bits + 7) / 8, gs ? sh[0] / gs : 1, {}, {}};
+      Layer y{sh[0], sh[1], row_bytes_for(f, sh[0]), gs ? sh[0] / gs : 1, {}, {}};
       y.w.resize(y.N * y.rb);
       y.s.assign(y.N * y.G, 0.01f);
       for (auto& b : y.w) b = static_cast<uint8_t>(rng());
@@ -108,7 +108,7 @@ Path parse_path(const std::string& s) {
 double median_ms(const Opts& o, Path path, ActMode mode, double bits, int64_t gs, int64_t M) {
   Format f;
   format_for_bits(bits, &f);
-  const int64_t rb = (o.K * f.code_bits + 7) / 8, G = gs ? o.K / gs : 1;
+  const int64_t rb = row_bytes_for(f, o.K), G = gs ? o.K / gs : 1;
   const int64_t bytes = o.N * rb + o.N * G * 4;
   const int copies = static_cast<int>(std::max<int64_t>(2, 3 * (o.cache_mb << 20) / bytes + 1));
   std::mt19937 rng(1);
@@ -188,7 +188,7 @@ int main(int argc, char** argv) {
         const ActMode mode = ms == "fp32" ? ActMode::Fp32 : ActMode::Int8;
         Format f;
         format_for_bits(bits, &f);
-        const int64_t rb = (o.K * f.code_bits + 7) / 8, G = gs ? o.K / gs : 1;
+        const int64_t rb = row_bytes_for(f, o.K), G = gs ? o.K / gs : 1;
         const double t = median_ms(o, path, mode, bits, gs, M);
         LinearArgs a{nullptr, M, o.K, o.N, nullptr, rb, nullptr, G, f, nullptr};
         std::printf("| %s | %g | %s | %s | %lld | %d | %.3f | %.1f | %s |\n", path_name(path == Path::Auto ? best_path() : path),
