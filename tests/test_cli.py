@@ -185,7 +185,7 @@ def test_demo_tiny(tmp_path, capsys):
     assert set(qat) == set(rtn) == {"4", "3", "2", "1.58", "1"}
     fp = next(r for r in rows if r[:2] == ["full", "precision"])
     # stored size shrinks with the bit width; every model is smaller than full precision
-    sizes = [float(qat[b][4]) for b in ("4", "3", "2", "1")]
+    sizes = [float(qat[b][4]) for b in ("4", "3", "2", "1.58", "1")]  # ternary below 2-bit (trits5)
     assert sizes == sorted(sizes, reverse=True) and sizes[0] < float(fp[4])
     assert all(float(qat[b][5]) > 0 for b in qat)
     png = out_dir / "pareto.png"
