@@ -216,7 +216,7 @@ def render(rows, args, meta) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Static SASS analysis of the GEMV kernels (no GPU)")
-    ap.add_argument("--bits", default="1,2,3,4", help="comma list of bit widths (1.58 = 2-bit codes)")
+    ap.add_argument("--bits", default="1,2,3,4", help="comma list of bit widths of the rowbits kernels (ternary has its own kernel, trits5.py)")
     ap.add_argument("--m", default="1,16", help="comma list of activation rows M (1: the GEMV "
                     "path, 2-64: small-M tl.dot, > 64: large-M tl.dot)")
     ap.add_argument("--candidates", action="store_true",

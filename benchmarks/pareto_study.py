@@ -571,7 +571,7 @@ def claims(res, args, close_pct: float = 5.0) -> List[str]:
                    + "; 2/1.58-bit points on it: " + (", ".join(f"{r['size']}/{r['bits']:g}b" for r in low) or "none")
                    + "; 4-bit: " + (", ".join(r["size"] for r in front if r["bits"] == 4) or "none")
                    + "; 1-bit: " + (", ".join(r["size"] for r in front if r["bits"] == 1) or "none") + "; "
-                   "ternary is stored in 2-bit codes here, so it can only reach the front where it beats 2-bit).")
+                   "ternary is stored at 1.6 bits per weight, 5 codes per byte).")
     grid = [a for a in abl if a["study"] == "grid"]
     g = {(a["bits"], a["variant"].split()[0]): a["ppl"] for a in grid}
     pairs = [(b, g[(b, "SEQ")], g[(b, "LSQ")]) for b in (2, 1.58) if (b, "SEQ") in g and (b, "LSQ") in g]

@@ -23,6 +23,11 @@ GRANULARITIES = [None, 16]
 BITS_X_GRAN = [(b, g) for b in ALL_BITS for g in GRANULARITIES]
 IDS = [f"{b}-{'row' if g is None else f'g{g}'}" for b, g in BITS_X_GRAN]
 CODE_BITS = {1: 1, 1.58: 2, 2: 2, 3: 3, 4: 4}
+
+
+def row_bytes(k, bits):
+    """Packed bytes per row (packing.py): ternary 5 codes per byte, the others code_bits-wide fields."""
+    return math.ceil(k / 5) if bits == 1.58 else math.ceil(k * CODE_BITS[bits] / 8)
 N_CODES = {1: 2, 1.58: 3, 2: 4, 3: 8, 4: 16}
 
 
@@ -76,7 +81,7 @@ def test_converted_qat_model_equals_fake_quantized_model(make_decoder, tokens, b
         assert isinstance(w, ParetoQPackedTensor) and not isinstance(w, ParetoQQATWeight)
         assert w.bits == bits and w.group_size == group_size and w.shape == fq[n].shape
         assert w.qdata.dtype == torch.uint8
-        assert w.qdata.shape == (mod.out_features, math.ceil(mod.in_features * CODE_BITS[bits] / 8))
+        assert w.qdata.shape == (mod.out_features, row_bytes(mod.in_features, bits))
         assert torch.equal(w.scale, scales[n])
         torch.testing.assert_close(w.dequantize(), fq[n], rtol=0, atol=1e-6)
         codes = w.codes()
@@ -105,7 +110,7 @@ def test_odd_in_features_convert_matches_qat(bits, group_size):
     quantize_(model, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size))
     for i, f in zip((0, 2, 3), fq):
         w = model[i].weight
-        assert w.qdata.shape == (w.shape[0], math.ceil(w.shape[1] * CODE_BITS[bits] / 8))
+        assert w.qdata.shape == (w.shape[0], row_bytes(w.shape[1], bits))
         torch.testing.assert_close(w.dequantize(), f, rtol=0, atol=1e-7)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
@@ -309,7 +314,7 @@ def test_model_size_per_layer_rows_and_totals(bits, group_size):
     for layer, (name, i, o, _) in zip(report.layers, SIZE_SHAPES):
         groups = 1 if group_size is None else i // group_size
         assert layer.shape == (o, i) and layer.bits == bits and layer.group_size == group_size
-        assert layer.weight_bytes == math.ceil(i * CODE_BITS[bits] / 8) * o
+        assert layer.weight_bytes == row_bytes(i, bits) * o
         assert layer.scale_bytes == o * groups * 4
         assert layer.original_bytes == i * o * 4
         assert layer.total_bytes == layer.weight_bytes + layer.scale_bytes

@@ -102,7 +102,7 @@ def _expect_bad_file(path, *words):
 
 
 def _other_row_bytes(bits):
-    return packed_row_bytes(K, get_format(bits).code_bits) - 1
+    return packed_row_bytes(K, bits) - 1
 
 
 @pytest.mark.parametrize("bits,group_size", BITS_X_GRAN, ids=IDS)
