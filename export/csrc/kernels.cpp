@@ -208,10 +208,6 @@ inline int trit_of(unsigned byte, int i) {
   static const unsigned kPow3[5] = {1, 3, 9, 27, 81};
   return static_cast<int>((((byte * kPow3[i]) & 255u) * 3u) >> 8);
 }
-inline int trit_at(const uint8_t* row, int64_t k, int64_t row_bytes) {
-  const TritPos p = trit_pos(k, row_bytes);
-  return trit_of(row[p.byte], p.trit);
-}
 
 inline float clamp_scale(float s) { return s < kScaleEps ? kScaleEps : s; }
 
@@ -325,8 +321,15 @@ void quantize_tokens(void* ctx, int64_t m0, int64_t m1) {
 
 // ---- scalar reference --------------------------------------------------------------------------
 
-// kTrits5 reference: the arithmetic of rows_scalar with trit_at codes and slot chains.
-static void rows_scalar_trits5(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
+// The canonical arithmetic, one code at a time. code(row, k) gives code k of a row and the fp32
+// chain it goes to: k mod 4 (rowbits), the slot j of its word (trits5).
+struct CodeChain {
+  int code, chain;
+};
+
+template <class CodeFn>
+static void rows_scalar_impl(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1,
+                             CodeFn code) {
   const int64_t gs = a.K / a.G;
   float tab[16];
   level_table(a.fmt, tab);
@@ -340,7 +343,7 @@ static void rows_scalar_trits5(const LinearArgs& a, const Prepared& p, ActMode m
         const int8_t* q = p.q + m * p.kq;
         for (int64_t g = 0; g < a.G; ++g) {
           int64_t dot = 0;
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) dot += trit_at(row, k, a.row_bytes) * q[k];
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) dot += code(row, k).code * q[k];
           const int32_t v2 = static_cast<int32_t>(2 * dot - p.zq2[m * a.G + g]);
           res = std::fma(clamp_scale(s[g]), static_cast<float>(v2), res);
         }
@@ -350,8 +353,8 @@ static void rows_scalar_trits5(const LinearArgs& a, const Prepared& p, ActMode m
         for (int64_t g = 0; g < a.G; ++g) {
           float acc[4] = {0.f, 0.f, 0.f, 0.f};
           for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-            const TritPos t = trit_pos(k, a.row_bytes);
-            acc[t.chain] = std::fma(tab[trit_of(row[t.byte], t.trit)], x[k], acc[t.chain]);
+            const CodeChain cc = code(row, k);
+            acc[cc.chain] = std::fma(tab[cc.code], x[k], acc[cc.chain]);
           }
           res = std::fma(clamp_scale(s[g]), (acc[0] + acc[1]) + (acc[2] + acc[3]), res);
         }
@@ -362,37 +365,17 @@ static void rows_scalar_trits5(const LinearArgs& a, const Prepared& p, ActMode m
 }
 
 void rows_scalar(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
-  if (a.fmt.storage == kTrits5) return rows_scalar_trits5(a, p, mode, n0, n1);
-  const int b = a.fmt.code_bits;
-  const int64_t gs = a.K / a.G;
-  float tab[16];
-  level_table(a.fmt, tab);
-  const float c = 0.5f * a.fmt.step;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = a.w + n * a.row_bytes;
-    const float* s = a.scale + n * a.G;
-    for (int64_t m = 0; m < a.M; ++m) {
-      float res = 0.f;
-      if (mode == ActMode::Int8) {
-        const int8_t* q = p.q + m * p.kq;
-        for (int64_t g = 0; g < a.G; ++g) {
-          int64_t dot = 0;
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) dot += code_at(row, k, b) * q[k];
-          const int32_t v2 = static_cast<int32_t>(2 * dot - p.zq2[m * a.G + g]);
-          res = std::fma(clamp_scale(s[g]), static_cast<float>(v2), res);
-        }
-        a.out[m * a.N + n] = (res * c) * p.d[m];
-      } else {
-        const float* x = p.xf + m * p.kq;
-        for (int64_t g = 0; g < a.G; ++g) {
-          float acc[4] = {0.f, 0.f, 0.f, 0.f};
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc[k & 3] = std::fma(tab[code_at(row, k, b)], x[k], acc[k & 3]);
-          res = std::fma(clamp_scale(s[g]), (acc[0] + acc[1]) + (acc[2] + acc[3]), res);
-        }
-        a.out[m * a.N + n] = res;
-      }
-    }
+  if (a.fmt.storage == kTrits5) {
+    const int64_t rb = a.row_bytes;
+    return rows_scalar_impl(a, p, mode, n0, n1, [rb](const uint8_t* row, int64_t k) {
+      const TritPos t = trit_pos(k, rb);
+      return CodeChain{trit_of(row[t.byte], t.trit), t.chain};
+    });
   }
+  const int b = a.fmt.code_bits;
+  rows_scalar_impl(a, p, mode, n0, n1, [b](const uint8_t* row, int64_t k) {
+    return CodeChain{code_at(row, k, b), static_cast<int>(k & 3)};
+  });
 }
 
 #if !defined(PARETOQ_HAVE_X86)
