@@ -634,9 +634,11 @@ inline void block_trits(const LinearArgs& a, const Prepared& p, ActMode mode, co
                         const typename A::Levels& lv) {
   // GM 1 (a switch over 6 instantiated word bodies) only where it pays: one token (decode). Token
   // tiles spend more per plane and take the per-plane test; this keeps the build time in check.
-  if (a.G == 1 || p.gs % 20 == 0) block_trits_gm<A, MT, NA, 0>(a, p, mode, t, m0, lv);
-  else if (MT == 1 && p.gs >= 20) block_trits_gm<A, MT, NA, MT == 1 ? 1 : 2>(a, p, mode, t, m0, lv);
-  else block_trits_gm<A, MT, NA, 2>(a, p, mode, t, m0, lv);
+  if (a.G == 1 || p.gs % 20 == 0) return block_trits_gm<A, MT, NA, 0>(a, p, mode, t, m0, lv);
+  if constexpr (MT == 1) {
+    if (p.gs >= 20) return block_trits_gm<A, MT, NA, 1>(a, p, mode, t, m0, lv);
+  }
+  block_trits_gm<A, MT, NA, 2>(a, p, mode, t, m0, lv);
 }
 
 // ---- blocks and row ranges ---------------------------------------------------------------------
