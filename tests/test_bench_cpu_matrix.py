@@ -27,6 +27,11 @@ pytest.importorskip("torchao")
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu_matrix") / "matrix.md"
+    from paretoq_ao.export import _build, cpu_backend
+
+    # build (or find cached) both kernel libraries here, so that the timeout below times the run only
+    assert cpu_backend.available()
+    _build.build_kernels()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
