@@ -174,7 +174,7 @@ def _size_lr(args, size: str) -> float:
 
 
 def _block_linear_filter(model):
-    from paretoq_ao._targets import output_head_names
+    from paretoq_ao import output_head_names
 
     heads = output_head_names(model)
     return lambda m, fqn: isinstance(m, nn.Linear) and fqn not in heads
@@ -187,9 +187,9 @@ def _linear_mb(model) -> float:
 
 
 def _fp_linear_mb(model) -> float:
-    from paretoq_ao.recipe import _size_mb_fp
+    from paretoq_ao.workflow.demo import fp_size_mb
 
-    return _size_mb_fp(model)[1]
+    return fp_size_mb(model)[1]
 
 
 def _ppl(model, val) -> float:

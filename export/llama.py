@@ -5,7 +5,7 @@ torch/executorch ("expected compiled_fn to be GraphModule"); this wrapper export
 """
 from __future__ import annotations
 
-__all__ = ["LlamaKVStep"]
+__all__ = ["LlamaKVStep", "export_llama"]
 
 import torch
 import torch.nn as nn
@@ -57,3 +57,25 @@ class LlamaKVStep(nn.Module):
             h = h + a.o_proj(self._grouped_attention(q, kc, vc, mask, T))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h))
+
+
+def export_llama(model, path, *, max_len: int = 256, embedding_bits=None, activations="int8") -> dict:
+    """A packed Hugging Face Llama-family model -> a ``.pte`` that runs one KV-cache decode step:
+    ``forward(ids [1, 1], pos [1]) -> logits [1, 1, vocab]``, called token by token (what
+    ``paretoq export`` writes). bf16/fp16 scales and float weights are converted to float32 first
+    (the ExecuTorch kernels take float32; the codes are unchanged). Returns ``{"path": ...,
+    "converted": {name: old dtype}}``. A model that is not a Llama decoder is refused (ValueError)
+    before anything is exported."""
+    from . import export_executorch, to_float32
+
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if kind != "llama":
+        raise ValueError(f"export_llama: supports Llama-family decoders (a KV-cache decode step); "
+                         f"the model is {kind!r}")
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"export_llama: max_len must be a whole number >= 1, got {max_len!r}")
+    converted = to_float32(model)
+    step = LlamaKVStep(model, max_len)
+    out = export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), path,
+                            embedding_bits=embedding_bits, activations=activations)
+    return {"path": out, "converted": converted}

@@ -15,6 +15,7 @@ from .ops import linear, linear_8da
 from .qat import ParetoQQATConfig, ParetoQQATWeight
 from .packed import ParetoQPackedTensor, ParetoQWeightOnlyConfig, set_activations
 from .size import LayerSize, SizeReport, model_size
+from ._targets import output_head_names
 from .serialization import atomic_write, load_safetensors, save, save_safetensors
 
 __version__ = "0.1.0"
@@ -24,6 +25,6 @@ __all__ = [
     "fake_quantize", "init_scale", "search_scale", "quantize_codes", "dequantize_codes",
     "LAYOUT", "pack_codes", "unpack_codes", "linear", "linear_8da",
     "ParetoQQATConfig", "ParetoQQATWeight", "ParetoQWeightOnlyConfig", "ParetoQPackedTensor", "set_activations",
-    "LayerSize", "SizeReport", "model_size",
+    "LayerSize", "SizeReport", "model_size", "output_head_names",
     "atomic_write", "save", "save_safetensors", "load_safetensors",
 ]

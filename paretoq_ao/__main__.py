@@ -1,7 +1,7 @@
-"""``python -m paretoq_ao ...`` runs the ``paretoq`` command line (see ``paretoq_ao.cli``)."""
+"""``python -m paretoq_ao ...`` runs the ``paretoq`` command line (see ``paretoq_ao.workflow.cli``)."""
 
 import sys
 
-from .cli import main
+from .workflow.cli import main
 
 sys.exit(main())

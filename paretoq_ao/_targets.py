@@ -10,11 +10,11 @@ torchao's ``FqnToConfig``) the handler validates and converts the module it is g
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import weakref
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -104,16 +104,31 @@ _AFTER: List[Callable[[nn.Module], None]] = []
 
 def after_quantize(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
     """Register ``fn(model)``, called when a ``quantize_`` call with a ParetoQ config has converted
-    every layer it selected (``paretoq_ao.hf`` uses it so that ``save_pretrained`` knows the model
-    is quantized)."""
+    every layer it selected (the workflow's Hugging Face hook uses it so that ``save_pretrained``
+    knows the model is quantized; packages can also announce hooks as entry points of the group
+    ``paretoq_ao.after_quantize``)."""
     if fn not in _AFTER:
         _AFTER.append(fn)
     return fn
 
 
+_HOOK_GROUP = "paretoq_ao.after_quantize"  # entry points: workflow hooks, loaded on first use
+_HOOKS_LOADED = False
+
+
+def _load_hook_entry_points() -> None:
+    """Register the ``after_quantize`` hooks that installed packages announce (pyproject.toml:
+    the Hugging Face hook of the workflow wing), so the core names no workflow module."""
+    global _HOOKS_LOADED
+    if _HOOKS_LOADED:
+        return
+    _HOOKS_LOADED = True
+    for ep in entry_points(group=_HOOK_GROUP):
+        after_quantize(ep.load())
+
+
 def _finished(model: nn.Module) -> None:
-    if "transformers" in sys.modules:  # a Hugging Face model may be in hand: hf registers its hook
-        importlib.import_module("paretoq_ao.hf")
+    _load_hook_entry_points()
     for fn in list(_AFTER):
         fn(model)
 

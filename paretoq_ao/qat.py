@@ -26,6 +26,7 @@ from torch import nn
 from torch._C import DisableTorchFunctionSubclass
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
+from torchao.utils import TorchAOBaseTensor
 
 from . import _targets
 from .formats import get_format
@@ -219,10 +220,9 @@ def _qat_problems(config):
         if isinstance(w, ParetoQQATWeight):
             return [f"already has a ParetoQ QAT weight (bits={w.bits}, group_size={w.group_size}); "
                     "ParetoQQATConfig must be applied once"]
-        from .packed import ParetoQPackedTensor
-
-        if isinstance(w, ParetoQPackedTensor):
-            return [f"already holds packed {w.bits}-bit weights; QAT needs the full-precision model"]
+        if isinstance(w, TorchAOBaseTensor):  # packed ParetoQ weights, or another method's
+            what = f"packed {w.bits}-bit weights" if hasattr(w, "bits") else f"a quantized {type(w).__name__} weight"
+            return [f"already holds {what}; QAT needs the full-precision model"]
         return _targets.nonfinite_problem(w)
 
     return problems

@@ -16,7 +16,7 @@ import sys
 
 import torch.distributed.checkpoint as dcp
 
-from paretoq_ao import recipe
+from paretoq_ao.workflow import train as recipe  # run_qat calls train._one_step
 from paretoq_ao.cli import main
 
 

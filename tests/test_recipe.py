@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 from paretoq_ao import recipe as rc  # noqa: E402
 from paretoq_ao import serialization  # noqa: E402
+from paretoq_ao.workflow import checkpoints, train  # noqa: E402  - private helpers live in their modules
 from paretoq_ao.evaluate import perplexity, zero_shot  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
@@ -44,7 +45,7 @@ def test_budget_and_paper_defaults():
     with pytest.raises(rc.RecipeError, match="no training budget"):
         rc.resolve_steps(rc.QATRecipe(output_dir=None))
     # cosine to zero, no warmup
-    f = rc._cosine(10)
+    f = train._cosine(10)
     assert f(0) == 1.0 and abs(f(10)) < 1e-12 and f(5) == pytest.approx(0.5)
 
 
@@ -75,11 +76,11 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_log_survives_a_torn_line(tmp_path):
     path = tmp_path / "log.jsonl"
-    log = rc._Log(os.fspath(path))
+    log = checkpoints._Log(os.fspath(path))
     log.write({"step": 1, "loss": 2.0})
     with open(path, "a") as f:
         f.write('{"step": 2, "lo')  # crash mid-write
-    log = rc._Log(os.fspath(path))
+    log = checkpoints._Log(os.fspath(path))
     log.write({"step": 2, "loss": 1.5})
     assert [r["loss"] for r in rc.read_log(path)] == [2.0, 1.5]
 

@@ -5,7 +5,8 @@
     warmup((1, 4096, 4096, 2), (16, 4096, 4096, 2, 64))   # tune before CUDA-graph capture
 
 Fused unpack + dequantize + matmul reading the canonical packed layout of packing.py (see
-linear.py for the kernels and tuning.py for the autotuner; backend.py registers them as the
+linear.py for the kernels, problem.py for their host side, tuning.py for the autotuner and
+precompile.py for tuning ahead of time (warmup); backend.py registers them as the
 "triton" backend of paretoq::linear). Importing this package registers nothing with torch.library
 and does not import triton: the names below are loaded on first access.
 """
@@ -14,7 +15,7 @@ import importlib
 
 _LAZY = {
     "triton_linear": "linear", "supports": "linear", "KernelConfig": "linear", "LAYOUT_READ": "linear",
-    "SUPPORTED_DTYPES": "linear", "warmup": "tuning", "model_shapes": "tuning", "tuned_configs": "tuning",
+    "SUPPORTED_DTYPES": "linear", "warmup": "precompile", "model_shapes": "precompile", "tuned_configs": "tuning",
     "clear_cache": "tuning", "default_config": "tuning", "save_configs": "tuning", "load_configs": "tuning",
 }
 

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from paretoq_ao.formats import SCALE_EPS
+
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -44,7 +46,7 @@ def compile_kernel(cfg, code_bits: int, mode: int, x_dtype=torch.float16, atomic
         sig[name] = "i32"
     cons = dict(
         CODE_BITS=code_bits, TWO_ZERO=8.0,
-        HALF_STEP=0.5, SCALE_MODE=mode, GROUP_SIZE=group_size if mode else 1, SCALE_EPS_=1e-5,
+        HALF_STEP=0.5, SCALE_MODE=mode, GROUP_SIZE=group_size if mode else 1, SCALE_EPS_=SCALE_EPS,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=atomic,
     )
     if cfg.kind == "gemvw":
@@ -81,7 +83,7 @@ def compile_trits5(tile, per_row: bool, x_dtype=torch.float16, arch: int = 90):
     for name in ("M", "N", "K", "row_bytes", "stride_xm", "stride_om", "stride_wn", "stride_sn", "stride_sg"):
         sig[name] = "i32"
     bm, bn, bk, warps = tile
-    cons = dict(HALF_STEP=1 / 3, PER_ROW=per_row, GROUP_SIZE=1 if per_row else 64, SCALE_EPS_=1e-5,
+    cons = dict(HALF_STEP=1 / 3, PER_ROW=per_row, GROUP_SIZE=1 if per_row else 64, SCALE_EPS_=SCALE_EPS,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=None if x_dtype != torch.float32 else "ieee")
     for name in cons:
         sig[name] = "constexpr"
