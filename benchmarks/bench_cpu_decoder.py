@@ -82,13 +82,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+from _decoder import add_shape_args, fill_shape, is_block_linear, llama_config  # noqa: E402
 from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # noqa: E402
 
 BITS = ("4", "3", "2", "1.58", "1")
 ALL_VARIANTS = (("fp32",) + tuple(v for b in BITS for v in (f"pq{b}", f"pq{b}-i8"))
                 + ("pq2-g64", "ao-8da4w", "ao-int4wo"))
 MODES = ("eager", "compile")
-FULL = dict(hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=4, vocab=32000)
 QUICK = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=512)
 INT4_FORMATS = ("plain", "tile_packed_to_4d", "plain_int32", "preshuffled")
 TARGET_EAGER, TARGET_COMPILE = 3.0, 2.0
@@ -98,9 +98,7 @@ def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="tiny config (2 layers, hidden 256, vocab 512, 8+4 tokens, 1 rep, fp32,pq2,pq2-i8, 1 thread)")
-    for k in FULL:
-        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None,
-                        help=f"default {FULL[k]} ({QUICK[k]} with --quick)")
+    add_shape_args(ap, QUICK, "--quick")
     ap.add_argument("--variants", default=None, help=f"comma list of {', '.join(ALL_VARIANTS)} (default: all)")
     ap.add_argument("--modes", default="eager,compile", help="comma list of eager, compile")
     ap.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2; 1 with --quick)")
@@ -111,10 +109,7 @@ def _parse(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="markdown results (default benchmarks/results/cpu-decoder-<date>.md)")
     a = ap.parse_args(argv)
-    base = QUICK if a.quick else FULL
-    for k in FULL:
-        if getattr(a, k) is None:
-            setattr(a, k, base[k])
+    fill_shape(a, QUICK, a.quick)
     quick = dict(prompt_len=8, new_tokens=4, reps=1, threads="1", variants="fp32,pq2,pq2-i8")
     full = dict(prompt_len=32, new_tokens=32, reps=3, threads="1,2", variants=",".join(ALL_VARIANTS))
     for k, v in (quick if a.quick else full).items():
@@ -141,14 +136,7 @@ def _spec(v):
 
 
 def _config(a):
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                       max_position_embeddings=max(128, a.prompt_len + a.new_tokens + 1), tie_word_embeddings=False)
-
-
-def _is_block_linear(mod, fqn):
-    return isinstance(mod, nn.Linear) and ".layers." in f".{fqn}."
+    return llama_config(a, a.prompt_len + a.new_tokens + 1)
 
 
 # --------------------------------------------------------------------------- building the variants
@@ -181,7 +169,7 @@ def _int4wo(model):
         except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
             errors.append(f"{fmt}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
             continue
-        quantize_(model, cfg, filter_fn=_is_block_linear)
+        quantize_(model, cfg, filter_fn=is_block_linear)
         return "", fmt
     return "n/a: " + "; ".join(errors), None
 
@@ -196,7 +184,7 @@ def _build(cfg, state, buffers, v, head):
     elif v == "ao-8da4w":
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup
         cfg8 = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
-        quantize_(model, cfg8, filter_fn=_is_block_linear)
+        quantize_(model, cfg8, filter_fn=is_block_linear)
     elif v == "ao-int4wo":
         note, fmt = _int4wo(model)
         if fmt:

@@ -9,8 +9,8 @@
 
 The model
 ---------
-A minimal gpt-fast-style Llama decoder written here (``Transformer`` below), not transformers'
-``LlamaForCausalLM``: it is the model family behind torchao's published decode figures
+A minimal gpt-fast-style Llama decoder written here (``Transformer`` in ``_decode_model.py``), not
+transformers' ``LlamaForCausalLM``: it is the model family behind torchao's published decode figures
 (``torchao/_models/llama``, gpt-fast), it has a static KV cache that ``torch.compile`` captures
 with ``fullgraph=True`` and CUDA graphs without any cache API of transformers (whose static-cache
 API has changed between 5.x releases), and it keeps the benchmark independent of the
@@ -109,7 +109,8 @@ NO_CUDA_MESSAGE = (
 
 
 # ---------------------------------------------------------------------------------------------
-# Model (gpt-fast style; torch is imported lazily so that argument errors are instant)
+# Model (gpt-fast style, benchmarks/_decode_model.py; torch is imported lazily so that argument
+# errors are instant)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -139,133 +140,12 @@ CONFIGS = {
 }
 
 
-def build_model_classes():
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class RMSNorm(nn.Module):
-        def __init__(self, dim: int, eps: float):
-            super().__init__()
-            self.eps = eps
-            self.weight = nn.Parameter(torch.ones(dim))
-
-        def forward(self, x):
-            xf = x.float()
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return xf.type_as(x) * self.weight
-
-    class KVCache(nn.Module):
-        def __init__(self, batch, max_seq, n_kv_heads, head_dim, dtype, device):
-            super().__init__()
-            shape = (batch, n_kv_heads, max_seq, head_dim)
-            self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-        def update(self, input_pos, k, v):
-            # input_pos [S]; k, v [B, H_kv, S, D]
-            self.k_cache[:, :, input_pos] = k
-            self.v_cache[:, :, input_pos] = v
-            return self.k_cache, self.v_cache
-
-    def apply_rotary(x, freqs):
-        # x [B, S, H, D]; freqs [S, D // 2, 2] (cos, sin)
-        xs = x.float().reshape(*x.shape[:-1], -1, 2)
-        f = freqs.view(1, xs.size(1), 1, xs.size(3), 2)
-        out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
-                           xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], -1)
-        return out.flatten(3).type_as(x)
-
-    class Attention(nn.Module):
-        def __init__(self, a: ModelArgs):
-            super().__init__()
-            self.n_heads, self.n_kv_heads, self.head_dim, self.dim = a.n_heads, a.n_kv_heads, a.head_dim, a.dim
-            self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=False)
-            self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
-            self.kv_cache = None
-
-        def forward(self, x, freqs, mask, input_pos):
-            b, s, _ = x.shape
-            kv = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
-            q = apply_rotary(q.view(b, s, self.n_heads, self.head_dim), freqs)
-            k = apply_rotary(k.view(b, s, self.n_kv_heads, self.head_dim), freqs)
-            v = v.view(b, s, self.n_kv_heads, self.head_dim)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            k, v = self.kv_cache.update(input_pos, k, v)
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
-            return self.wo(y.transpose(1, 2).contiguous().view(b, s, self.n_heads * self.head_dim))
-
-    class FeedForward(nn.Module):
-        def __init__(self, a: ModelArgs):
-            super().__init__()
-            self.w1 = nn.Linear(a.dim, a.intermediate_size, bias=False)
-            self.w3 = nn.Linear(a.dim, a.intermediate_size, bias=False)
-            self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)
-
-        def forward(self, x):
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    class Block(nn.Module):
-        def __init__(self, a: ModelArgs):
-            super().__init__()
-            self.attention = Attention(a)
-            self.feed_forward = FeedForward(a)
-            self.attention_norm = RMSNorm(a.dim, a.norm_eps)
-            self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
-
-        def forward(self, x, freqs, mask, input_pos):
-            h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
-            return h + self.feed_forward(self.ffn_norm(h))
-
-    class Transformer(nn.Module):
-        def __init__(self, a: ModelArgs):
-            super().__init__()
-            self.args = a
-            self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
-            self.layers = nn.ModuleList([Block(a) for _ in range(a.n_layers)])
-            self.norm = RMSNorm(a.dim, a.norm_eps)
-            self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
-            self.max_seq = 0
-
-        def setup_caches(self, batch: int, max_seq: int, static_address: bool):
-            a = self.args
-            dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
-            self.max_seq = max_seq
-            for layer in self.layers:
-                layer.attention.kv_cache = KVCache(batch, max_seq, a.n_kv_heads, a.head_dim, dtype, device)
-                if static_address:  # fixed addresses for CUDA-graph replay (as HF's StaticCache does)
-                    torch._dynamo.mark_static_address(layer.attention.kv_cache.k_cache)
-                    torch._dynamo.mark_static_address(layer.attention.kv_cache.v_cache)
-            inv = 1.0 / (a.rope_base ** (torch.arange(0, a.head_dim, 2, device=device).float() / a.head_dim))
-            ang = torch.outer(torch.arange(max_seq, device=device).float(), inv)
-            self.register_buffer("freqs", torch.stack([ang.cos(), ang.sin()], -1).to(dtype), persistent=False)
-            self.register_buffer("causal_mask", torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool,
-                                                                      device=device)), persistent=False)
-
-        def kv_cache_bytes(self) -> int:
-            return sum(t.numel() * t.element_size() for layer in self.layers
-                       for t in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache))
-
-        def forward(self, idx, input_pos):
-            mask = self.causal_mask[None, None, input_pos]
-            freqs = self.freqs[input_pos]
-            x = self.tok_embeddings(idx)
-            for layer in self.layers:
-                x = layer(x, freqs, mask, input_pos)
-            return self.output(self.norm(x))
-
-    return Transformer
-
-
 def build_model(margs: ModelArgs, device, dtype, seed: int):
     """Random-weight model built on the meta device and materialised in ``dtype`` on ``device``."""
     import torch
 
-    Transformer = build_model_classes()
+    from _decode_model import Transformer  # benchmarks/_decode_model.py (imports torch)
+
     with torch.device("meta"):
         model = Transformer(margs)
     model = model.to(dtype=dtype).to_empty(device=device)
@@ -337,7 +217,7 @@ def expand_variants(spec: str, bits: List) -> List[str]:
     return out
 
 
-def parse_args(argv=None):
+def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Batch-1 decode tokens/s: bf16 vs torchao int4 vs ParetoQ (torch.compile + CUDA graphs)")
     ap.add_argument("--config", default=None, choices=sorted(CONFIGS),
@@ -384,8 +264,11 @@ def parse_args(argv=None):
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="do not start another variant once this many seconds have passed or the "
                          "slowest variant so far would not fit (skipped variants are recorded)")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _apply_defaults(args) -> None:
+    """Fill the size/compile defaults that depend on --tiny / --config / --device."""
     if args.tiny and args.config is None:
         args.config = "tiny"
     args.config = args.config or "llama3-8b"
@@ -396,6 +279,10 @@ def parse_args(argv=None):
             setattr(args, name, tiny if small else full)
     if args.compile_mode is None:
         args.compile_mode = "reduce-overhead" if args.device == "cuda" else "none"
+
+
+def _check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Validate the parsed arguments and derive the lists and model shape (``ap.error`` on a bad one)."""
     if args.device == "cpu" and not args.tiny:
         ap.error("--device cpu is a smoke test of the flow: give --tiny as well (an 8B model on the CPU "
                  "measures nothing useful)")
@@ -421,6 +308,13 @@ def parse_args(argv=None):
                 json.load(f)["results"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--merge {path}: not a readable bench_decode results JSON ({type(e).__name__}: {e})")
+
+
+def parse_args(argv=None):
+    ap = _build_parser()
+    args = ap.parse_args(argv)
+    _apply_defaults(args)
+    _check_args(ap, args)
     return args
 
 
@@ -526,17 +420,12 @@ def variant_label(variant: str, args, int4_format: Optional[str] = None) -> str:
     return f"paretoq {variant[2:]}-bit{g}{head}"
 
 
-def run_variant(variant: str, args, dev, dtype, int4_format: Optional[str] = None) -> dict:
+def _build_quantized(variant: str, args, dev, dtype, int4_format, label: str, row: dict, sync):
+    """Build the random-weight model and quantize it for ``variant``; build/quantize facts go into ``row``."""
     import torch
 
-    import paretoq_ao as pq
-
-    on_cuda = dev.type == "cuda"
-    label = variant_label(variant, args, int4_format)
-    row = {"variant": variant, "label": label, "kind": _kind(variant), "status": "ok"}
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     print(f"[{label}] building the model", file=sys.stderr, flush=True)
-    if on_cuda:
+    if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model = build_model(args.model_args, dev, dtype, args.seed)
@@ -549,37 +438,48 @@ def run_variant(variant: str, args, dev, dtype, int4_format: Optional[str] = Non
     row["quantize_s"] = round(time.perf_counter() - t0, 2)
     row["head_weight_type"] = _weight_kind(model.output.weight)
     row["block_weight_type"] = _weight_kind(model.layers[0].feed_forward.w1.weight)
+    return model
 
-    # sizes (before the caches exist: the model holds only its weights)
+
+def _size_facts(model, variant: str, args) -> dict:
+    """Weight sizes and the memory-bound limit (call before the caches exist: weights only)."""
+    import paretoq_ao as pq
+
     wb = weight_bytes(model)
     emb = tensor_bytes(model.tok_embeddings.weight)
-    row["weight_bytes"] = wb
-    row["embedding_bytes"] = emb
-    row["bytes_per_token"] = wb - emb
-    row["model_size_bytes"] = None if variant == "int4" else pq.model_size(model).total_bytes
-    row["limit_tok_s"] = args.peak_tbps * 1e12 / row["bytes_per_token"]
+    per_token = wb - emb
+    return {
+        "weight_bytes": wb,
+        "embedding_bytes": emb,
+        "bytes_per_token": per_token,
+        "model_size_bytes": None if variant == "int4" else pq.model_size(model).total_bytes,
+        "limit_tok_s": args.peak_tbps * 1e12 / per_token,
+    }
 
-    max_seq = args.prompt_len + args.new_tokens
-    compiled = args.compile_mode != "none"
-    model.setup_caches(1, max_seq, static_address=compiled)
-    row["kv_cache_bytes"] = model.kv_cache_bytes()
 
-    # ParetoQ: autotune every decode shape before anything is captured in a CUDA graph
+def _tune_kernels(model, variant: str, args, dev, dtype, row: dict) -> None:
+    """ParetoQ: autotune every decode shape before anything is captured in a CUDA graph."""
     row["warmup_s"] = None
-    if variant.startswith("pq"):
-        from paretoq_ao.triton_kernels import model_shapes, warmup
-        from paretoq_ao.triton_kernels.linear import interpreting
+    if not variant.startswith("pq"):
+        return
+    from paretoq_ao.triton_kernels import model_shapes, warmup
+    from paretoq_ao.triton_kernels.linear import interpreting
 
-        ms = (1, args.prompt_len) if args.tune_prefill else (1,)
-        shapes = model_shapes(model, ms)
-        row["kernel_shapes"] = [list(s) for s in shapes]
-        if on_cuda or interpreting():
-            t0 = time.perf_counter()
-            chosen = warmup(*shapes, dtype=dtype, device=dev)
-            row["warmup_s"] = round(time.perf_counter() - t0, 2)
-            row["tuned_configs"] = {"x".join(map(str, k[:3])): _fmt_cfg(c) for k, c in chosen.items()}
+    ms = (1, args.prompt_len) if args.tune_prefill else (1,)
+    shapes = model_shapes(model, ms)
+    row["kernel_shapes"] = [list(s) for s in shapes]
+    if dev.type == "cuda" or interpreting():
+        t0 = time.perf_counter()
+        chosen = warmup(*shapes, dtype=dtype, device=dev)
+        row["warmup_s"] = round(time.perf_counter() - t0, 2)
+        row["tuned_configs"] = {"x".join(map(str, k[:3])): _fmt_cfg(c) for k, c in chosen.items()}
 
-    # compile
+
+def _compile_steps(args, dev, compiled: bool):
+    """(decode_fn, prefill_fn, mark_step): the decode step compiled per --compile-mode, the prefill
+    per --prefill, and the CUDA-graph step marker (a no-op without CUDA graphs)."""
+    import torch
+
     if compiled:
         if dev.type == "cpu" and args.compile_mode == "reduce-overhead":
             print("note: reduce-overhead on the CPU has no CUDA graphs", file=sys.stderr)
@@ -589,10 +489,13 @@ def run_variant(variant: str, args, dev, dtype, int4_format: Optional[str] = Non
     prefill_fn = (torch.compile(prefill, fullgraph=True, dynamic=False)
                   if args.prefill == "compile" else prefill)
     # a new CUDA-graph "step" per token (harmless without CUDA graphs)
-    mark_step = torch.compiler.cudagraph_mark_step_begin if on_cuda and compiled else (lambda: None)
+    mark_step = torch.compiler.cudagraph_mark_step_begin if dev.type == "cuda" and compiled else (lambda: None)
+    return decode_fn, prefill_fn, mark_step
 
-    g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-    prompt = torch.randint(0, args.model_args.vocab_size, (1, args.prompt_len), generator=g).to(dev)
+
+def _make_generate(model, prompt, args, dev, prefill_fn, decode_fn, mark_step, sync):
+    """``generate()`` -> (tokens [1, new_tokens], prefill seconds, decode-loop seconds)."""
+    import torch
 
     def generate():
         T = prompt.shape[1]
@@ -615,6 +518,13 @@ def run_variant(variant: str, args, dev, dtype, int4_format: Optional[str] = Non
         t_c = time.perf_counter()
         return torch.cat(out, 1), t_b - t_a, t_c - t_b
 
+    return generate
+
+
+def _warm_up_and_time(generate, model, prompt, prefill_fn, args, dev, sync, label: str, row: dict):
+    """Untimed warm-up (compilation, CUDA-graph recording), then --reps timed generations;
+    returns (last tokens, prefill seconds per rep, decode seconds per rep)."""
+    import torch
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -639,12 +549,23 @@ def run_variant(variant: str, args, dev, dtype, int4_format: Optional[str] = Non
             toks, tp, td = generate()
             pre.append(tp)
             dec.append(td)
+    return toks, pre, dec
+
+
+def _compile_stats(row: dict, args, on_cuda: bool, label: str) -> None:
+    """CUDA-graph skips, graph breaks and graph count of the warm-up and timed runs (dynamo counters)."""
+    from torch._dynamo.utils import counters
+
     row["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
     if on_cuda and row["cudagraph_skips"] and args.compile_mode in ("reduce-overhead", "max-autotune"):
         print(f"[{label}] WARNING: inductor skipped CUDA graphs {row['cudagraph_skips']}x (the reason is "
               "in the 'perf_hints' log above; TORCH_LOGS=perf_hints shows it)", file=sys.stderr, flush=True)
     row["graph_breaks"] = int(sum(counters["graph_break"].values())) if "graph_break" in counters else 0
     row["unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
+
+
+def _throughput(row: dict, toks, pre: List[float], dec: List[float], args) -> None:
+    """Token checks and the median decode / end-to-end rates of the timed generations."""
     toks_cpu = toks.cpu()
     row["tokens_in_vocab"] = bool(((toks_cpu >= 0) & (toks_cpu < args.model_args.vocab_size)).all())
     row["first_tokens"] = toks_cpu[0, :8].tolist()
@@ -658,9 +579,36 @@ def run_variant(variant: str, args, dev, dtype, int4_format: Optional[str] = Non
     row["prefill_ms"] = statistics.median(pre) * 1e3
     row["frac_of_limit"] = row["decode_tok_s"] / row["limit_tok_s"]
     row["achieved_tbps"] = row["decode_tok_s"] * row["bytes_per_token"] / 1e12
+
+
+def run_variant(variant: str, args, dev, dtype, int4_format: Optional[str] = None) -> dict:
+    import torch
+
+    on_cuda = dev.type == "cuda"
+    label = variant_label(variant, args, int4_format)
+    row = {"variant": variant, "label": label, "kind": _kind(variant), "status": "ok"}
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    model = _build_quantized(variant, args, dev, dtype, int4_format, label, row, sync)
+    # sizes (before the caches exist: the model holds only its weights)
+    row.update(_size_facts(model, variant, args))
+
+    max_seq = args.prompt_len + args.new_tokens
+    compiled = args.compile_mode != "none"
+    model.setup_caches(1, max_seq, static_address=compiled)
+    row["kv_cache_bytes"] = model.kv_cache_bytes()
+    _tune_kernels(model, variant, args, dev, dtype, row)
+    decode_fn, prefill_fn, mark_step = _compile_steps(args, dev, compiled)
+
+    g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    prompt = torch.randint(0, args.model_args.vocab_size, (1, args.prompt_len), generator=g).to(dev)
+    generate = _make_generate(model, prompt, args, dev, prefill_fn, decode_fn, mark_step, sync)
+    toks, pre, dec = _warm_up_and_time(generate, model, prompt, prefill_fn, args, dev, sync, label, row)
+    _compile_stats(row, args, on_cuda, label)
+    _throughput(row, toks, pre, dec, args)
     if on_cuda:
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del model, decode_fn, prefill_fn
+    # drop the model, the compiled steps and the closure that holds them before returning
+    del generate, model, decode_fn, prefill_fn, mark_step
     return row
 
 
@@ -781,8 +729,8 @@ def write_results(args, meta, rows, base_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _device_unusable(args) -> bool:
+    """True (after a message on stderr) when --device cuda cannot be benchmarked here."""
     import torch
 
     from paretoq_ao.ops import triton_interpreting
@@ -790,12 +738,15 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             print(NO_CUDA_MESSAGE, file=sys.stderr)
-            return 2
+            return True
         if triton_interpreting():
             print("bench_decode.py: unset TRITON_INTERPRET to benchmark compiled kernels", file=sys.stderr)
-            return 2
-    import paretoq_ao  # noqa: F401  (registers paretoq::linear)
+            return True
+    return False
 
+
+def _library_versions():
+    """(triton version, torchao version); 'unavailable (<error>)' for one that does not import."""
     try:
         import triton
 
@@ -808,8 +759,13 @@ def main(argv=None) -> int:
         torchao_version = torchao.__version__
     except Exception as e:  # noqa: BLE001
         torchao_version = f"unavailable ({type(e).__name__})"
+    return triton_version, torchao_version
 
-    dtype = getattr(torch, args.dtype)
+
+def _device_info(args):
+    """(torch.device, device name, compute capability or None)."""
+    import torch
+
     if args.device == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
         props = torch.cuda.get_device_properties(dev)
@@ -819,6 +775,14 @@ def main(argv=None) -> int:
         dev = torch.device("cpu")
         device_name = f"CPU {platform.processor() or platform.machine()}".strip()
         capability = None
+    return dev, device_name, capability
+
+
+def _setup_inductor(args) -> bool:
+    """perf_hints logging and torchao's recommended inductor settings (CUDA, compiled); returns whether
+    the inductor tuning is on."""
+    import torch
+
     if args.device == "cuda" and args.compile_mode != "none" and not os.environ.get("TORCH_LOGS"):
         torch._logging.set_logs(perf_hints=True)  # e.g. why CUDA graphs were skipped
     inductor_tuning = args.device == "cuda" and args.compile_mode != "none" and not args.no_inductor_tuning
@@ -835,8 +799,17 @@ def main(argv=None) -> int:
             ic.force_fuse_int_mm_with_mul = True
             ic.fx_graph_cache = True
             ic.triton.unique_kernel_names = True
+    return inductor_tuning
 
-    meta = {
+
+def _run_meta(args, argv, dev, device_name, capability, versions, inductor_tuning: bool) -> dict:
+    """The ``meta`` block of the results: command, versions, device, model and run settings."""
+    import torch
+
+    from paretoq_ao.ops import triton_interpreting
+
+    triton_version, torchao_version = versions
+    return {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "argv": list(sys.argv if argv is None else argv),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -854,25 +827,73 @@ def main(argv=None) -> int:
         "limit_definition": "peak_tbps * 1e12 / (weight bytes - embedding table bytes)",
         "merged_from": [os.path.basename(p) for p in args.merge],
     }
-    print(f"# {device_name}  torch {meta['torch']}  triton {triton_version}  torchao {torchao_version}  "
-          f"model {args.config} ({args.model_args.n_layers} layers)  variants {args.variant_list}",
-          file=sys.stderr, flush=True)
 
+
+def _results_base_path(args, device_name: str, dev) -> str:
+    """``<results-dir>/bench_decode_<device>[_<tag>]_<stamp>`` (the folder is created)."""
     os.makedirs(args.results_dir, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or dev.type
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = f"_{re.sub(r'[^A-Za-z0-9.-]+', '-', args.tag)}" if args.tag else ""
-    base_path = os.path.join(args.results_dir, f"bench_decode_{slug}{tag}_{stamp}")
+    return os.path.join(args.results_dir, f"bench_decode_{slug}{tag}_{stamp}")
 
-    rows: List[dict] = []
-    failed_required = False
+
+def _jobs(args) -> list:
+    """(variant, int4 packing format or None) for each row to measure, in order."""
     jobs = []
     for v in args.variant_list:
         if v == "int4":
             jobs += [(v, fmt) for fmt in args.int4_format_list]
         else:
             jobs.append((v, None))
-    torch.manual_seed(args.seed)
+    return jobs
+
+
+def _skipped_row(variant: str, label: str, elapsed: float, args) -> dict:
+    return {"variant": variant, "label": label, "status": "skipped", "kind": _kind(variant),
+            "error": f"time budget: {elapsed:.0f} s used of --time-budget-s "
+                     f"{args.time_budget_s:.0f}"}
+
+
+def _failed_row(variant: str, label: str, fmt, e: Exception, args) -> dict:
+    """The row of a variant that raised ``e`` (call it from the ``except`` block: it formats the
+    exception being handled)."""
+    tb = traceback.format_exc()
+    if variant != "int4":  # an unavailable int4 format is expected on some stacks: one line
+        print(tb, file=sys.stderr)
+    status = "unavailable" if variant == "int4" else "failed"
+    row = {"variant": variant, "label": label, "status": status,
+           "kind": _kind(variant),
+           "error": f"{type(e).__name__}: {str(e)[:400]}", "traceback_tail": tb[-2000:]}
+    if variant == "int4":
+        row.update(group_size=args.int4_group_size, packing_format=fmt)
+    return row
+
+
+def _print_outcome(label: str, row: dict) -> None:
+    if row.get("status") == "ok":
+        print(f"[{label}] decode {row['decode_tok_s']:.1f} tok/s ({100 * row['frac_of_limit']:.1f}% of "
+              f"the {row['limit_tok_s']:.0f} tok/s limit), e2e {row['e2e_tok_s']:.1f} tok/s, weights "
+              f"{_bytes(row['weight_bytes'])}", file=sys.stderr, flush=True)
+    else:
+        print(f"[{label}] {row['status']}: {row['error']}", file=sys.stderr, flush=True)
+
+
+def _free_variant_memory(dev) -> None:
+    """Free the model, compiled graphs and CUDA-graph pools before the next variant."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _run_jobs(jobs, args, dev, dtype, meta: dict, base_path: str):
+    """Measure every job (within --time-budget-s), rewriting the results after each one;
+    returns (rows, skipped labels, whether a required variant failed)."""
+    rows: List[dict] = []
+    failed_required = False
     t_start, slowest = time.perf_counter(), 0.0
     skipped = []
     for variant, fmt in jobs:
@@ -880,43 +901,46 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - t_start
         if args.time_budget_s is not None and elapsed + slowest > args.time_budget_s:
             skipped.append(label)
-            rows.append({"variant": variant, "label": label, "status": "skipped", "kind": _kind(variant),
-                         "error": f"time budget: {elapsed:.0f} s used of --time-budget-s "
-                                  f"{args.time_budget_s:.0f}"})
+            rows.append(_skipped_row(variant, label, elapsed, args))
             print(f"[{label}] skipped (time budget)", file=sys.stderr, flush=True)
             continue
         t_variant = time.perf_counter()
         try:
             row = run_variant(variant, args, dev, dtype, fmt)
         except Exception as e:  # noqa: BLE001 - record and go on with the other variants
-            tb = traceback.format_exc()
-            if variant != "int4":  # an unavailable int4 format is expected on some stacks: one line
-                print(tb, file=sys.stderr)
-            status = "unavailable" if variant == "int4" else "failed"
-            row = {"variant": variant, "label": label, "status": status,
-                   "kind": _kind(variant),
-                   "error": f"{type(e).__name__}: {str(e)[:400]}", "traceback_tail": tb[-2000:]}
-            if variant == "int4":
-                row.update(group_size=args.int4_group_size, packing_format=fmt)
-            else:
+            row = _failed_row(variant, label, fmt, e, args)
+            if variant != "int4":
                 failed_required = True
         rows.append(row)
         row["variant_s"] = round(time.perf_counter() - t_variant, 1)
         slowest = max(slowest, row["variant_s"])
-        if row.get("status") == "ok":
-            print(f"[{label}] decode {row['decode_tok_s']:.1f} tok/s ({100 * row['frac_of_limit']:.1f}% of "
-                  f"the {row['limit_tok_s']:.0f} tok/s limit), e2e {row['e2e_tok_s']:.1f} tok/s, weights "
-                  f"{_bytes(row['weight_bytes'])}", file=sys.stderr, flush=True)
-        else:
-            print(f"[{label}] {row['status']}: {row['error']}", file=sys.stderr, flush=True)
-        # free the model, compiled graphs and CUDA-graph pools before the next variant
-        import torch._dynamo
-
-        torch._dynamo.reset()
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        _print_outcome(label, row)
+        _free_variant_memory(dev)
         write_results(args, meta, merge_rows(rows, args.merge, meta), base_path)
+    return rows, skipped, failed_required
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if _device_unusable(args):
+        return 2
+    import torch
+
+    import paretoq_ao  # noqa: F401  (registers paretoq::linear)
+
+    versions = _library_versions()
+    dtype = getattr(torch, args.dtype)
+    dev, device_name, capability = _device_info(args)
+    inductor_tuning = _setup_inductor(args)
+    meta = _run_meta(args, argv, dev, device_name, capability, versions, inductor_tuning)
+    print(f"# {device_name}  torch {meta['torch']}  triton {versions[0]}  torchao {versions[1]}  "
+          f"model {args.config} ({args.model_args.n_layers} layers)  variants {args.variant_list}",
+          file=sys.stderr, flush=True)
+
+    base_path = _results_base_path(args, device_name, dev)
+    jobs = _jobs(args)
+    torch.manual_seed(args.seed)
+    rows, skipped, failed_required = _run_jobs(jobs, args, dev, dtype, meta, base_path)
 
     all_rows = merge_rows(rows, args.merge, meta)
     write_results(args, meta, all_rows, base_path)

@@ -28,7 +28,7 @@ a fixed part of every file, so sizes are also reported without them, and the lm_
 weights, same handling, its own small ``.pte``) is timed too, to show how much of a decode step it
 takes.
 
-    python benchmarks/bench_executorch_decoder.py                    # hidden 2048, 8 layers, vocab 32000
+    python benchmarks/bench_executorch_decoder.py                    # hidden 2048, 16 layers, vocab 32000 (_decoder.py)
     python benchmarks/bench_executorch_decoder.py --head 8da4w       # lm_head 8da4w in 8da4w and ours
     python benchmarks/bench_executorch_decoder.py --head 8da4w --embedding 4   # deployable: all quantized
     python benchmarks/bench_executorch_decoder.py --small --results /tmp/r.md   # tiny, for tests
@@ -68,6 +68,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "benchmarks") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from _decoder import add_shape_args, fill_shape, is_block_linear, llama_config  # noqa: E402
 from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # noqa: E402
 ALL_VARIANTS = ("fp32", "8da4w", "pq2", "pq1.58")  # the default set; any pq<bits>[-g<group>] works
 _BASE_LABELS = {"fp32": "fp32 (XNNPACK)", "8da4w": "torchao 8da4w g32 (XNNPACK)"}
@@ -89,7 +90,6 @@ def _label(v):
     bits, gs = _pq_variant(v)
     return f"ParetoQ {bits}-bit {'per-row' if gs is None else f'group {gs}'} (ours)"
 
-FULL = dict(hidden=2048, intermediate=5632, layers=8, heads=32, kv_heads=4, vocab=32000)
 SMALL = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
 
 
@@ -97,8 +97,7 @@ def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true",
                     help="tiny config (hidden 128, 2 layers, vocab 512) and few tokens, for tests")
-    for k in FULL:
-        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {FULL[k]} ({SMALL[k]} with --small)")
+    add_shape_args(ap, SMALL, "--small")
     ap.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {ALL_VARIANTS}")
     ap.add_argument("--head", choices=("fp32", "8da4w"), default="fp32",
                     help="lm_head in the quantized variants (the same for 8da4w and ours)")
@@ -114,10 +113,7 @@ def _parse(argv):
     ap.add_argument("--results", default=None,
                     help="markdown output (default benchmarks/results/executorch-decoder-<date>.md)")
     a = ap.parse_args(argv)
-    base = SMALL if a.small else FULL
-    for k in FULL:
-        if getattr(a, k) is None:
-            setattr(a, k, base[k])
+    fill_shape(a, SMALL, a.small)
     if a.prompt_len is None:
         a.prompt_len = 3 if a.small else 8
     if a.new_tokens is None:
@@ -134,16 +130,7 @@ def _parse(argv):
 
 
 def _config(a):
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                       num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                       num_key_value_heads=a.kv_heads, max_position_embeddings=max(128, a.prompt_len + a.new_tokens),
-                       tie_word_embeddings=False)
-
-
-def _block_linear(mod, fqn):
-    """Every nn.Linear inside the decoder blocks (q/k/v/o, gate/up/down); not lm_head."""
-    return isinstance(mod, nn.Linear) and ".layers." in f".{fqn}."
+    return llama_config(a, a.prompt_len + a.new_tokens)
 
 
 def _8da4w():
@@ -165,11 +152,11 @@ def _build_model(cfg, state, variant, head, embedding="fp32"):
         from paretoq_ao.export.embedding import quantize_embeddings
         quantize_embeddings(model, int(embedding), 32)
     if variant == "8da4w":
-        quantize_(model, _8da4w(), filter_fn=_block_linear)
+        quantize_(model, _8da4w(), filter_fn=is_block_linear)
     elif variant.startswith("pq"):
         from paretoq_ao import ParetoQWeightOnlyConfig
         bits, gs = _pq_variant(variant)
-        quantize_(model, ParetoQWeightOnlyConfig(bits=bits, group_size=gs), filter_fn=_block_linear)
+        quantize_(model, ParetoQWeightOnlyConfig(bits=bits, group_size=gs), filter_fn=is_block_linear)
     return model
 
 

@@ -50,9 +50,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import _meta  # noqa: E402
+from _decoder import add_shape_args, fill_shape, llama_config  # noqa: E402
 
 PROG = "bench_llamacpp.py"
-FULL = dict(hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=4, vocab=32000)
 SMALL = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=512)
 DEFAULT_TYPES = "F16,Q8_0,Q4_0,Q2_K,TQ2_0,TQ1_0"
 # weights per block of each llama-quantize type accepted here (rows must be a multiple of it)
@@ -79,9 +79,7 @@ def _parse(argv):
     ap.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"),
                     help="llama.cpp source dir (convert_hf_to_gguf.py, gguf-py, build/bin/); default $LLAMA_CPP_DIR")
     ap.add_argument("--small", action="store_true", help=f"tiny config {SMALL}, for tests")
-    for k in FULL:
-        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None,
-                        help=f"default {FULL[k]} ({SMALL[k]} with --small)")
+    add_shape_args(ap, SMALL, "--small")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--types", default=DEFAULT_TYPES, help=f"comma list of {', '.join(BLOCK)}")
     ap.add_argument("--threads", default="1,2")
@@ -91,10 +89,7 @@ def _parse(argv):
     ap.add_argument("--work-dir", default=None, help="model files go here (default: a temp dir, removed at the end)")
     ap.add_argument("--out", default=None, help="results markdown (default benchmarks/results/llamacpp-<date>.md)")
     a = ap.parse_args(argv)
-    base = SMALL if a.small else FULL
-    for k in FULL:
-        if getattr(a, k) is None:
-            setattr(a, k, base[k])
+    fill_shape(a, SMALL, a.small)
     a.types = [t.strip().upper() for t in a.types.split(",") if t.strip()]
     a.threads = _ints(a.threads)
     bad = [t for t in a.types if t not in BLOCK]
@@ -128,12 +123,8 @@ def _llama_cpp_paths(d):
 
 
 def _config(a):
-    """The LlamaConfig of bench_executorch_decoder.py for the same flags."""
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                       num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                       num_key_value_heads=a.kv_heads, max_position_embeddings=max(128, a.n_prompt + a.n_gen),
-                       tie_word_embeddings=False)
+    """The LlamaConfig of bench_executorch_decoder.py for the same flags (benchmarks/_decoder.py)."""
+    return llama_config(a, a.n_prompt + a.n_gen)
 
 
 def _corpus():

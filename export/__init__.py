@@ -117,7 +117,7 @@ def _check_not_qat(model: torch.nn.Module) -> None:
             raise ValueError(
                 f"export_executorch: layer {name or type(mod).__name__!r} still holds ParetoQ QAT weights "
                 f"(bits={bits}, group_size={gs or None}); convert the model to packed weights first: "
-                f"quantize_(model, ParetoQWeightOnlyConfig(bits={bits}, group_size={gs or None})), or "
+                f"paretoq_ao.quantize(model, ParetoQWeightOnlyConfig(bits={bits}, group_size={gs or None})), or "
                 f"`paretoq convert <qat dir> <out>` for a saved checkpoint")
 
 

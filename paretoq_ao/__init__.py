@@ -1,11 +1,14 @@
 """paretoq_ao: ParetoQ extremely-low-bit quantization (1, 1.58, 2, 3, 4 bits) as a torchao backend.
 
-    from torchao import quantize_
-    from paretoq_ao import ParetoQQATConfig, ParetoQWeightOnlyConfig
+    from paretoq_ao import ParetoQQATConfig, ParetoQWeightOnlyConfig, quantize
 
-    quantize_(model, ParetoQQATConfig(bits=2))        # QAT: learnable scales, fake quantization
+    quantize(model, ParetoQQATConfig(bits=2))        # QAT: learnable scales, fake quantization
     ...train with any PyTorch loop...
-    quantize_(model, ParetoQWeightOnlyConfig(bits=2)) # pack codes at 2 bits; F.linear -> paretoq::linear
+    quantize(model, ParetoQWeightOnlyConfig(bits=2)) # pack codes at 2 bits; F.linear -> paretoq::linear
+
+``quantize`` checks every selected layer before changing any and keeps the output head in full
+precision; torchao's own ``quantize_(model, config)`` works too (see ``_targets`` and the README for
+what a direct call guarantees).
 """
 
 from .formats import ALLOWED_BITS, FORMATS, BitFormat, get_format
@@ -15,7 +18,7 @@ from .ops import linear, linear_8da
 from .qat import ParetoQQATConfig, ParetoQQATWeight
 from .packed import ParetoQPackedTensor, ParetoQWeightOnlyConfig, set_activations
 from .size import LayerSize, SizeReport, model_size
-from ._targets import output_head_names
+from ._targets import default_filter, output_head_names, quantize, quantize_layers
 from .serialization import atomic_write, load_safetensors, save, save_safetensors
 
 __version__ = "0.1.0"
@@ -25,6 +28,6 @@ __all__ = [
     "fake_quantize", "init_scale", "search_scale", "quantize_codes", "dequantize_codes",
     "LAYOUT", "pack_codes", "unpack_codes", "linear", "linear_8da",
     "ParetoQQATConfig", "ParetoQQATWeight", "ParetoQWeightOnlyConfig", "ParetoQPackedTensor", "set_activations",
-    "LayerSize", "SizeReport", "model_size", "output_head_names",
+    "LayerSize", "SizeReport", "model_size", "output_head_names", "quantize", "quantize_layers", "default_filter",
     "atomic_write", "save", "save_safetensors", "load_safetensors",
 ]

@@ -335,8 +335,7 @@ def _convert_problems(config):
     return problems
 
 
-@register_quantize_module_handler(ParetoQWeightOnlyConfig)
-def _weight_only_transform(module: nn.Module, config: ParetoQWeightOnlyConfig) -> nn.Module:
+def _weight_only_apply(config):
     def apply(mod, fqn, memo):
         old = mod.weight
         if id(old) not in memo:
@@ -364,7 +363,15 @@ def _weight_only_transform(module: nn.Module, config: ParetoQWeightOnlyConfig) -
         mod.weight = memo[id(old)]
         mod._paretoq_load_hook = mod._register_load_state_dict_pre_hook(_check_loaded_packed, with_module=True)
 
-    return _targets.run(module, config, _convert_problems(config), apply)
+    return apply
+
+
+_targets.register_scheme(ParetoQWeightOnlyConfig, _convert_problems, _weight_only_apply)
+
+
+@register_quantize_module_handler(ParetoQWeightOnlyConfig)
+def _weight_only_transform(module: nn.Module, config: ParetoQWeightOnlyConfig) -> nn.Module:
+    return _targets.run(module, config)
 
 
 def set_activations(model: nn.Module, activations: str) -> int:

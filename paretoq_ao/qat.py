@@ -228,8 +228,7 @@ def _qat_problems(config):
     return problems
 
 
-@register_quantize_module_handler(ParetoQQATConfig)
-def _qat_transform(module: nn.Module, config: ParetoQQATConfig) -> nn.Module:
+def _qat_apply(config):
     def apply(mod, fqn, memo):
         old = mod.weight
         if id(old) in memo:  # a weight shared by several layers gets one scale
@@ -241,7 +240,15 @@ def _qat_transform(module: nn.Module, config: ParetoQQATConfig) -> nn.Module:
         memo[id(old)] = new
         attach_qat_weight(mod, new)
 
-    return _targets.run(module, config, _qat_problems(config), apply)
+    return apply
+
+
+_targets.register_scheme(ParetoQQATConfig, _qat_problems, _qat_apply)
+
+
+@register_quantize_module_handler(ParetoQQATConfig)
+def _qat_transform(module: nn.Module, config: ParetoQQATConfig) -> nn.Module:
+    return _targets.run(module, config)
 
 
 torch.serialization.add_safe_globals([ParetoQQATWeight, _rebuild_qat_weight])

@@ -19,7 +19,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from typing import Callable, Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .packing import LAYOUT, LEGACY_LAYOUTS, from_legacy
 __all__ = ["atomic_write", "save", "save_safetensors", "load_safetensors", "remove_stale_temporaries", "temp_name",
            "SafetensorsFileError"]
 
-_META_KEY = "paretoq_ao"
+METADATA_KEY = "paretoq_ao"  # the safetensors metadata entry describing packed tensors
 
 
 def _new_file_mode(path: str) -> int:
@@ -187,30 +187,49 @@ def _state_dict(obj) -> Mapping[str, torch.Tensor]:
     return obj.state_dict() if isinstance(obj, nn.Module) else obj
 
 
-def save_safetensors(obj: Union[nn.Module, Mapping[str, torch.Tensor]], path, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a model's (or a state dict's) tensors to ``path`` in safetensors format, atomically
-    (a failed save leaves the previous file; a full disk is an OSError with errno ENOSPC naming ``path``)."""
-    from safetensors.torch import save_file
-
-    flat, described, seen = {}, {}, {}
+def flatten_packed(obj: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The tensors and the metadata entry that ``save_safetensors`` writes for a model or state
+    dict: a packed weight ``<name>`` becomes ``<name>.qdata`` / ``<name>.scale`` and is described
+    (bits, shape, activations) under ``METADATA_KEY``; tensors are detached, aliases kept (the
+    Hugging Face save path lets transformers deduplicate tied tensors)."""
+    flat, described = {}, {}
     for name, t in _state_dict(obj).items():
         if isinstance(t, ParetoQPackedTensor):
             described[name] = {"bits": t.bits, "shape": list(t.shape)}
             if t.activations != "float":
                 described[name]["activations"] = t.activations
-            parts = {f"{name}.qdata": t.qdata, f"{name}.scale": t.scale}
+            flat[f"{name}.qdata"], flat[f"{name}.scale"] = t.qdata.detach(), t.scale.detach()
         elif isinstance(t, torch.Tensor):
-            parts = {name: t}
+            flat[name] = t.detach()
         else:
             raise TypeError(f"save_safetensors: entry {name!r} is a {type(t).__name__}, not a tensor")
-        for key, tensor in parts.items():
-            tensor = tensor.detach()
-            # safetensors refuses aliased storage: tied tensors are written as separate copies.
-            sid = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-            flat[key] = tensor.clone().contiguous() if sid in seen else tensor.contiguous()
-            seen[sid] = key
+    return flat, {METADATA_KEY: json.dumps({"layout": LAYOUT, "tensors": described})}
+
+
+def described_tensors(metadata: Optional[Mapping[str, str]]) -> Dict[str, dict]:
+    """The packed-tensor descriptions of a safetensors header's metadata (``{}`` if there are none
+    or they do not parse; ``load_safetensors`` is the strict reader)."""
+    try:
+        described = json.loads((metadata or {}).get(METADATA_KEY, "{}")).get("tensors", {})
+    except (ValueError, AttributeError):
+        return {}
+    return described if isinstance(described, dict) else {}
+
+
+def save_safetensors(obj: Union[nn.Module, Mapping[str, torch.Tensor]], path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a model's (or a state dict's) tensors to ``path`` in safetensors format, atomically
+    (a failed save leaves the previous file; a full disk is an OSError with errno ENOSPC naming ``path``)."""
+    from safetensors.torch import save_file
+
+    flat, ours = flatten_packed(obj)
+    seen = set()
+    for key, tensor in flat.items():
+        # safetensors refuses aliased storage: tied tensors are written as separate copies.
+        sid = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        flat[key] = tensor.clone().contiguous() if sid in seen else tensor.contiguous()
+        seen.add(sid)
     meta = dict(metadata or {})
-    meta.update({"format": "pt", _META_KEY: json.dumps({"layout": LAYOUT, "tensors": described})})
+    meta.update({"format": "pt", **ours})
     _save_atomically(path, lambda tmp: save_file({k: v.cpu() for k, v in flat.items()}, tmp, metadata=meta))
 
 
@@ -238,16 +257,16 @@ def _packed_entries(path: str, meta: Mapping[str, str], flat: Mapping[str, torch
     def bad(msg: str) -> SafetensorsFileError:
         return SafetensorsFileError(f"{path}: {msg}")
 
-    raw = meta.get(_META_KEY)
+    raw = meta.get(METADATA_KEY)
     if raw is None:
         return {}  # a file of plain tensors
     try:
         info = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise bad(f"the {_META_KEY!r} metadata entry is not valid JSON ({e})") from None
+        raise bad(f"the {METADATA_KEY!r} metadata entry is not valid JSON ({e})") from None
     if not isinstance(info, dict) or not isinstance(info.get("tensors"), dict) or "layout" not in info:
         got = sorted(info) if isinstance(info, dict) else type(info).__name__
-        raise bad(f"the {_META_KEY!r} metadata entry must be a JSON object with 'layout' and 'tensors' "
+        raise bad(f"the {METADATA_KEY!r} metadata entry must be a JSON object with 'layout' and 'tensors' "
                   f"(an object), got {got}")
     legacy = info["layout"] in LEGACY_LAYOUTS
     if info["layout"] != LAYOUT and not legacy:

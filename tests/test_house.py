@@ -1,6 +1,7 @@
 """The shape of the code: the core stands alone (no workflow module, no transformers / datasets /
-lm-eval), and no module imports itself back through another (no import circles), counting the
-imports inside functions too."""
+lm-eval), no module imports itself back through another (no import circles, counting the imports
+inside functions too), no function outside the tests is over 80 lines, and the README's map names
+every folder and module."""
 
 from __future__ import annotations
 
@@ -138,3 +139,27 @@ def test_readme_map_names_every_folder():
     for path in sorted((ROOT / "paretoq_ao").glob("*.py")) + sorted((ROOT / "paretoq_ao" / "workflow").glob("*.py")):
         if path.stem not in ("__init__", "__main__") + ALIASES or path.parent.name == "workflow":
             assert f"{path.stem}" in section, f"{path.relative_to(ROOT)} is not in the README map"
+
+
+MAX_FUNCTION_LINES = 80
+SOURCE_FOLDERS = ("paretoq_ao", "triton_kernels", "export", "benchmarks")
+
+
+def _long_functions(tree: ast.AST, limit: int):
+    return [(n.name, n.lineno, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_no_function_over_80_lines_outside_tests():
+    found = []
+    for folder in SOURCE_FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for name, line, n in _long_functions(ast.parse(path.read_text()), MAX_FUNCTION_LINES):
+                found.append(f"{path.relative_to(ROOT)}:{line} {name} ({n} lines)")
+    assert not found, "functions over 80 lines: " + "; ".join(found)
+
+
+def test_long_function_finder_counts_lines():  # the check above can fail
+    body = "\n".join(f"    x{i} = {i}" for i in range(80))
+    assert _long_functions(ast.parse(f"def f():\n{body}\n"), MAX_FUNCTION_LINES) == [("f", 1, 81)]
+    assert _long_functions(ast.parse("def g():\n    pass\n"), MAX_FUNCTION_LINES) == []

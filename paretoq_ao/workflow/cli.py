@@ -200,10 +200,13 @@ def _add_demo(sub) -> None:
     d.add_argument("--bits", default="4,3,2,1.58,1", help="comma-separated bit widths")
     d.add_argument("--pretrain-steps", type=_count, default=400)
     d.add_argument("--qat-fraction", type=_fraction, default=0.1)
+    from .models import TINY_LLAMA as t
+
     for flag, default in (("--batch-size", 16), ("--block-size", 128), ("--vocab-size", 1024),
                           ("--max-chars", 1_500_000), ("--val-chars", 200_000), ("--eval-blocks", 64),
-                          ("--hidden-size", 128), ("--layers", 3), ("--intermediate-size", 352), ("--heads", 4),
-                          ("--kv-heads", 2)):
+                          ("--hidden-size", t["hidden_size"]), ("--layers", t["num_hidden_layers"]),
+                          ("--intermediate-size", t["intermediate_size"]), ("--heads", t["num_attention_heads"]),
+                          ("--kv-heads", t["num_key_value_heads"])):
         d.add_argument(flag, type=_count, default=default)
     d.add_argument("--lr-scale", type=_positive, default=10.0, help="QAT LR = paper LR x this (tiny model)")
     d.add_argument("--group-size", type=_count, default=None)

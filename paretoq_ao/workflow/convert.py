@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict
-
 from torch import nn
 
 from .checkpoints import resolve_qat_checkpoint
@@ -16,20 +14,14 @@ _log = logging.getLogger(__name__)
 
 def to_packed(model: nn.Module) -> nn.Module:
     """Convert every QAT layer of ``model`` in place to packed weights at its own bits/group size."""
-    from torchao import quantize_
-
-    from .hf import qat_modules
+    from .hf import layer_configs, qat_modules
+    from .._targets import quantize_layers
     from ..packed import ParetoQWeightOnlyConfig
 
-    groups: Dict[tuple, set] = {}
-    for name, fmt in qat_modules(model).items():
-        groups.setdefault((fmt["bits"], fmt["group_size"]), set()).add(name)
-    if not groups:
+    mods = qat_modules(model)
+    if not mods:
         raise RecipeError("the model has no ParetoQ QAT layers to convert")
-    for (bits, gs), names in groups.items():
-        quantize_(model, ParetoQWeightOnlyConfig(bits=bits, group_size=gs),
-                  filter_fn=lambda m, fqn, s=names: fqn in s)
-    return model
+    return quantize_layers(model, layer_configs(mods, ParetoQWeightOnlyConfig))
 
 
 def convert_checkpoint(src, out_dir) -> nn.Module:

@@ -97,10 +97,9 @@ def demo(*, bits_list=(4, 3, 2, 1.58, 1), pretrain_steps: int = 400, qat_fractio
     Returns {"rows": [DemoRow], "table": str, "plot": path or None, "seconds": float}."""
     import copy
 
-    from torchao import quantize_
-
     from .data import PackedBlocks, load_texts, tokenize, train_tokenizer
     from .evaluate import perplexity
+    from .._targets import quantize
     from ..packed import ParetoQWeightOnlyConfig
 
     t0 = time.time()
@@ -126,7 +125,7 @@ def demo(*, bits_list=(4, 3, 2, 1.58, 1), pretrain_steps: int = 400, qat_fractio
         f"({time.time() - t0:.0f}s)")
     for bits in bits_list:
         rtn = copy.deepcopy(fp)
-        quantize_(rtn, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size))
+        quantize(rtn, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size))
         rtn_row = DemoRow("RTN", get_format(bits).bits, *size_mb(rtn), perplexity(rtn, val)["ppl"])
         del rtn
         model = copy.deepcopy(fp)

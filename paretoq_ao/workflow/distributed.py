@@ -4,7 +4,7 @@
     from paretoq_ao.distributed import init_from_env, shard_model
 
     info = init_from_env()                 # under torchrun: the process group from RANK/WORLD_SIZE
-    quantize_(model, ParetoQQATConfig(bits=2))
+    paretoq_ao.quantize(model, ParetoQQATConfig(bits=2))
     shard_model(model, activation_checkpointing=True)   # FSDP2 per transformer block + the root
     opt = torch.optim.AdamW(model.parameters(), ...)     # optimizer state is sharded like the params
 
@@ -153,7 +153,7 @@ class ParetoQQATLinear(nn.Linear):
 
 def prepare_for_fsdp(model: nn.Module) -> List[str]:
     """Make every ParetoQ QAT layer of ``model`` a ``ParetoQQATLinear`` (see the module doc), in
-    place; returns their names. Call it after ``quantize_(model, ParetoQQATConfig(...))`` and before
+    place; returns their names. Call it after ``paretoq_ao.quantize(model, ParetoQQATConfig(...))`` and before
     ``fully_shard`` (``shard_model`` does). Idempotent."""
     from ..qat import ParetoQQATWeight, remove_qat_guard
 

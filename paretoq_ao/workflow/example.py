@@ -16,9 +16,10 @@ import os
 import time
 
 import torch
-from torchao import quantize_
 
-from .. import ParetoQQATConfig, ParetoQWeightOnlyConfig, model_size
+from .. import ParetoQQATConfig, ParetoQWeightOnlyConfig, model_size, quantize
+from .evaluate import perplexity as _perplexity
+from .models import tiny_llama
 
 
 def stdlib_bytes(split: str, limit: int) -> torch.Tensor:
@@ -30,15 +31,8 @@ def stdlib_bytes(split: str, limit: int) -> torch.Tensor:
 
 
 def build_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
+    """The recipe's tiny Llama (``tiny_llama``) over byte tokens."""
+    return tiny_llama(256, seed=seed, max_position_embeddings=256)
 
 
 def batches(data: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
@@ -63,13 +57,10 @@ def train(model, data, steps, lr, seq, batch, seed):
     return loss.item()
 
 
-@torch.no_grad()
 def perplexity(model, data, seq: int = 128) -> float:
-    model.eval()
-    n = (len(data) - 1) // seq
-    tokens = data[: n * seq].view(n, seq)
-    loss = model(input_ids=tokens, labels=tokens).loss
-    return math.exp(loss.item())
+    """Held-out perplexity over consecutive ``seq``-token blocks of ``data``."""
+    n = len(data) // seq
+    return _perplexity(model, data[: n * seq].view(n, seq))["ppl"]
 
 
 def main(argv=None):
@@ -94,11 +85,11 @@ def main(argv=None):
           f"held-out ppl {fp_ppl:.2f}  ({time.time() - t0:.0f}s)")
 
     rtn = copy.deepcopy(model)
-    quantize_(rtn, ParetoQWeightOnlyConfig(bits=bits, group_size=args.group_size))
+    quantize(rtn, ParetoQWeightOnlyConfig(bits=bits, group_size=args.group_size))
     rtn_ppl = perplexity(rtn, val_data)
 
     qat_steps = args.qat_steps or max(1, args.pretrain_steps // 4)
-    quantize_(model, ParetoQQATConfig(bits=bits, group_size=args.group_size))
+    quantize(model, ParetoQQATConfig(bits=bits, group_size=args.group_size))
     loss = train(model, train_data, qat_steps, 1e-3, seq=128, batch=16, seed=args.seed + 1)
     qat_ppl = perplexity(model, val_data)
     probe = val_data[:128].view(1, -1)
@@ -107,7 +98,7 @@ def main(argv=None):
     print(f"ParetoQ QAT at {bits} bits: {qat_steps} steps, train loss {loss:.3f}  ({time.time() - t0:.0f}s)")
 
     fp_size = model_size(build_model(args.seed))
-    quantize_(model, ParetoQWeightOnlyConfig(bits=bits, group_size=args.group_size))
+    quantize(model, ParetoQWeightOnlyConfig(bits=bits, group_size=args.group_size))
     with torch.no_grad():
         packed_logits = model(input_ids=probe).logits
     diff = (packed_logits - qat_logits).abs().max().item()

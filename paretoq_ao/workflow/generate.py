@@ -133,7 +133,7 @@ def _check_packed_folder(path: str) -> None:
     if method != pq_hf.QUANT_METHOD:
         what = "no quantization_config" if method is None else f"quant_method {method!r}"
         raise ValueError(f"{path!r} is not a packed ParetoQ model (its config.json has {what}); make one from a "
-                         f"QAT checkpoint with `paretoq convert`, or with quantize_(model, "
+                         f"QAT checkpoint with `paretoq convert`, or with paretoq_ao.quantize(model, "
                          f"ParetoQWeightOnlyConfig(bits=...)) and paretoq_ao.hf.save_quantized")
 
 

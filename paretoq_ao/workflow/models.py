@@ -15,12 +15,17 @@ _log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- models and data
 
+# The shape of the tiny model (``model="tiny"``, the demo, the example, the CLI's defaults).
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2)
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
-    """A small Llama-style causal LM built from a config (random init, float32)."""
+    """A small Llama-style causal LM built from a config (random init, float32): ``TINY_LLAMA``
+    with ``overrides`` (LlamaConfig keys)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kw = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    kw = dict(vocab_size=vocab_size, **TINY_LLAMA, max_position_embeddings=1024,
               tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     _check_tiny_config(overrides)
     kw.update(overrides)
@@ -52,12 +57,11 @@ def _fp32_master_weights(model: nn.Module) -> None:
 
 
 def _apply_qat(model: nn.Module, r: QATRecipe) -> None:
-    from torchao import quantize_
-
+    from .._targets import quantize
     from ..qat import ParetoQQATConfig
 
     try:
-        quantize_(model, ParetoQQATConfig(bits=r.bits, group_size=r.group_size))
+        quantize(model, ParetoQQATConfig(bits=r.bits, group_size=r.group_size))
     except ValueError as e:
         raise RecipeError(str(e).replace("\n  ", " | ")) from None
     if quantized_layer_count(model) == 0:

@@ -11,7 +11,7 @@ What ``run_qat`` does:
 1. loads the full-precision model (hub id or local folder via ``paretoq_ao.hf.load_model``, or
    ``model="tiny"``: a small Llama built from a config, with a BPE tokenizer trained offline on the
    training text) -- or uses a model object passed in;
-2. ``quantize_(model, ParetoQQATConfig(bits, group_size))`` with the default filter (every block
+2. ``paretoq_ao.quantize(model, ParetoQQATConfig(bits, group_size))`` with the default filter (every block
    linear; embeddings and the output head stay full precision); a model with no such layer is an
    error;
 3. trains with the paper's recipe: AdamW with zero weight decay, the scales in the same optimizer
@@ -51,7 +51,7 @@ packed model), ``demo`` (the size/perplexity demo and its plot).
 from .checkpoints import latest_checkpoint, read_log, resolve_model_dir, resolve_qat_checkpoint
 from .convert import convert_checkpoint, to_packed
 from .demo import DemoRow, demo, format_table, fp_size_mb, plot_pareto, size_mb
-from .models import quantized_layer_count, tiny_llama
+from .models import TINY_LLAMA, quantized_layer_count, tiny_llama
 from .settings import (
     LATEST_NAME, LOG_NAME, STATE_FORMAT, STATE_NAME, CheckpointError, QATRecipe, QATResult, RecipeError, paper_lr,
     resolve_steps,
@@ -59,7 +59,7 @@ from .settings import (
 from .train import qat, run_qat, train_steps
 
 __all__ = [
-    "QATRecipe", "QATResult", "RecipeError", "CheckpointError", "paper_lr", "tiny_llama",
+    "QATRecipe", "QATResult", "RecipeError", "CheckpointError", "paper_lr", "tiny_llama", "TINY_LLAMA",
     "run_qat", "qat", "resolve_steps", "latest_checkpoint", "read_log", "convert_checkpoint",
     "quantized_layer_count", "demo", "DemoRow", "plot_pareto", "format_table", "size_mb", "fp_size_mb",
     "to_packed", "resolve_qat_checkpoint", "resolve_model_dir", "train_steps",

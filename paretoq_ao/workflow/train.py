@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -90,11 +91,42 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
     ``model`` / ``tokenizer`` / ``train_blocks`` (a ``PackedBlocks``): pass objects to use them
     instead of loading ``recipe.model`` / ``recipe.data`` (the model must be full precision; it is
     quantized and trained in place)."""
-    from .distributed import apply_activation_checkpointing, init_from_env, mean_across_ranks, shard_model
+    from .distributed import init_from_env
 
     r = recipe
     total = resolve_steps(r)
     info = init_from_env(timeout_s=r.dist_timeout, device=r.device)  # no-op outside torchrun
+    run = _open_run(r, info)
+    model, tokenizer = _prepare_model(run, model, tokenizer, need_tokenizer=train_blocks is None)
+    if train_blocks is None:
+        train_blocks = build_train_blocks(r, tokenizer)
+    sampler = _make_sampler(r, train_blocks, info.rank, info.world_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.learning_rate, weight_decay=r.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total))
+    torch.manual_seed(r.seed)
+    random.seed(r.seed)
+    loop = _Loop(run, model, tokenizer, opt, sched, sampler, total)
+    loop.start_or_resume()
+    loop.train()
+    model.eval()
+    return QATResult(model=model, tokenizer=tokenizer, steps=loop.step, total_steps=total, tokens=loop.tokens_seen,
+                     losses=loop.losses, checkpoint=loop.ckpt, log_path=loop.log.path,
+                     resumed_from=loop.resumed_from)
+
+
+@dataclass
+class _Run:
+    """Where a QAT run writes and what it resumes: settled before any model is loaded."""
+    recipe: QATRecipe
+    info: object  # distributed.DistInfo
+    out: Optional[str]
+    ckpt_format: str
+    device: Optional[str]
+    ckpt: Optional[str]  # the checkpoint to resume, if any
+    state: Optional[dict]  # its training state
+
+
+def _open_run(r: QATRecipe, info) -> _Run:
     sharded = info.distributed
     _check_world_size(r, info.world_size)
     ckpt_format = r.checkpoint_format if r.checkpoint_format != "auto" else ("dcp" if sharded else "safetensors")
@@ -113,95 +145,117 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
             raise CheckpointError(f"{out} already holds a checkpoint ({ckpt}); resume it or use another output_dir")
         state = _read_state(ckpt)
         _check_settings(ckpt, state, r)  # before any expensive loading
+    return _Run(r, info, out, ckpt_format, device, ckpt, state)
 
+
+def _prepare_model(run: _Run, model, tokenizer, need_tokenizer: bool):
+    """The model to train (loaded unless given), QAT applied, moved, sharded / checkpointed."""
+    from .distributed import apply_activation_checkpointing, shard_model
+
+    r = run.recipe
     if model is None:
-        if state is not None and r.model == "tiny":
+        if run.state is not None and r.model == "tiny":
             from .hf import _load_tokenizer
 
-            tokenizer = tokenizer or _load_tokenizer(os.path.join(ckpt, "model"))
+            tokenizer = tokenizer or _load_tokenizer(os.path.join(run.ckpt, "model"))
             model = tiny_llama(len(tokenizer), seed=r.seed, **r.model_config)
         else:
             model, loaded_tok = _load_base_model(r)
             tokenizer = tokenizer or loaded_tok
-    if tokenizer is None and train_blocks is None:
+    if tokenizer is None and need_tokenizer:
         raise RecipeError("no tokenizer: pass tokenizer= or train_blocks=")
     _fp32_master_weights(model)
     _apply_qat(model, r)
-    if device:
-        model.to(device)
-    if sharded:
+    if run.device:
+        model.to(run.device)
+    if run.info.distributed:
         shard_model(model, activation_checkpointing=r.activation_checkpointing)
     elif r.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if train_blocks is None:
-        train_blocks = build_train_blocks(r, tokenizer)
-    sampler = _make_sampler(r, train_blocks, info.rank, info.world_size)
+    return model, tokenizer
 
-    opt = torch.optim.AdamW(model.parameters(), lr=r.learning_rate, weight_decay=r.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total))
-    step, tokens_seen = 0, 0
-    torch.manual_seed(r.seed)
-    random.seed(r.seed)
-    log = _Log(os.path.join(out, LOG_NAME) if out and info.is_main else None)
-    if state is not None:
-        _load_checkpoint(model, opt, ckpt, state, sharded)
-        sched.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
+
+class _Loop:
+    """The training loop of one run: steps, logging, checkpoints."""
+
+    def __init__(self, run: _Run, model, tokenizer, opt, sched, sampler, total: int):
+        self.run, self.model, self.tokenizer = run, model, tokenizer
+        self.opt, self.sched, self.sampler, self.total = opt, sched, sampler, total
+        self.step, self.tokens_seen, self.losses = 0, 0, []
+        self.ckpt = run.ckpt
+        self.resumed_from = None
+        self.last_saved = None
+        self.log = _Log(os.path.join(run.out, LOG_NAME) if run.out and run.info.is_main else None)
+
+    def start_or_resume(self) -> None:
+        run, state = self.run, self.run.state
+        if state is None:
+            self.log.write({"event": "start", "settings": run.recipe.fingerprint(), "time": time.time()})
+            return
+        _load_checkpoint(self.model, self.opt, run.ckpt, state, run.info.distributed)
+        self.sched.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
-        step, tokens_seen = int(state["step"]), int(state["tokens"])
-        log.write({"event": "resume", "step": step, "checkpoint": os.path.basename(ckpt), "time": time.time()})
-    else:
-        log.write({"event": "start", "settings": r.fingerprint(), "time": time.time()})
-    resumed_from = step if state is not None else None
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+        self.resumed_from = self.last_saved = self.step
+        self.log.write({"event": "resume", "step": self.step, "checkpoint": os.path.basename(run.ckpt),
+                        "time": time.time()})
 
-    fwd = torch.compile(model) if r.compile else model
-    model.train()
-    end = total if r.stop_after is None else min(total, max(step, r.stop_after))
-    losses: List[float] = []
-    bar = _bar(total, step, f"QAT {r.bits}-bit", r.progress and info.is_main)
-    t_last = time.perf_counter()
-    last_saved = step if state is not None else None
+    def save(self) -> None:
+        run, r = self.run, self.run.recipe
+        args = (run.out, self.step, self.model, self.tokenizer, self.opt, self.sched, self.sampler, r,
+                self.tokens_seen)
+        if run.ckpt_format == "dcp":
+            self.ckpt = _save_checkpoint_dcp(*args, run.info.world_size)
+        else:
+            self.ckpt = _save_checkpoint(*args)
+        self.last_saved = self.step
 
-    def save(step):
-        if ckpt_format == "dcp":
-            return _save_checkpoint_dcp(out, step, model, tokenizer, opt, sched, sampler, r, tokens_seen,
-                                        info.world_size)
-        return _save_checkpoint(out, step, model, tokenizer, opt, sched, sampler, r, tokens_seen)
+    def train(self) -> None:
+        r, out = self.run.recipe, self.run.out
+        fwd = torch.compile(self.model) if r.compile else self.model
+        self.model.train()
+        end = self.total if r.stop_after is None else min(self.total, max(self.step, r.stop_after))
+        bar = _bar(self.total, self.step, f"QAT {r.bits}-bit", r.progress and self.run.info.is_main)
+        t_last = time.perf_counter()
+        while self.step < end:
+            loss = self._one(fwd)
+            lr = self.opt.param_groups[0]["lr"]
+            self.sched.step()
+            self.step += 1
+            self.tokens_seen += r.tokens_per_step
+            now = time.perf_counter()
+            tps = r.tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            self.losses.append(loss)
+            self.log.write({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                            "tokens_per_s": tps, "time": time.time()})
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+            bar.update(1)
+            if out and ((r.save_every and self.step % r.save_every == 0) or self.step == end):
+                self.save()
+        bar.close()
+        if out and self.last_saved != self.step:  # nothing to run (already finished): a checkpoint names it
+            self.save()
 
-    while step < end:
+    def _one(self, fwd) -> float:
+        """One optimizer step; a lost peer becomes a CheckpointError naming the checkpoint to resume."""
+        from .distributed import mean_across_ranks
+
+        r, run = self.run.recipe, self.run
         try:
-            loss = _one_step(model, fwd, opt, sampler, r.grad_accum, r.max_grad_norm, r.bf16, device)
-            if sharded:
-                loss = mean_across_ranks(loss)
+            loss = _one_step(self.model, fwd, self.opt, self.sampler, r.grad_accum, r.max_grad_norm, r.bf16,
+                             run.device)
+            return mean_across_ranks(loss) if run.info.distributed else loss
         except RuntimeError as e:  # a peer died, or hung past dist_timeout
-            if not (sharded and _is_comm_error(e)):
+            if not (run.info.distributed and _is_comm_error(e)):
                 raise
-            last = latest_checkpoint(out) if out and os.path.isdir(out) else None
-            raise CheckpointError(f"rank {info.rank} lost contact with the other ranks in step {step + 1} "
-                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-                                  f"; another rank probably died (torchrun names it). The last complete "
-                                  f"checkpoint is {last or 'none'}; re-run the same command to resume") from e
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        step += 1
-        tokens_seen += r.tokens_per_step
-        now = time.perf_counter()
-        tps = r.tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        losses.append(loss)
-        log.write({"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tps,
-                   "time": time.time()})
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-        bar.update(1)
-        if out and ((r.save_every and step % r.save_every == 0) or step == end):
-            ckpt = save(step)
-            last_saved = step
-    bar.close()
-    if out and last_saved != step:  # nothing to run (already finished): make sure a checkpoint names it
-        ckpt = save(step)
-    model.eval()
-    return QATResult(model=model, tokenizer=tokenizer, steps=step, total_steps=total, tokens=tokens_seen,
-                     losses=losses, checkpoint=ckpt, log_path=log.path, resumed_from=resumed_from)
+            last = latest_checkpoint(run.out) if run.out and os.path.isdir(run.out) else None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"rank {run.info.rank} lost contact with the other ranks in step {self.step + 1} "
+                                  f"({type(e).__name__}: {first}); another rank probably died (torchrun names "
+                                  f"it). The last complete checkpoint is {last or 'none'}; re-run the same "
+                                  "command to resume") from e
 
 
 def qat(model: str = "tiny", bits=2, **kwargs) -> QATResult:
