@@ -282,20 +282,17 @@ def _export_variant(a, cfg, state, v, pte_dir, prompt, max_len):
     """Quantize and export variant v, check its .pte against its eager model; returns
     dict(path, size, quant_s, export_s, checks)."""
     import paretoq_ao.export as pe
-    from paretoq_ao.export.llama import LlamaKVStep
+    from paretoq_ao.export.llama import LlamaKVStep, export_llama
 
-    example = (torch.tensor([[1]]), torch.tensor([0]))
     t0 = time.perf_counter()
     model = _build_model(cfg, state, v, a.head, a.embedding)
     q_s = time.perf_counter() - t0
     path = os.path.join(pte_dir, f"decoder-{v}.pte")
     path_f = os.path.join(pte_dir, f"decoder-{v}-float-acts.pte")  # ours, for the accuracy check
     t0 = time.perf_counter()
-    if v.startswith("pq"):  # the timed program: int8 activations (the ExecuTorch default)
-        pe.export_executorch(LlamaKVStep(model, max_len), example, path)
-        pe.export_executorch(LlamaKVStep(model, max_len), example, path_f, activations="float")
-    else:
-        pe.export_executorch(LlamaKVStep(model, max_len), example, path)  # no packed layer: all XNNPACK
+    export_llama(model, path, max_len=max_len)  # the timed program: int8 activations (the ExecuTorch default)
+    if v.startswith("pq"):  # (no packed layer: all XNNPACK)
+        export_llama(model, path_f, max_len=max_len, activations="float")
     ex_s = time.perf_counter() - t0
     seq, ref = _eager_reference(LlamaKVStep(model, max_len), prompt, a.check_tokens)
     del model

@@ -37,6 +37,8 @@ import re
 import shlex
 import sys
 import time
+from types import SimpleNamespace
+from typing import Optional
 
 from _meta import git_commit, write_text  # benchmarks/_meta.py (this folder is sys.path[0])
 
@@ -181,10 +183,60 @@ def _module_weight_bytes(mod):
         return w.numel() // 2
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
+def _kernel_api():
+    """The ParetoQ functions under test, imported once PARETOQ_TRITON_AUTOTUNE has been set."""
+    import paretoq_ao as pq
+    from paretoq_ao.ops import reference_linear
+    from paretoq_ao.triton_kernels import triton_linear, tuned_configs
+    from paretoq_ao.triton_kernels.tuning import tuning_key
+    from paretoq_ao.triton_kernels.linear import _prepare
 
+    return SimpleNamespace(pq=pq, reference_linear=reference_linear, triton_linear=triton_linear,
+                           tuned_configs=tuned_configs, tuning_key=tuning_key, prepare=_prepare)
+
+
+class _Bench:
+    """State shared by the per-shape / per-M helpers of ``main``: the settings, the modules in use
+    (torch, torch.nn, torch.nn.functional, ``_kernel_api()``), and the results collected so far."""
+
+    def __init__(self, args, torch, nn, F, api):
+        self.args, self.torch, self.nn, self.F, self.api = args, torch, nn, F, api
+        self.dtype = getattr(torch, args.dtype)
+        self.peak = args.peak_tbps * 1e12
+        self.rows = []
+        self.int4_status = {}
+
+    def record(self, **kw):
+        self.rows.append(kw)
+        t = kw["ms"]
+        print(f"{kw['N']:>6}x{kw['K']:<6} M={kw['M']:<4} {kw['kernel']:<18} "
+              f"{t * 1e3:9.1f} us  x{kw.get('speedup') or float('nan'):5.2f}  "
+              f"{kw['gbps']:7.0f} GB/s ({kw['peak_frac'] * 100:4.1f}%)  {kw.get('config') or ''}",
+              file=sys.stderr, flush=True)
+
+
+class _Problem:
+    """One (N, K, M) point: the activations ``x`` and what every entry's GB/s and TFLOP/s count."""
+
+    def __init__(self, bench: _Bench, N, K, M, w16, x):
+        self.N, self.K, self.M, self.w16, self.x = N, K, M, w16, x
+        self.peak = bench.peak
+        self.io_bytes = _nbytes(x) + M * N * bench.torch.empty((), dtype=bench.dtype).element_size()
+        self.flops = 2.0 * M * N * K
+
+    def entry(self, kernel, ms, wbytes, **extra):
+        gbps = (wbytes + self.io_bytes) / (ms * 1e-3) / 1e9
+        return dict(N=self.N, K=self.K, M=self.M, kernel=kernel, ms=ms, bytes=wbytes + self.io_bytes,
+                    gbps=gbps, peak_frac=gbps * 1e9 / self.peak,
+                    tflops=self.flops / (ms * 1e-3) / 1e12, **extra)
+
+    def xs(self, r):
+        """The activations and r - 1 copies of them (one per rotated weight copy)."""
+        return [self.x] + [self.x.clone() for _ in range(r - 1)]
+
+
+def _check_environment(torch, args) -> Optional[int]:
+    """Exit status 2 (with a message) when compiled kernels cannot be benchmarked here, else None."""
     if not torch.cuda.is_available():
         print("bench_kernels.py: no CUDA device is available (torch.cuda.is_available() is False); "
               "this benchmark needs an NVIDIA GPU (it was written for an H100). Nothing was run.",
@@ -197,23 +249,13 @@ def main(argv=None) -> int:
         return 2
     if args.no_autotune:
         os.environ["PARETOQ_TRITON_AUTOTUNE"] = "0"
+    return None
 
-    import torch.nn.functional as F
-    import triton
-    from torch import nn
 
-    import paretoq_ao as pq
-    from paretoq_ao.ops import reference_linear
-    from paretoq_ao.triton_kernels import triton_linear, tuned_configs
-    from paretoq_ao.triton_kernels.tuning import tuning_key
-    from paretoq_ao.triton_kernels.linear import _prepare
-
-    torch.set_grad_enabled(False)  # inference only (also keeps autograd out of graph capture)
-    dtype = getattr(torch, args.dtype)
+def _run_meta(torch, triton, args):
+    """The run's metadata (command line, device, versions) for the JSON and Markdown outputs."""
     dev = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(dev)
-    peak = args.peak_tbps * 1e12
-    torch.manual_seed(0)
     meta = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -230,115 +272,157 @@ def main(argv=None) -> int:
         meta["torchao"] = torchao.__version__
     except Exception as e:  # noqa: BLE001
         meta["torchao"] = f"unavailable ({type(e).__name__})"
+    return meta
+
+
+def _paretoq_weights(b: _Bench, w):
+    """bits -> (packed codes, scale) of ``w``, RTN with the paper's initial scale."""
+    pq, args = b.api.pq, b.args
+    packed_w = {}
+    for bits in args.bits_list:
+        scale = pq.init_scale(w, bits, args.gs)
+        packed = pq.pack_codes(pq.quantize_codes(w, scale, bits), bits)
+        packed_w[bits] = (packed, scale.to(b.dtype).contiguous())
+    return packed_w
+
+
+def _int4_baselines(b: _Bench, N, K, w16):
+    """packing format -> torchao int4 module for the formats that run here (status in b.int4_status)."""
+    torch = b.torch
+    int4_mods = {}
+    for fmt_name in ("plain", "tile_packed_to_4d"):
+        try:
+            m = _int4_modules(torch, b.nn, K, N, b.dtype, w16, fmt_name, 1)[0]
+            m(torch.randn(1, K, device="cuda", dtype=b.dtype))
+            torch.cuda.synchronize()
+            int4_mods[fmt_name] = m
+            b.int4_status[fmt_name] = "ok"
+        except Exception as e:  # noqa: BLE001
+            b.int4_status[fmt_name] = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
+    return int4_mods
+
+
+def _bench_bf16(b: _Bench, pb: _Problem) -> float:
+    """Time ``F.linear`` (cuBLAS) in the activation dtype; records the row and returns its ms."""
+    w16, F = pb.w16, b.F
+    wb = _nbytes(w16)
+
+    def mk_bf16(r):
+        ws = [w16] + [w16.clone() for _ in range(r - 1)]
+        xs = pb.xs(r)
+        return [(lambda a=a, w=w: F.linear(a, w)) for a, w in zip(xs, ws)]
+
+    t_bf16, note = measure(b.torch, b.args, mk_bf16, wb)
+    base = pb.entry(f"{b.args.dtype} cuBLAS", t_bf16, wb, speedup=1.0, note=note)
+    b.record(**base)
+    return t_bf16
+
+
+def _bench_int4(b: _Bench, pb: _Problem, int4_mods, t_bf16) -> None:
+    """Time each working torchao int4 packing; a failure is noted in b.int4_status."""
+    torch, N, K, M = b.torch, pb.N, pb.K, pb.M
+    for fmt_name, mod in int4_mods.items():
+        wb4 = _module_weight_bytes(mod)
+
+        def mk_int4(r, fmt_name=fmt_name, mod=mod):
+            mods = [mod] + (_int4_modules(torch, b.nn, K, N, b.dtype, pb.w16, fmt_name, r - 1)
+                            if r > 1 else [])
+            xs = pb.xs(r)
+            return [(lambda a=a, m=m: m(a)) for a, m in zip(xs, mods)]
+
+        try:
+            t4, note = measure(torch, b.args, mk_int4, wb4)
+            b.record(**pb.entry(f"torchao int4 {fmt_name}", t4, wb4, speedup=t_bf16 / t4,
+                                note=note))
+        except Exception as e:  # noqa: BLE001
+            b.int4_status[fmt_name] = f"failed at M={M}: {type(e).__name__}: {str(e)[:160]}"
+
+
+def _config_str(cfg):
+    if cfg is None:
+        return None
+    return (f"{cfg.kind} BM{cfg.block_m} BN{cfg.block_n} BK{cfg.block_k} "
+            f"SK{cfg.split_k} w{cfg.num_warps} s{cfg.num_stages}")
+
+
+def _bench_paretoq(b: _Bench, pb: _Problem, packed_w, t_bf16) -> None:
+    """Time the ParetoQ Triton kernel at every bit width, with its tuned config and max relative error."""
+    torch, api, x = b.torch, b.api, pb.x
+    triton_linear = api.triton_linear
+    for bits in b.args.bits_list:
+        packed, scale = packed_w[bits]
+        t0 = time.time()
+        y = triton_linear(x, packed, scale, bits)  # tunes (cached per key) and compiles
+        torch.cuda.synchronize()
+        tune_s = time.time() - t0
+        ref = api.reference_linear(x, packed, scale, bits)
+        err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+        problem = api.prepare(x, packed, scale, bits, None)[0]
+        cfg = api.tuned_configs().get(api.tuning_key(problem))
+        wbq = _nbytes(packed) + _nbytes(scale)
+
+        def mk_pq(r, packed=packed, scale=scale, bits=bits):
+            ps = [(packed, scale)] + [(packed.clone(), scale.clone()) for _ in range(r - 1)]
+            xs = pb.xs(r)
+            return [(lambda a=a, p=p, s=s: triton_linear(a, p, s, bits))
+                    for a, (p, s) in zip(xs, ps)]
+
+        tq, note = measure(torch, b.args, mk_pq, wbq)
+        cfg_s = _config_str(cfg)
+        b.record(**pb.entry(f"paretoq {bits}-bit", tq, wbq, speedup=t_bf16 / tq, note=note,
+                            config=cfg_s, max_rel_err=err, first_call_s=round(tune_s, 2)))
+
+
+def _bench_shape(b: _Bench, N, K) -> None:
+    """Every kernel at every M for one N x K weight."""
+    torch = b.torch
+    w = (torch.randn(N, K, device="cuda", dtype=torch.float32) * 0.02)
+    w16 = w.to(b.dtype)
+    packed_w = _paretoq_weights(b, w)  # ParetoQ weights, one per bit width
+    int4_mods = {}
+    if not b.args.no_int4:
+        int4_mods = _int4_baselines(b, N, K, w16)
+    for M in b.args.m_list:
+        x = torch.randn(M, K, device="cuda", dtype=b.dtype)
+        pb = _Problem(b, N, K, M, w16, x)
+        t_bf16 = _bench_bf16(b, pb)
+        _bench_int4(b, pb, int4_mods, t_bf16)
+        _bench_paretoq(b, pb, packed_w, t_bf16)
+
+
+def _save_tuned_configs(torch, path) -> None:
+    from paretoq_ao.triton_kernels import save_configs
+
+    n = save_configs(path, device=torch.cuda.get_device_properties(0).name)
+    print(f"bench_kernels.py: {n} tuned configs written to {path}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    rc = _check_environment(torch, args)
+    if rc is not None:
+        return rc
+
+    import torch.nn.functional as F
+    import triton
+    from torch import nn
+
+    bench = _Bench(args, torch, nn, F, _kernel_api())
+    torch.set_grad_enabled(False)  # inference only (also keeps autograd out of graph capture)
+    torch.manual_seed(0)
+    meta = _run_meta(torch, triton, args)
     print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  timer={args.timer}",
           file=sys.stderr)
-
-    rows = []
-    int4_status = {}
-
-    def record(**kw):
-        rows.append(kw)
-        t = kw["ms"]
-        print(f"{kw['N']:>6}x{kw['K']:<6} M={kw['M']:<4} {kw['kernel']:<18} "
-              f"{t * 1e3:9.1f} us  x{kw.get('speedup') or float('nan'):5.2f}  "
-              f"{kw['gbps']:7.0f} GB/s ({kw['peak_frac'] * 100:4.1f}%)  {kw.get('config') or ''}",
-              file=sys.stderr, flush=True)
-
     for N, K in args.shape_list:
-        w = (torch.randn(N, K, device="cuda", dtype=torch.float32) * 0.02)
-        w16 = w.to(dtype)
-        # ParetoQ weights, one per bit width (RTN with the paper's initial scale)
-        packed_w = {}
-        for bits in args.bits_list:
-            scale = pq.init_scale(w, bits, args.gs)
-            packed = pq.pack_codes(pq.quantize_codes(w, scale, bits), bits)
-            packed_w[bits] = (packed, scale.to(dtype).contiguous())
-        int4_mods = {}
-        if not args.no_int4:
-            for fmt_name in ("plain", "tile_packed_to_4d"):
-                try:
-                    m = _int4_modules(torch, nn, K, N, dtype, w16, fmt_name, 1)[0]
-                    m(torch.randn(1, K, device="cuda", dtype=dtype))
-                    torch.cuda.synchronize()
-                    int4_mods[fmt_name] = m
-                    int4_status[fmt_name] = "ok"
-                except Exception as e:  # noqa: BLE001
-                    int4_status[fmt_name] = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
-        for M in args.m_list:
-            x = torch.randn(M, K, device="cuda", dtype=dtype)
-            io_bytes = _nbytes(x) + M * N * torch.empty((), dtype=dtype).element_size()
-            flops = 2.0 * M * N * K
-
-            def entry(kernel, ms, wbytes, **extra):
-                gbps = (wbytes + io_bytes) / (ms * 1e-3) / 1e9
-                return dict(N=N, K=K, M=M, kernel=kernel, ms=ms, bytes=wbytes + io_bytes,
-                            gbps=gbps, peak_frac=gbps * 1e9 / peak,
-                            tflops=flops / (ms * 1e-3) / 1e12, **extra)
-
-            # bf16 cuBLAS
-            wb = _nbytes(w16)
-
-            def mk_bf16(r):
-                ws = [w16] + [w16.clone() for _ in range(r - 1)]
-                xs = [x] + [x.clone() for _ in range(r - 1)]
-                return [(lambda a=a, b=b: F.linear(a, b)) for a, b in zip(xs, ws)]
-
-            t_bf16, note = measure(torch, args, mk_bf16, wb)
-            base = entry(f"{args.dtype} cuBLAS", t_bf16, wb, speedup=1.0, note=note)
-            record(**base)
-
-            # torchao int4
-            for fmt_name, mod in int4_mods.items():
-                wb4 = _module_weight_bytes(mod)
-
-                def mk_int4(r, fmt_name=fmt_name, mod=mod):
-                    mods = [mod] + (_int4_modules(torch, nn, K, N, dtype, w16, fmt_name, r - 1)
-                                    if r > 1 else [])
-                    xs = [x] + [x.clone() for _ in range(r - 1)]
-                    return [(lambda a=a, m=m: m(a)) for a, m in zip(xs, mods)]
-
-                try:
-                    t4, note = measure(torch, args, mk_int4, wb4)
-                    record(**entry(f"torchao int4 {fmt_name}", t4, wb4, speedup=t_bf16 / t4,
-                                   note=note))
-                except Exception as e:  # noqa: BLE001
-                    int4_status[fmt_name] = f"failed at M={M}: {type(e).__name__}: {str(e)[:160]}"
-
-            # ParetoQ Triton kernels
-            for bits in args.bits_list:
-                packed, scale = packed_w[bits]
-                t0 = time.time()
-                y = triton_linear(x, packed, scale, bits)  # tunes (cached per key) and compiles
-                torch.cuda.synchronize()
-                tune_s = time.time() - t0
-                ref = reference_linear(x, packed, scale, bits)
-                err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
-                problem = _prepare(x, packed, scale, bits, None)[0]
-                cfg = tuned_configs().get(tuning_key(problem))
-                wbq = _nbytes(packed) + _nbytes(scale)
-
-                def mk_pq(r, packed=packed, scale=scale, bits=bits):
-                    ps = [(packed, scale)] + [(packed.clone(), scale.clone()) for _ in range(r - 1)]
-                    xs = [x] + [x.clone() for _ in range(r - 1)]
-                    return [(lambda a=a, p=p, s=s: triton_linear(a, p, s, bits))
-                            for a, (p, s) in zip(xs, ps)]
-
-                tq, note = measure(torch, args, mk_pq, wbq)
-                cfg_s = None
-                if cfg is not None:
-                    cfg_s = (f"{cfg.kind} BM{cfg.block_m} BN{cfg.block_n} BK{cfg.block_k} "
-                             f"SK{cfg.split_k} w{cfg.num_warps} s{cfg.num_stages}")
-                record(**entry(f"paretoq {bits}-bit", tq, wbq, speedup=t_bf16 / tq, note=note,
-                               config=cfg_s, max_rel_err=err, first_call_s=round(tune_s, 2)))
+        _bench_shape(bench, N, K)
         torch.cuda.empty_cache()
 
-    meta["int4"] = int4_status
-    write_results(args, meta, rows)
+    meta["int4"] = bench.int4_status
+    write_results(args, meta, bench.rows)
     if args.save_configs:
-        from paretoq_ao.triton_kernels import save_configs
-
-        n = save_configs(args.save_configs, device=torch.cuda.get_device_properties(0).name)
-        print(f"bench_kernels.py: {n} tuned configs written to {args.save_configs}")
+        _save_tuned_configs(torch, args.save_configs)
     return 0
 
 

@@ -86,7 +86,7 @@ import platform
 import shlex
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -97,15 +97,14 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _meta import write_text  # noqa: E402  (benchmarks/_meta.py)
 from paretoq_ao.formats import get_format
-from paretoq_ao.recipe import QATRecipe, paper_lr, run_qat, tiny_llama, to_packed, train_steps
+from paretoq_ao.recipe import TINY_LLAMA, QATRecipe, paper_lr, run_qat, tiny_llama, to_packed, train_steps
 
 SIZES = {
     "xxs": dict(hidden_size=32, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1),
     "xs": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2),
-    "s": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2),
+    "s": dict(TINY_LLAMA),  # the recipe's tiny model
     "m": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
               num_key_value_heads=2),
 }
@@ -263,135 +262,189 @@ def _apply_torchao_qat(model, bits, example) -> None:
 
 # --------------------------------------------------------------------------- the study
 
-def run_study(args, log=print) -> Dict:
+class _Study:
+    """What every stage of ``run_study`` shares: the data, the budget, and the results so far.
+
+    (A plain class, not a dataclass: tests load this script with ``spec_from_file_location`` without
+    registering it in ``sys.modules``, which ``@dataclass`` needs under postponed annotations.)
+    """
+
+    def __init__(self, args, tok, train_blocks, val, t0: float, log: Callable):
+        self.args, self.tok, self.train_blocks, self.val = args, tok, train_blocks, val
+        self.t0, self.log = t0, log
+        self.rows: List[Dict] = []
+        self.ablation: List[Dict] = []
+        self.pre_hp: Dict[str, Dict] = {}
+        self.pretrain_steps = args.pretrain_steps
+        self.total = self.pretrain_steps / 0.9  # total budget T in steps; main split 90/10
+        self.qat_steps = max(1, round(0.1 * self.total))
+        self.tok_per_step = args.batch_size * args.block_size
+
+    def elapsed(self) -> str:
+        return f"{time.time() - self.t0:.0f}s"
+
+    def pretrain(self, size, steps):
+        args = self.args
+        lr, warm = _size_lr(args, size), warmup_steps(steps, args.pretrain_warmup)
+        m = tiny_llama(len(self.tok), seed=args.seed, **SIZES[size])
+        train_steps(m, _sampler(self.train_blocks, args.batch_size, args.seed), steps, lr, warmup_steps=warm,
+                    progress=args.progress, desc="pre-train FP")
+        self.pre_hp.setdefault(size, dict(lr=lr, warmup_steps=warm, steps=steps))
+        return m
+
+    def qat_lr(self, bits):
+        return paper_lr(bits) * self.args.lr_scale
+
+    def paretoq_qat(self, fp, bits, steps):
+        args = self.args
+        m = copy.deepcopy(fp)
+        r = QATRecipe(model="<study>", bits=bits, block_size=args.block_size, batch_size=args.batch_size,
+                      steps=steps, lr=self.qat_lr(bits), seed=args.seed + 1, output_dir=None,
+                      progress=args.progress)
+        run_qat(r, model=m, tokenizer=self.tok, train_blocks=self.train_blocks)
+        to_packed(m)
+        return m
+
+    def plain_qat(self, m, bits, steps):  # same loop / LR / batches (sampler seed) as run_qat
+        args = self.args
+        train_steps(m, _sampler(self.train_blocks, args.batch_size, args.seed + 1), steps, self.qat_lr(bits),
+                    progress=args.progress, desc=f"QAT {bits:g}-bit")
+        return m
+
+    def ppl(self, model) -> float:
+        return _ppl(model, self.val)
+
+    def main_row(self, size, bits) -> Optional[Dict]:
+        """The size's ParetoQ QAT row at ``bits`` from the main grid, if it was run."""
+        return next((r for r in self.rows if r["size"] == size and r["bits"] == bits
+                     and r["method"] == "ParetoQ QAT"), None)
+
+
+def _rtn(fp, bits):
+    """A copy of ``fp`` with ParetoQ's post-training round-to-nearest applied (no data)."""
     from torchao.quantization import quantize_
 
-    from paretoq_ao.data import PackedBlocks, load_texts, tokenize, train_tokenizer
     from paretoq_ao.packed import ParetoQWeightOnlyConfig
 
-    t0 = time.time()
+    m = copy.deepcopy(fp)
+    quantize_(m, ParetoQWeightOnlyConfig(bits=bits))
+    return m
+
+
+def _load_study_data(args):
+    """(tokenizer, train blocks, held-out blocks) from the Python stdlib sources."""
+    from paretoq_ao.data import PackedBlocks, load_texts, tokenize, train_tokenizer
+
     texts = load_texts("stdlib", "train", max_chars=args.max_chars)
     tok = train_tokenizer(texts, args.vocab_size)
     train_blocks = PackedBlocks(tokenize(texts, tok), args.block_size, source="stdlib[train]")
     val_texts = load_texts("stdlib", "validation", max_chars=args.val_chars)
     val = PackedBlocks(tokenize(val_texts, tok), args.block_size, source="stdlib[validation]").blocks
-    val = val[: args.eval_blocks]
-    P = args.pretrain_steps
-    total = P / 0.9  # total budget T in steps; main split 90/10
-    qat_steps = max(1, round(0.1 * total))
-    tok_per_step = args.batch_size * args.block_size
-    log(f"data: {len(train_blocks)} train blocks, {val.shape[0]} held-out blocks of {args.block_size}; "
-        f"T = {total:.0f} steps = {total * tok_per_step:,.0f} tokens; FP {P} steps, QAT {qat_steps} steps")
-    rows: List[Dict] = []
-    ablation: List[Dict] = []
+    return tok, train_blocks, val[: args.eval_blocks]
 
-    pre_hp: Dict[str, Dict] = {}
 
-    def pretrain(size, steps):
-        lr, warm = _size_lr(args, size), warmup_steps(steps, args.pretrain_warmup)
-        m = tiny_llama(len(tok), seed=args.seed, **SIZES[size])
-        train_steps(m, _sampler(train_blocks, args.batch_size, args.seed), steps, lr, warmup_steps=warm,
-                    progress=args.progress, desc="pre-train FP")
-        pre_hp.setdefault(size, dict(lr=lr, warmup_steps=warm, steps=steps))
-        return m
+def _study_fp(st: _Study, size):
+    """Pre-train the FP model of ``size`` and record its row; returns (model, parameter count)."""
+    fp = st.pretrain(size, st.pretrain_steps)
+    n_params = sum(p.numel() for p in fp.parameters())
+    fp_ppl = st.ppl(fp)
+    hp = st.pre_hp[size]
+    st.rows.append(dict(size=size, params=n_params, bits=None, method="FP", linear_mb=_fp_linear_mb(fp),
+                        ppl=fp_ppl, pretrain_lr=hp["lr"], warmup_steps=hp["warmup_steps"]))
+    st.log(f"[{size}] {n_params:,} params, FP ppl {fp_ppl:.2f} (LR {hp['lr']:.3g}, "
+           f"{hp['warmup_steps']} warm-up steps; {st.elapsed()})")
+    return fp, n_params
 
-    def qat_lr(bits):
-        return paper_lr(bits) * args.lr_scale
 
-    def paretoq_qat(fp, bits, steps):
+def _study_bits(st: _Study, size, fp, n_params, b) -> None:
+    """The ParetoQ QAT, RTN and torchao QAT rows of ``size`` at ``b`` bits."""
+    m = st.paretoq_qat(fp, b, st.qat_steps)
+    qmb = _linear_mb(m)
+    st.rows.append(dict(size=size, params=n_params, bits=b, method="ParetoQ QAT", linear_mb=qmb,
+                        ppl=st.ppl(m)))
+    del m
+    m = _rtn(fp, b)
+    st.rows.append(dict(size=size, params=n_params, bits=b, method="RTN", linear_mb=_linear_mb(m),
+                        ppl=st.ppl(m)))
+    del m
+    if b in TORCHAO_BITS:
         m = copy.deepcopy(fp)
-        r = QATRecipe(model="<study>", bits=bits, block_size=args.block_size, batch_size=args.batch_size,
-                      steps=steps, lr=qat_lr(bits), seed=args.seed + 1, output_dir=None,
-                      progress=args.progress)
-        run_qat(r, model=m, tokenizer=tok, train_blocks=train_blocks)
-        to_packed(m)
-        return m
+        _apply_torchao_qat(m, b, st.val[:2])
+        st.plain_qat(m, b, st.qat_steps)
+        ppl = st.ppl(m)
+        del m
+    else:
+        ppl = None  # n/a: torchao has no ternary / binary config
+    st.rows.append(dict(size=size, params=n_params, bits=b, method="torchao QAT", linear_mb=qmb, ppl=ppl))
+    got = {r["method"]: r["ppl"] for r in st.rows[-3:]}
+    st.log(f"[{size}] {b:g}-bit: " + ", ".join(f"{k} {_fmt(v)}" for k, v in got.items())
+           + f" ({st.elapsed()})")
 
-    def plain_qat(m, bits, steps):  # same loop / LR / batches (sampler seed) as run_qat
-        train_steps(m, _sampler(train_blocks, args.batch_size, args.seed + 1), steps, qat_lr(bits),
-                    progress=args.progress, desc=f"QAT {bits:g}-bit")
-        return m
 
+def _ablation_grid(st: _Study, size, fp) -> None:
+    """SEQ (ParetoQ) vs LSQ with a zero-containing grid at <= 2 bits."""
+    for b in (2, 1.58):
+        seq = st.main_row(size, b)
+        if seq is None:
+            m = st.paretoq_qat(fp, b, st.qat_steps)
+            seq = dict(linear_mb=_linear_mb(m), ppl=st.ppl(m))
+            del m
+        m = copy.deepcopy(fp)
+        _apply_lsq(m, b)
+        st.plain_qat(m, b, st.qat_steps)
+        lsq_ppl = st.ppl(m)
+        del m
+        st.ablation.append(dict(study="grid", size=size, bits=b, variant="SEQ (ParetoQ)", ppl=seq["ppl"],
+                                linear_mb=seq["linear_mb"]))
+        st.ablation.append(dict(study="grid", size=size, bits=b, variant="LSQ (grid with 0)", ppl=lsq_ppl,
+                                linear_mb=seq["linear_mb"]))
+        st.log(f"[{size}] ablation {b:g}-bit: SEQ {seq['ppl']:.2f} vs LSQ {lsq_ppl:.2f}")
+
+
+def _ablation_split(st: _Study, size, fp) -> None:
+    """Budget split of the fixed total T at 2 bits: 90/10, 70/30 and 100/0 (FP, then RTN)."""
+    P, total, qat_steps = st.pretrain_steps, st.total, st.qat_steps
+    main = st.main_row(size, 2)
+    if main is None:
+        m = st.paretoq_qat(fp, 2, qat_steps)
+        main = dict(ppl=st.ppl(m), linear_mb=_linear_mb(m))
+        del m
+    st.ablation.append(dict(study="split", size=size, bits=2, variant=f"90/10 ({P} FP + {qat_steps} QAT steps)",
+                            ppl=main["ppl"], linear_mb=main["linear_mb"]))
+    fp_steps = max(1, round(0.7 * total))
+    fp70 = st.pretrain(size, fp_steps)
+    m = st.paretoq_qat(fp70, 2, max(1, round(total) - fp_steps))
+    st.ablation.append(dict(study="split", size=size, bits=2,
+                            variant=f"70/30 ({fp_steps} FP + {round(total) - fp_steps} QAT steps)",
+                            ppl=st.ppl(m), linear_mb=_linear_mb(m)))
+    del m, fp70
+    fp100 = st.pretrain(size, round(total))
+    m = _rtn(fp100, 2)
+    st.ablation.append(dict(study="split", size=size, bits=2, variant=f"100/0 ({round(total)} FP steps, RTN)",
+                            ppl=st.ppl(m), linear_mb=_linear_mb(m)))
+    del m, fp100
+    st.log(f"[{size}] split: " + ", ".join(f"{a['variant']} {a['ppl']:.2f}" for a in st.ablation[-3:])
+           + f" ({st.elapsed()})")
+
+
+def run_study(args, log=print) -> Dict:
+    t0 = time.time()
+    tok, train_blocks, val = _load_study_data(args)
+    st = _Study(args=args, tok=tok, train_blocks=train_blocks, val=val, t0=t0, log=log)
+    total, qat_steps = st.total, st.qat_steps
+    log(f"data: {len(train_blocks)} train blocks, {val.shape[0]} held-out blocks of {args.block_size}; "
+        f"T = {total:.0f} steps = {total * st.tok_per_step:,.0f} tokens; FP {st.pretrain_steps} steps, "
+        f"QAT {qat_steps} steps")
     for si, size in enumerate(args.sizes):
-        fp = pretrain(size, P)
-        n_params = sum(p.numel() for p in fp.parameters())
-        fp_ppl = _ppl(fp, val)
-        rows.append(dict(size=size, params=n_params, bits=None, method="FP", linear_mb=_fp_linear_mb(fp),
-                         ppl=fp_ppl, pretrain_lr=pre_hp[size]["lr"], warmup_steps=pre_hp[size]["warmup_steps"]))
-        log(f"[{size}] {n_params:,} params, FP ppl {fp_ppl:.2f} (LR {pre_hp[size]['lr']:.3g}, "
-            f"{pre_hp[size]['warmup_steps']} warm-up steps; {time.time() - t0:.0f}s)")
-        qmb = {}
+        fp, n_params = _study_fp(st, size)
         for bits in args.bits:
-            b = get_format(bits).bits
-            m = paretoq_qat(fp, b, qat_steps)
-            qmb[b] = _linear_mb(m)
-            rows.append(dict(size=size, params=n_params, bits=b, method="ParetoQ QAT", linear_mb=qmb[b],
-                             ppl=_ppl(m, val)))
-            del m
-            m = copy.deepcopy(fp)
-            quantize_(m, ParetoQWeightOnlyConfig(bits=b))
-            rows.append(dict(size=size, params=n_params, bits=b, method="RTN", linear_mb=_linear_mb(m),
-                             ppl=_ppl(m, val)))
-            del m
-            if b in TORCHAO_BITS:
-                m = copy.deepcopy(fp)
-                _apply_torchao_qat(m, b, val[:2])
-                plain_qat(m, b, qat_steps)
-                ppl = _ppl(m, val)
-                del m
-            else:
-                ppl = None  # n/a: torchao has no ternary / binary config
-            rows.append(dict(size=size, params=n_params, bits=b, method="torchao QAT", linear_mb=qmb[b], ppl=ppl))
-            got = {r["method"]: r["ppl"] for r in rows[-3:]}
-            log(f"[{size}] {b:g}-bit: " + ", ".join(f"{k} {_fmt(v)}" for k, v in got.items())
-                + f" ({time.time() - t0:.0f}s)")
-
+            _study_bits(st, size, fp, n_params, get_format(bits).bits)
         if si == 0 and not args.no_ablation:
-            # SEQ vs LSQ at <= 2 bits
-            for b in (2, 1.58):
-                seq = next((r for r in rows if r["size"] == size and r["bits"] == b
-                            and r["method"] == "ParetoQ QAT"), None)
-                if seq is None:
-                    m = paretoq_qat(fp, b, qat_steps)
-                    seq = dict(linear_mb=_linear_mb(m), ppl=_ppl(m, val))
-                    del m
-                m = copy.deepcopy(fp)
-                _apply_lsq(m, b)
-                plain_qat(m, b, qat_steps)
-                lsq_ppl = _ppl(m, val)
-                del m
-                ablation.append(dict(study="grid", size=size, bits=b, variant="SEQ (ParetoQ)", ppl=seq["ppl"],
-                                     linear_mb=seq["linear_mb"]))
-                ablation.append(dict(study="grid", size=size, bits=b, variant="LSQ (grid with 0)", ppl=lsq_ppl,
-                                     linear_mb=seq["linear_mb"]))
-                log(f"[{size}] ablation {b:g}-bit: SEQ {seq['ppl']:.2f} vs LSQ {lsq_ppl:.2f}")
-            # budget split of the fixed total T at 2 bits
-            main = next((r for r in rows if r["size"] == size and r["bits"] == 2 and r["method"] == "ParetoQ QAT"),
-                        None)
-            if main is None:
-                m = paretoq_qat(fp, 2, qat_steps)
-                main = dict(ppl=_ppl(m, val), linear_mb=_linear_mb(m))
-                del m
-            ablation.append(dict(study="split", size=size, bits=2, variant=f"90/10 ({P} FP + {qat_steps} QAT steps)",
-                                 ppl=main["ppl"], linear_mb=main["linear_mb"]))
-            fp_steps = max(1, round(0.7 * total))
-            fp70 = pretrain(size, fp_steps)
-            m = paretoq_qat(fp70, 2, max(1, round(total) - fp_steps))
-            ablation.append(dict(study="split", size=size, bits=2,
-                                 variant=f"70/30 ({fp_steps} FP + {round(total) - fp_steps} QAT steps)",
-                                 ppl=_ppl(m, val), linear_mb=_linear_mb(m)))
-            del m, fp70
-            fp100 = pretrain(size, round(total))
-            m = copy.deepcopy(fp100)
-            quantize_(m, ParetoQWeightOnlyConfig(bits=2))
-            ablation.append(dict(study="split", size=size, bits=2, variant=f"100/0 ({round(total)} FP steps, RTN)",
-                                 ppl=_ppl(m, val), linear_mb=_linear_mb(m)))
-            del m, fp100
-            log(f"[{size}] split: " + ", ".join(f"{a['variant']} {a['ppl']:.2f}" for a in ablation[-3:])
-                + f" ({time.time() - t0:.0f}s)")
+            _ablation_grid(st, size, fp)
+            _ablation_split(st, size, fp)
         del fp
-    return dict(rows=rows, ablation=ablation, seconds=time.time() - t0, qat_steps=qat_steps,
-                total_steps=total, tokens_per_step=tok_per_step, pretrain=pre_hp,
+    return dict(rows=st.rows, ablation=st.ablation, seconds=time.time() - t0, qat_steps=qat_steps,
+                total_steps=total, tokens_per_step=st.tok_per_step, pretrain=st.pre_hp,
                 pretrain_rule=None if args.pretrain_lr is not None else dict(
                     base=args.pretrain_lr_base, width=PRETRAIN_LR_WIDTH, exp=args.pretrain_lr_exp),
                 pretrain_warmup=args.pretrain_warmup)
@@ -411,14 +464,18 @@ def _pct(a, b) -> str:
     return f"{100 * (a / b - 1):+.1f} %"
 
 
-def findings(res, args) -> List[str]:
-    rows, abl = res["rows"], res["ablation"]
-    out = []
-
+def _ppl_lookup(rows):
+    """get(size, bits, method) -> the row's perplexity, or None when there is no such row."""
     def get(size, bits, method):
         return next((r["ppl"] for r in rows if r["size"] == size and r["bits"] == bits and r["method"] == method),
                     None)
 
+    return get
+
+
+def _findings_per_size(get, args) -> List[str]:
+    """One line per size: 4/3-bit QAT vs FP, and QAT vs RTN at 2/1.58/1 bits."""
+    out = []
     for size in args.sizes:
         fp = get(size, None, "FP")
         parts = []
@@ -431,6 +488,12 @@ def findings(res, args) -> List[str]:
             if q is not None and r is not None:
                 parts.append(f"{b:g}-bit QAT {_fmt(q)} vs RTN {_fmt(r)} ({_pct(q, fp)} vs FP; RTN/QAT ppl ratio {r / q:.2f})")
         out.append(f"**{size}** (FP ppl {_fmt(fp)}): " + "; ".join(parts) + ".")
+    return out
+
+
+def _findings_size_scaling(get, args) -> List[str]:
+    """Whether FP perplexity falls with model size, and the size gain vs the 4 -> 2 bit cost."""
+    out = []
     fps = [(s, get(s, None, "FP")) for s in args.sizes]
     if len(fps) > 1:
         mono = all(fps[i][1] > fps[i + 1][1] for i in range(len(fps) - 1))
@@ -449,20 +512,28 @@ def findings(res, args) -> List[str]:
             out.append("Size gain vs bit cost: FP ppl per size step " + ", ".join(steps) + "; ParetoQ QAT ppl from "
                        "4 to 2 bits " + ", ".join(cost) + ". A bigger model at fewer bits can only win at equal "
                        "bytes where the size gain outweighs the bit cost.")
-    # ordering of the bit widths
+    return out
+
+
+def _findings_bit_order(get, args) -> List[str]:
+    """Per size: does ParetoQ QAT perplexity rise monotonically as the bit width falls?"""
+    out = []
     for size in args.sizes:
         q = [(b, get(size, b, "ParetoQ QAT")) for b in sorted(args.bits, reverse=True)]
         q = [(b, v) for b, v in q if v is not None]
         mono = all(q[i][1] <= q[i + 1][1] for i in range(len(q) - 1))
         out.append(f"**{size}**: ParetoQ QAT perplexity {'rises monotonically' if mono else 'does NOT rise monotonically'}"
                    f" as bits fall ({', '.join(f'{b:g}b {_fmt(v)}' for b, v in q)}).")
-    # QAT beats RTN where
+    return out
+
+
+def _findings_baselines(get, args) -> List[str]:
+    """ParetoQ QAT vs RTN and vs torchao QAT, cell by cell."""
     wins = [(s, b) for s in args.sizes for b in args.bits
             if get(s, b, "ParetoQ QAT") is not None and get(s, b, "RTN") is not None
             and get(s, b, "ParetoQ QAT") < get(s, b, "RTN")]
     n = sum(1 for s in args.sizes for b in args.bits if get(s, b, "RTN") is not None)
-    out.append(f"ParetoQ QAT beats RTN in {len(wins)} of {n} (size, bits) cells.")
-    # vs torchao
+    out = [f"ParetoQ QAT beats RTN in {len(wins)} of {n} (size, bits) cells."]
     cmp = [(s, b, get(s, b, "ParetoQ QAT"), get(s, b, "torchao QAT")) for s in args.sizes for b in args.bits
            if get(s, b, "torchao QAT") is not None]
     if cmp:
@@ -470,7 +541,11 @@ def findings(res, args) -> List[str]:
         detail = "; ".join(f"{s} {b:g}b {_fmt(p)} vs {_fmt(t)}" for s, b, p, t in cmp)
         out.append(f"ParetoQ QAT vs torchao QAT (same bits, budget, LR, batches): ParetoQ lower in {len(better)} of "
                    f"{len(cmp)} cells ({detail}).")
-    # size-vs-bits trade-off across model sizes
+    return out
+
+
+def _findings_tradeoff(rows, args) -> List[str]:
+    """The size-vs-perplexity frontier and the bigger-model-at-fewer-bits pairs at no more bytes."""
     qpts = [r for r in rows if r["method"] == "ParetoQ QAT" and r["ppl"] is not None]
     front = sorted(qpts, key=lambda r: (r["linear_mb"], r["ppl"]))
     best, frontier = float("inf"), []
@@ -478,8 +553,8 @@ def findings(res, args) -> List[str]:
         if r["ppl"] < best:
             best = r["ppl"]
             frontier.append(f"{r['size']}/{r['bits']:g}b")
-    out.append("ParetoQ QAT size-vs-perplexity frontier over all sizes (smallest bytes first): "
-               + ", ".join(frontier) + ".")
+    out = ["ParetoQ QAT size-vs-perplexity frontier over all sizes (smallest bytes first): "
+           + ", ".join(frontier) + "."]
     # the paper's trade-off: a bigger model at fewer bits vs a smaller model at more bits
     order = {s: i for i, s in enumerate(args.sizes)}
     dom = []
@@ -498,6 +573,12 @@ def findings(res, args) -> List[str]:
     elif len(args.sizes) > 1:
         out.append("No larger-model/fewer-bits point stores as few bytes as a smaller-model/more-bits point, so "
                    "the bigger-model-at-fewer-bits trade-off is not tested by these sizes.")
+    return out
+
+
+def _findings_ablations(abl) -> List[str]:
+    """The SEQ-vs-LSQ grid ablation and the budget-split ablation (first size)."""
+    out = []
     grid = [a for a in abl if a["study"] == "grid"]
     for b in (2, 1.58):
         g = {a["variant"].split()[0]: a["ppl"] for a in grid if a["bits"] == b}
@@ -511,10 +592,22 @@ def findings(res, args) -> List[str]:
         out.append("Budget split at 2 bits (fixed total): " + ", ".join(f"{a['variant'].split()[0]} {_fmt(a['ppl'])}"
                                                                       for a in split)
                    + f" -> best {best['variant'].split()[0]}.")
-    out.append("Caveats: one seed, tiny models (<1M-few M parameters) trained for seconds on Python source, "
-               "not the paper's billion-parameter / billion-token regime; differences of a few percent are within "
-               "what a different seed could change. Nothing here tests the paper's zero-shot accuracies.")
     return out
+
+
+_FINDINGS_CAVEATS = (
+    "Caveats: one seed, tiny models (<1M-few M parameters) trained for seconds on Python source, "
+    "not the paper's billion-parameter / billion-token regime; differences of a few percent are within "
+    "what a different seed could change. Nothing here tests the paper's zero-shot accuracies.")
+
+
+def findings(res, args) -> List[str]:
+    """The 'what reproduces / what does not' lines of the Markdown, computed from the study's numbers."""
+    rows, abl = res["rows"], res["ablation"]
+    get = _ppl_lookup(rows)
+    return (_findings_per_size(get, args) + _findings_size_scaling(get, args) + _findings_bit_order(get, args)
+            + _findings_baselines(get, args) + _findings_tradeoff(rows, args) + _findings_ablations(abl)
+            + [_FINDINGS_CAVEATS])
 
 
 def claims(res, args, close_pct: float = 5.0) -> List[str]:

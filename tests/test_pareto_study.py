@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/pareto_study.py: the --tiny mode end to end in a subprocess, and the
 per-size FP pre-training LR rule / warm-up."""
 
+import argparse
 import datetime
 import importlib.util
 import json
@@ -105,3 +106,79 @@ def test_pareto_study_tiny(tmp_path):
         assert rows[(size, None, "FP")]["pretrain_lr"] == pytest.approx(ps.pretrain_lr(size))
     assert res["pretrain"]["xxs"]["lr"] > res["pretrain"]["xs"]["lr"]
     assert "per-size rule LR = 0.006 x (64 / hidden_size)^1.5: xxs 0.017, xs 0.006;" in md
+
+
+def _synthetic_results(paper_holds: bool):
+    """A results dict of the shape ``run_study`` returns (sizes xs < s, bits 4 and 2, ablations on xs), with
+    numbers chosen so that every conclusion ``findings`` draws goes the paper's way, or every one the other way."""
+    if paper_holds:
+        fp = {"xs": 50.0, "s": 40.0}
+        qat = {("xs", 4): 52.0, ("xs", 2): 60.0, ("s", 4): 41.0, ("s", 2): 48.0}
+        worse = 1.2  # RTN and torchao QAT 20 % above ParetoQ QAT
+        grid = {2: (60.0, 70.0), 1.58: (65.0, 80.0)}  # bits: (SEQ, LSQ)
+        split = (60.0, 62.0, 90.0)  # 90/10, 70/30, 100/0
+    else:
+        fp = {"xs": 40.0, "s": 50.0}
+        qat = {("xs", 4): 62.0, ("xs", 2): 42.0, ("s", 4): 51.0, ("s", 2): 70.0}
+        worse = 0.8  # RTN and torchao QAT 20 % below ParetoQ QAT
+        grid = {2: (70.0, 60.0), 1.58: (80.0, 65.0)}
+        split = (60.0, 62.0, 55.0)
+    mb = {("xs", 4): 0.4, ("xs", 2): 0.2, ("s", 4): 0.8, ("s", 2): 0.4}  # s/2b stores as few bytes as xs/4b
+    rows = []
+    for size in ("xs", "s"):
+        rows.append(dict(size=size, params=1000, bits=None, method="FP", linear_mb=1.6, ppl=fp[size]))
+        for b in (4, 2):
+            q = qat[(size, b)]
+            for method, ppl in (("ParetoQ QAT", q), ("RTN", q * worse), ("torchao QAT", q * worse)):
+                rows.append(dict(size=size, params=1000, bits=b, method=method, linear_mb=mb[(size, b)], ppl=ppl))
+    ablation = []
+    for b, (seq, lsq) in grid.items():
+        ablation += [dict(study="grid", size="xs", bits=b, variant="SEQ (ParetoQ)", ppl=seq, linear_mb=0.2),
+                     dict(study="grid", size="xs", bits=b, variant="LSQ (grid with 0)", ppl=lsq, linear_mb=0.2)]
+    for variant, ppl in zip(("90/10 (9 FP + 1 QAT steps)", "70/30 (7 FP + 3 QAT steps)",
+                             "100/0 (10 FP steps, RTN)"), split):
+        ablation.append(dict(study="split", size="xs", bits=2, variant=variant, ppl=ppl, linear_mb=0.2))
+    return dict(rows=rows, ablation=ablation)
+
+
+@pytest.mark.parametrize("paper_holds", [True, False])
+def test_findings_conclusions_follow_the_numbers(paper_holds):
+    ps = _study()
+    args = argparse.Namespace(sizes=["xs", "s"], bits=[4, 2])
+    out = ps.findings(_synthetic_results(paper_holds), args)
+    text = "\n".join(out)
+    assert out[-1].startswith("Caveats: one seed")
+    assert out[0].startswith("**xs** (FP ppl ")
+    if paper_holds:
+        expected = [
+            "FP perplexity falls with model size (xs 50.00, s 40.00) under the per-size pre-training LR rule",
+            "**xs**: ParetoQ QAT perplexity rises monotonically as bits fall (4b 52.00, 2b 60.00).",
+            "ParetoQ QAT beats RTN in 4 of 4 (size, bits) cells.",
+            "ParetoQ QAT vs torchao QAT (same bits, budget, LR, batches): ParetoQ lower in 4 of 4 cells",
+            "the bigger one is better in 1 of 1 such pairs (s/2b 0.400 MB ppl 48.00 < xs/4b 0.400 MB ppl 52.00)",
+            "Grid ablation 2-bit (xs): SEQ 60.00 vs LSQ 70.00 -> SEQ lower.",
+            "Grid ablation 1.58-bit (xs): SEQ 65.00 vs LSQ 80.00 -> SEQ lower.",
+            "Budget split at 2 bits (fixed total): 90/10 60.00, 70/30 62.00, 100/0 90.00 -> best 90/10.",
+        ]
+        unexpected = ["does NOT", "LSQ lower", "-> best 100/0", ">= xs/4b"]
+    else:
+        expected = [
+            "FP perplexity does NOT fall with model size (xs 40.00, s 50.00): the larger model ends worse",
+            "**xs**: ParetoQ QAT perplexity does NOT rise monotonically as bits fall (4b 62.00, 2b 42.00).",
+            "ParetoQ QAT beats RTN in 0 of 4 (size, bits) cells.",
+            "ParetoQ QAT vs torchao QAT (same bits, budget, LR, batches): ParetoQ lower in 0 of 4 cells",
+            "the bigger one is better in 0 of 1 such pairs (s/2b 0.400 MB ppl 70.00 >= xs/4b 0.400 MB ppl 62.00)",
+            "Grid ablation 2-bit (xs): SEQ 70.00 vs LSQ 60.00 -> LSQ lower.",
+            "Grid ablation 1.58-bit (xs): SEQ 80.00 vs LSQ 65.00 -> LSQ lower.",
+            "Budget split at 2 bits (fixed total): 90/10 60.00, 70/30 62.00, 100/0 55.00 -> best 100/0.",
+        ]
+        unexpected = ["SEQ lower", "-> best 90/10", "FP perplexity falls", "**xs**: ParetoQ QAT perplexity rises"]
+    for line in expected:
+        assert line in text, (line, out)
+    for line in unexpected:
+        assert line not in text, (line, out)
+    # per-size lines: QAT vs FP in percent and the RTN/QAT ratio (< 1 when RTN is the better one)
+    assert f"RTN/QAT ppl ratio {1.2 if paper_holds else 0.8:.2f}" in out[0]
+    # the frontier lists, smallest bytes first, each point that lowers the best perplexity so far
+    frontier = next(line for line in out if line.startswith("ParetoQ QAT size-vs-perplexity frontier"))
+    assert frontier.endswith(": xs/2b, s/2b, s/4b." if paper_holds else ": xs/2b.")
