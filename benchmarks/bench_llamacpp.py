@@ -1,10 +1,9 @@
 """llama.cpp as the side-by-side CPU baseline for our decoder benchmarks: same model shape, threads.
 
 The model is the random-weight ``LlamaForCausalLM`` of ``bench_executorch_decoder.py`` (same
-``LlamaConfig`` fields, same ``torch.manual_seed(seed)`` before construction, so the same weights
-for the same flags; the default here is 16 layers, as in the llama.cpp table of
-``shared/design/ANCHORS.md``, where ``bench_executorch_decoder.py`` defaults to 8: pass
-``--layers 8`` to compare with it). It is saved with ``save_pretrained`` in float16 next to a
+``LlamaConfig`` fields from ``benchmarks/_decoder.py``, same ``torch.manual_seed(seed)`` before
+construction, so the same weights for the same flags; 16 layers by default, as in the llama.cpp table
+of ``shared/design/ANCHORS.md``). It is saved with ``save_pretrained`` in float16 next to a
 SentencePiece tokenizer trained offline on the Python standard library's docstrings
 (``tokenizer.model``, BPE, byte fallback, exactly ``--vocab`` pieces; ``tokenizer_config.json`` says
 ``LlamaTokenizer``), then converted and quantized by llama.cpp's own tools::
@@ -82,6 +81,10 @@ def _parse(argv):
     add_shape_args(ap, SMALL, "--small")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--types", default=DEFAULT_TYPES, help=f"comma list of {', '.join(BLOCK)}")
+    ap.add_argument("--paretoq", default="", help="comma list of ParetoQ bit widths (4, 3, 2, 1.58, 1): the same "
+                    "weights, ParetoQ RTN, written by paretoq_ao.export.gguf (rows pq<bits>)")
+    ap.add_argument("--pq-embedding-type", default="Q8_0", help="token embedding of the pq rows (F32/F16/BF16/Q8_0)")
+    ap.add_argument("--pq-head-type", default="Q8_0", help="output head of the pq rows (F32/F16/BF16/Q8_0)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--n-gen", type=int, default=64, help="tokens generated per tg run (0: no tg)")
     ap.add_argument("--n-prompt", type=int, default=128, help="prompt tokens per pp run (0: no pp)")
@@ -91,6 +94,8 @@ def _parse(argv):
     a = ap.parse_args(argv)
     fill_shape(a, SMALL, a.small)
     a.types = [t.strip().upper() for t in a.types.split(",") if t.strip()]
+    a.pq_bits = [_bits(b) for b in a.paretoq.split(",") if b.strip()]
+    a.rows = a.types + [f"pq{b}" for b in a.pq_bits]  # every file benchmarked, in table order
     a.threads = _ints(a.threads)
     bad = [t for t in a.types if t not in BLOCK]
     if bad:
@@ -102,6 +107,16 @@ def _parse(argv):
     if not a.threads or min(a.threads) < 1 or a.reps < 1 or (a.n_gen <= 0 and a.n_prompt <= 0):
         _fail("need --threads >= 1, --reps >= 1 and at least one of --n-gen / --n-prompt > 0")
     return a
+
+
+def _bits(s):
+    try:
+        v = float(s)
+    except ValueError:
+        _fail(f"--paretoq: {s!r} is not a bit width (4, 3, 2, 1.58, 1)")
+    if v not in (4, 3, 2, 1.58, 1):
+        _fail(f"--paretoq: {s!r} is not one of 4, 3, 2, 1.58, 1")
+    return int(v) if v.is_integer() else v
 
 
 def _llama_cpp_paths(d):
@@ -218,6 +233,30 @@ def _make_gguf(p, a, work, n_params):
     return files
 
 
+def _make_paretoq_gguf(a, work):
+    """The pq<bits> files: the saved model (float16 weights, as llama.cpp's converter read them) in
+    float32, block linears quantized by ParetoQ RTN (per-row scales), exported by export_gguf."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from paretoq_ao import ParetoQWeightOnlyConfig, quantize
+    from paretoq_ao.export.gguf import export_gguf
+
+    hf_dir, files = os.path.join(work, "hf"), {}
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    for bits in a.pq_bits:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        quantize(model, ParetoQWeightOnlyConfig(bits=bits))
+        files[f"pq{bits}"] = path = os.path.join(work, f"model-pq{bits}.gguf")
+        rep = export_gguf(model, tok, path, embedding_type=a.pq_embedding_type, head_type=a.pq_head_type)
+        del model
+        kinds = sorted({r["type"] for r in rep["tensors"].values()})
+        print(f"  pq{bits}: {rep['bytes'] / 1e6:.1f} MB ({', '.join(kinds)}; {len(rep['inexact'])} inexact), "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return files
+
+
 def _tensor_types(p, path):
     """Tensor types of a GGUF file, read with the vendored gguf: dict(emb=type of token_embd.weight,
     head=type of output.weight, counts={type: n}, blk_bits=bits/weight of the block linears
@@ -259,10 +298,10 @@ def _bench_once(p, path, threads, a, log):
 
 def _bench_all(p, a, files, work):
     """Interleaved llama-bench calls (for rep: for threads: for type): {(type, threads): [results]}."""
-    runs = {(t, th): [] for t in a.types for th in a.threads}
+    runs = {(t, th): [] for t in a.rows for th in a.threads}
     for rep in range(a.reps):
         for th in a.threads:
-            for t in a.types:
+            for t in a.rows:
                 log = os.path.join(work, f"bench-{t}-t{th}-r{rep}.log")
                 r = _bench_once(p, files[t], th, a, log)
                 runs[(t, th)].append(r)
@@ -292,7 +331,10 @@ def _report(a, info, command):
              f"hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} KV "
              f"heads, vocab {a.vocab}, untied; {info['n_params'] / 1e6:.1f} M parameters (llama-bench: "
              f"{(b.get('model_n_params') or 0) / 1e6:.1f} M). Saved in float16, converted by convert_hf_to_gguf.py "
-             "--outtype f16 (F16), then llama-quantize <type>.",
+             "--outtype f16 (F16), then llama-quantize <type>."
+             + (f" pq<bits>: the same float16 weights in float32, block linears quantized by ParetoQ RTN (per-row "
+                f"scales, paretoq_ao.quantize), written by paretoq_ao.export.gguf (embedding {a.pq_embedding_type}, "
+                f"head {a.pq_head_type})." if a.pq_bits else ""),
              f"Timing: llama-bench -r 1 called {a.reps}x per (threads, type), interleaved (for rep: for threads: "
              f"for type); " + ", ".join(([f"{tg} = generate {a.n_gen} tokens"] if a.n_gen > 0 else [])
                                         + ([f"{pp} = a {a.n_prompt}-token prompt"] if a.n_prompt > 0 else []))
@@ -303,7 +345,7 @@ def _report(a, info, command):
             + ((f"{pp} tok/s {th}T",) if a.n_prompt > 0 else ())]
     lines += ["| type | file MB | bits/weight | block-linear bits/weight | " + " | ".join(cols) + " |",
               "|---|---|---|---|" + "---|" * len(cols)]
-    for t in a.types:
+    for t in a.rows:
         size = os.path.getsize(info["files"][t])
         cells = [t, f"{size / 1e6:.1f}", f"{size * 8 / info['n_params']:.3f}",
                  f"{info['tensor_types'][t]['blk_bits']:.3f}"]
@@ -315,7 +357,7 @@ def _report(a, info, command):
     lines += ["", "Tensor types in each file (read back with gguf.GGUFReader): token embedding, output head, "
               "and the count of every type over all tensors:", "",
               "| type | token_embd.weight | output.weight | all tensors |", "|---|---|---|---|"]
-    for t in a.types:
+    for t in a.rows:
         d = info["tensor_types"][t]
         lines.append(f"| {t} | {d['emb']} | {d['head']} | "
                      + ", ".join(f"{k} x{v}" for k, v in sorted(d["counts"].items(), key=lambda kv: -kv[1])) + " |")
@@ -337,7 +379,8 @@ def main(argv=None):
         print(f"HF model + tokenizer: {n_params / 1e6:.1f} M parameters, {time.perf_counter() - t0:.1f} s "
               f"({work}/hf)", flush=True)
         files = _make_gguf(p, a, work, n_params)
-        types = {t: _tensor_types(p, files[t]) for t in a.types}
+        files.update(_make_paretoq_gguf(a, work))
+        types = {t: _tensor_types(p, files[t]) for t in a.rows}
         for t, d in types.items():
             print(f"  {t}: token_embd {d['emb']}, output {d['head']}, block linears {d['blk_bits']:.3f} "
                   f"bits/weight; {d['counts']}", flush=True)
@@ -349,7 +392,7 @@ def main(argv=None):
         _meta.write_text(out, text)
         print("written", out, "; work dir", work if a.work_dir else "(temp, removed)")
         return dict(out=out, text=text, n_params=n_params, tensor_types=types, runs=info["runs"],
-                    sizes={t: os.path.getsize(files[t]) for t in a.types})
+                    sizes={t: os.path.getsize(files[t]) for t in a.rows})
     finally:
         if a.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

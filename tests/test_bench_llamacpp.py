@@ -88,6 +88,7 @@ def small_run(tmp_path_factory):
     pytest.importorskip("sentencepiece")
     tmp = tmp_path_factory.mktemp("llamacpp_bench")
     out = _load().main(["--small", "--llama-cpp", LLAMA_CPP_DIR, "--types", ",".join(TYPES), "--threads", "1",
+                        "--paretoq", "2,1.58",
                         "--n-gen", "8", "--n-prompt", "16", "--reps", "1",
                         "--work-dir", str(tmp / "work"), "--out", str(tmp / "results.md")])
     yield out, tmp
@@ -107,8 +108,11 @@ def test_files_and_tensor_types(small_run):
     assert tq["emb"] != "?" and tq["head"] != "?"
     assert (out["tensor_types"]["F16"]["emb"], out["tensor_types"]["F16"]["head"]) == ("F16", "F16")
     # bits/weight of the block linears: the types' block sizes (F16 16, Q4_0 18 B / 32, TQ2_0 66 B / 256)
-    for t, bits in (("F16", 16.0), ("Q4_0", 4.5), ("TQ2_0", 2.0625)):
+    for t, bits in (("F16", 16.0), ("Q4_0", 4.5), ("TQ2_0", 2.0625), ("pq2", 2.625), ("pq1.58", 1.6875)):
         assert out["tensor_types"][t]["blk_bits"] == pytest.approx(bits), t
+    # our files: every block linear in its exact type, embedding and head as asked (Q8_0)
+    assert out["tensor_types"]["pq1.58"]["counts"].get("TQ1_0", 0) == 2 * 7
+    assert (out["tensor_types"]["pq2"]["emb"], out["tensor_types"]["pq2"]["head"]) == ("Q8_0", "Q8_0")
 
 
 @NEEDS_LLAMA_CPP
@@ -123,8 +127,8 @@ def test_results_table(small_run):
     header = next(l for l in lines if l.startswith("| type | file MB"))
     assert "tg8 tok/s 1T" in header and "pp16 tok/s 1T" in header
     i = lines.index(header)
-    rows = [l for l in lines[i + 2:] if l.startswith("|")][:len(TYPES)]
-    assert [r.split("|")[1].strip() for r in rows] == TYPES
+    rows = [l for l in lines[i + 2:] if l.startswith("|")][:len(TYPES) + 2]
+    assert [r.split("|")[1].strip() for r in rows] == TYPES + ["pq2", "pq1.58"]
     bits = []
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
@@ -135,4 +139,4 @@ def test_results_table(small_run):
         for c in cells[4:]:
             assert re.fullmatch(r"\d+\.\d+ ± \d+\.\d+", c), c
             assert float(c.split()[0]) > 0
-    assert bits[0] > bits[1] > bits[2]
+    assert bits[0] > bits[1] > bits[2] and bits[3] > bits[4]

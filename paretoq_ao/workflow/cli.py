@@ -100,6 +100,18 @@ def _grad_norm(s: str) -> Optional[float]:
     return v
 
 
+def _bits_type(s: str):
+    """``BITS=TYPE`` of ``--weight-type`` -> (bits, TYPE); both are checked by export_gguf."""
+    bits, sep, kind = s.partition("=")
+    try:
+        value = float(bits)
+    except ValueError:
+        value = None
+    if not sep or not kind or value is None:
+        raise argparse.ArgumentTypeError(f"expected BITS=TYPE (e.g. 2=Q2_K), got {s!r}")
+    return (int(value) if value.is_integer() else value), kind.strip().upper()
+
+
 def _json_dict(s: str) -> dict:
     try:
         d = json.loads(s)
@@ -183,16 +195,26 @@ def _add_eval(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    x = sub.add_parser("export", help="export a packed Llama-family model to an ExecuTorch .pte (KV-cache decode step)")
+    x = sub.add_parser("export", help="export a packed Llama-family model to an ExecuTorch .pte (KV-cache decode "
+                                      "step) or a GGUF file for llama.cpp")
     x.add_argument("model", help="packed Hugging Face folder (paretoq convert) or any Llama model path")
-    x.add_argument("out", help=".pte path (written atomically)")
-    x.add_argument("--max-len", type=_count, default=256, help="KV-cache length (default 256)")
+    x.add_argument("out", help=".pte or .gguf path (written atomically)")
+    x.add_argument("--format", choices=("pte", "gguf"), default=None,
+                   help="pte (ExecuTorch) or gguf (llama.cpp); default: from the extension of OUT, else pte")
+    x.add_argument("--max-len", type=_count, default=None, help="pte: KV-cache length (default 256)")
     x.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
-                   help="store the token embedding at 4 or 8 bits (group 32, ExecuTorch's quantized embedding "
+                   help="pte: store the token embedding at 4 or 8 bits (group 32, ExecuTorch's quantized embedding "
                         "kernels); default: float32")
-    x.add_argument("--activations", choices=("int8", "float"), default="int8",
-                   help="int8 (default: dynamic per-token int8 activations, integer dot products, fastest) or "
+    x.add_argument("--activations", choices=("int8", "float"), default=None,
+                   help="pte: int8 (default: dynamic per-token int8 activations, integer dot products, fastest) or "
                         "float (exactly the packed model); recorded in the program")
+    x.add_argument("--embedding-type", type=str.upper, default=None,
+                   help="gguf: type of the token embedding (default F16; F32, F16, BF16 or Q8_0)")
+    x.add_argument("--head-type", type=str.upper, default=None,
+                   help="gguf: type of a full-precision output head (default F16; as --embedding-type)")
+    x.add_argument("--weight-type", action="append", default=[], metavar="BITS=TYPE", type=_bits_type,
+                   help="gguf: GGUF type for the packed layers of BITS bits (e.g. 1.58=TQ2_0, 2=Q4_0); repeatable; "
+                        "default: the smallest type that holds them exactly (README)")
 
 
 def _add_demo(sub) -> None:
@@ -327,15 +349,32 @@ def _cmd_size(a) -> None:
               f"stored; `paretoq convert {a.model} <out>` packs them to their low-bit size)")
 
 
+def _export_format(a) -> str:
+    fmt = a.format or ("gguf" if str(a.out).lower().endswith(".gguf") else "pte")
+    other = ({"--embedding-type": a.embedding_type, "--head-type": a.head_type, "--weight-type": a.weight_type}
+             if fmt == "pte" else
+             {"--max-len": a.max_len, "--embedding-bits": a.embedding_bits, "--activations": a.activations})
+    given = [flag for flag, v in other.items() if v]
+    if given:
+        raise CLIError(f"{', '.join(given)} do(es) not apply to --format {fmt}")
+    return fmt
+
+
 def _cmd_export(a) -> None:
-    from ..export.llama import export_llama
     from .checkpoints import is_qat_folder
     from .hf import load_model
 
     src = os.fspath(a.model)
+    fmt = _export_format(a)
     if is_qat_folder(src):  # latent full-precision weights, nothing packed yet
         raise CLIError(f"{src!r} is a QAT checkpoint (latent weights, not packed); run "
                        f"`paretoq convert {src} <out>` first, then `paretoq export <out> {a.out}`")
+    if fmt == "gguf":
+        return _export_gguf(a, src, load_model)
+    from ..export.llama import export_llama
+
+    a.max_len = a.max_len or 256
+    a.activations = a.activations or "int8"
     model, _ = load_model(src, tokenizer=False)
     changed = export_llama(model, a.out, max_len=a.max_len, embedding_bits=a.embedding_bits,
                            activations=a.activations)["converted"]
@@ -359,6 +398,22 @@ def _cmd_generate(a) -> None:
                    do_sample=a.sample)
     print(res.text)
     print(res.summary())
+
+
+def _export_gguf(a, src, load_model) -> None:
+    from ..export.gguf import export_gguf
+
+    model, tok = load_model(src)
+    if tok is None:
+        raise CLIError(f"{src!r} has no tokenizer files; llama.cpp needs the vocabulary")
+    rep = export_gguf(model, tok, a.out, embedding_type=a.embedding_type or "F16",
+                      head_type=a.head_type or "F16", weight_types=dict(a.weight_type))
+    types = sorted({r["type"] for r in rep["tensors"].values()})
+    print(f"wrote {a.out} ({rep['bytes'] / 2**20:.2f} MiB, {len(rep['tensors'])} tensors: {', '.join(types)}); "
+          f"{'all exact' if not rep['inexact'] else str(len(rep['inexact'])) + ' nearest, not exact'}")
+    for n in rep["inexact"]:
+        r = rep["tensors"][n]
+        print(f"  {n} ({r['source']}): {r['type']}, relative error {r['rel_error']:.2%}")
 
 
 def _cmd_demo(a) -> None:

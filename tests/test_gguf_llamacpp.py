@@ -1,0 +1,92 @@
+"""llama.cpp itself runs the exported GGUF files: its logits for a small packed Llama at every bit
+width match the eager packed model (the oracle), and greedy decoding picks the same tokens.
+
+llama.cpp comes from the ``llama-cpp-python`` package (its vendored llama.cpp, compiled on install;
+``.ci/run`` installs it with the build flags used here). Tolerance: llama.cpp quantizes the
+activations of a quantized matmul to 8 bits per 32 (Q8_0) or 256 (Q8_K) values before the integer
+dot products, so its logits differ from the float-activation eager model by about 1 % (relative
+L2, measured per type below); F32 files agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it: pip install llama-cpp-python "
+                        "with the CMAKE_ARGS given there)")
+
+from paretoq_ao import ParetoQWeightOnlyConfig, quantize  # noqa: E402
+from paretoq_ao.export.gguf import export_gguf  # noqa: E402
+
+from test_gguf import gguf_llama  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# relative L2 of llama.cpp's logits against the eager packed model (8-bit activations in llama.cpp)
+TOLERANCE = {4: 0.03, 3: 0.03, 2: 0.03, 1.58: 0.03, 1: 0.03}
+N_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from paretoq_ao.workflow.data import load_texts, train_tokenizer
+
+    return train_tokenizer(load_texts("stdlib", "train", max_chars=100_000), 300)
+
+
+def _llama_logits(path, ids):
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, seed=0)
+    llm.eval(list(ids))
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def _eager(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2, 1.58, 1])
+def test_llama_cpp_logits_match_the_packed_model(tmp_path, tokenizer, bits):
+    model = gguf_llama(seed=7)
+    quantize(model, ParetoQWeightOnlyConfig(bits=bits))
+    path = tmp_path / f"m{bits}.gguf"
+    assert export_gguf(model, tokenizer, path, embedding_type="F32", head_type="F32")["inexact"] == []
+    ids = torch.randint(0, 300, (N_TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref, got = _eager(model, ids), _llama_logits(path, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < TOLERANCE[bits], f"{bits}-bit: llama.cpp logits differ by {rel:.2%}"
+    # a wrong row order (rotary permutation), scale or code would give a relative error near 1
+    err = np.abs(got - ref).max()
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * err  # positions where rounding cannot flip the argmax
+    assert clear.sum() >= N_TOKENS // 4
+    assert np.array_equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def test_greedy_decoding_agrees(tmp_path, tokenizer):
+    model = gguf_llama(seed=11)
+    quantize(model, ParetoQWeightOnlyConfig(bits=2))
+    path = tmp_path / "g.gguf"
+    export_gguf(model, tokenizer, path, embedding_type="F32", head_type="F32")
+    prompt = [5, 17, 42, 99]
+    seq = list(prompt)
+    for _ in range(6):  # eager greedy continuation
+        seq.append(int(_eager(model, seq)[-1].argmax()))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=1, seed=0)
+    got = []
+    for tok in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        got.append(tok)
+        if len(got) == 6:
+            break
+    llm.close()
+    ref = _eager(model, seq[:-1])[len(prompt) - 1:]
+    margins = np.sort(ref, axis=-1)[:, -1] - np.sort(ref, axis=-1)[:, -2]
+    agree = [g == s for g, s in zip(got, seq[len(prompt):])]
+    # every token agrees up to the first position whose top-2 margin is within llama.cpp's activation rounding
+    first_close = next((i for i, m in enumerate(margins) if m < 0.02), len(agree))
+    assert all(agree[:first_close]) and first_close >= 2, (got, seq[len(prompt):], margins)
