@@ -71,3 +71,14 @@ def write_text(path, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def results_path(root: str, stem: str, date: str) -> str:
+    """The default results file ``<root>/benchmarks/results/<stem>-<date>.md``; a file of that name
+    from an earlier run the same day is kept: the new one gets ``-2``, ``-3``, ..."""
+    base = os.path.join(root, "benchmarks", "results", f"{stem}-{date[:10]}")
+    path, n = base + ".md", 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}.md"
+    return path

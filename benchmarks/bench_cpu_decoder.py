@@ -83,7 +83,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from _decoder import add_shape_args, fill_shape, is_block_linear, llama_config  # noqa: E402
-from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # noqa: E402
+from _meta import cpu_model, dram_bandwidth, git_commit, results_path, write_text  # noqa: E402
 
 BITS = ("4", "3", "2", "1.58", "1")
 ALL_VARIANTS = (("fp32",) + tuple(v for b in BITS for v in (f"pq{b}", f"pq{b}-i8"))
@@ -610,7 +610,7 @@ def main(argv=None):
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python", "benchmarks/bench_cpu_decoder.py"] + argv_used)
     date = datetime.datetime.now().isoformat(timespec="seconds")
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"cpu-decoder-{date[:10]}.md")
+    out = a.out or results_path(ROOT, "cpu-decoder", date)
     if any(_spec(v)["kind"] == "pq" for v in a.variants) and not cpu_backend.available():
         raise SystemExit("the ParetoQ C++ CPU kernels are not available; the packed variants would run the "
                          "PyTorch reference")

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from _cpu_matrix_report import _ms, report  # benchmarks/_cpu_matrix_report.py
-from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # benchmarks/_meta.py (this folder is sys.path[0])
+from _meta import cpu_model, dram_bandwidth, git_commit, results_path, write_text  # benchmarks/_meta.py (this folder is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYOUTS = {"row": None, "g32": 32, "g64": 64, "g128": 128, "g256": 256}
@@ -516,7 +516,7 @@ def main(argv=None):
         notes.append(f"{rt} column `{b}`: {label}" + (f" -- {v}" if v else ""))
     text = report(a, os.path.abspath(__file__), argv, info, bw, rows, notes, date)
     print(text)
-    out = a.out or os.path.join(HERE, "results", f"cpu-matrix-{date[:10]}.md")
+    out = a.out or results_path(os.path.dirname(HERE), "cpu-matrix", date)
     write_text(out, text)
     print("written", out)
     return out

@@ -68,8 +68,9 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "benchmarks") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _llamacpp_rows  # noqa: E402
 from _decoder import add_shape_args, fill_shape, is_block_linear, llama_config  # noqa: E402
-from _meta import cpu_model, dram_bandwidth, git_commit, write_text  # noqa: E402
+from _meta import cpu_model, dram_bandwidth, git_commit, results_path, write_text  # noqa: E402
 ALL_VARIANTS = ("fp32", "8da4w", "pq2", "pq1.58")  # the default set; any pq<bits>[-g<group>] works
 _BASE_LABELS = {"fp32": "fp32 (XNNPACK)", "8da4w": "torchao 8da4w g32 (XNNPACK)"}
 
@@ -110,6 +111,10 @@ def _parse(argv):
     ap.add_argument("--check-tokens", type=int, default=4, help="generated tokens compared with eager")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pte-dir", default=None, help="where the .pte files go (default: a temp dir, kept)")
+    ap.add_argument("--llama-cpp", default=None, metavar="DIR",
+                    help="a built llama.cpp (build/bin/llama-bench): adds llama.cpp rows on the same weights")
+    ap.add_argument("--gguf", default="", help="with --llama-cpp: comma list of pq<bits>[=TYPE] rows (default: every "
+                    "per-row pq variant in its exact GGUF type; see benchmarks/_llamacpp_rows.py)")
     ap.add_argument("--results", default=None,
                     help="markdown output (default benchmarks/results/executorch-decoder-<date>.md)")
     a = ap.parse_args(argv)
@@ -125,6 +130,7 @@ def _parse(argv):
     if bad:
         ap.error(f"unknown variant(s) {bad}; choose from fp32, 8da4w, pq<bits>[-g<group>] (bits 1, 1.58, 2, 3, 4)")
     a.threads = [int(t) for t in a.threads.split(",")]
+    a.gguf = _llamacpp_rows.parse_specs(a.gguf, a.variants, ap.error) if a.llama_cpp else []
     a.check_tokens = max(1, min(a.check_tokens, a.new_tokens))
     return a
 
@@ -315,30 +321,41 @@ def _export_variant(a, cfg, state, v, pte_dir, prompt, max_len):
     return dict(path=path, size=size, quant_s=q_s, export_s=ex_s, checks=checks)
 
 
-def _time_interleaved(a, info, heads, prompt):
+def _time_interleaved(a, info, heads, prompt, llama=None):
     """{(program, threads): [median step s per rep]}; for rep: for threads: for program, each run
-    loading its program afresh after set_num_threads (see the module docstring)."""
-    import paretoq_ao.export as pe
-
+    loading its program afresh after set_num_threads (see the module docstring). ``llama``:
+    dict(paths, rows) of the llama.cpp rows, timed by llama-bench in the same loop."""
     progs = [(v, info[v]["path"]) for v in a.variants] + [(f"head:{h}", heads[h]["path"]) for h in heads]
+    progs += [(f"llama:{n}", r["path"]) for n, r in (llama or {}).get("rows", {}).items()]
     times = {(p, th): [] for p, _ in progs for th in a.threads}
     for rep in range(a.reps):
         for th in a.threads:
-            pe.set_num_threads(th)
             for p, path in progs:
-                method = pe.load_executorch(path).method
-                if p.startswith("head:"):
-                    ts = _time_head(method, a.hidden, a.new_tokens)
+                if p.startswith("llama:"):
+                    med, llama["commit"] = _llamacpp_rows.time_once(
+                        llama["paths"], path, th, a.new_tokens, f"{path}.t{th}.r{rep}.log")
                 else:
-                    _decode(method, prompt, min(2, a.new_tokens))  # warm-up (page-in, first-call setup)
-                    ts = _decode(method, prompt, a.new_tokens)
-                del method
-                gc.collect()
-                med = statistics.median(ts)
+                    med = _time_pte(p, path, th, a, prompt)
                 times[(p, th)].append(med)
                 print(f"rep {rep + 1}/{a.reps} threads {th} {p}: {med * 1e3:.2f} ms/token "
-                      f"({1 / med:.2f}/s, median of {len(ts)})", flush=True)
+                      f"({1 / med:.2f}/s)", flush=True)
     return times
+
+
+def _time_pte(p, path, th, a, prompt) -> float:
+    """The median step time of one timing run of a program (loaded afresh after set_num_threads)."""
+    import paretoq_ao.export as pe
+
+    pe.set_num_threads(th)
+    method = pe.load_executorch(path).method
+    if p.startswith("head:"):
+        ts = _time_head(method, a.hidden, a.new_tokens)
+    else:
+        _decode(method, prompt, min(2, a.new_tokens))  # warm-up (page-in, first-call setup)
+        ts = _decode(method, prompt, a.new_tokens)
+    del method
+    gc.collect()
+    return statistics.median(ts)
 
 
 class _Times:
@@ -447,7 +464,7 @@ def main(argv=None):
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
     pte_dir = a.pte_dir or tempfile.mkdtemp(prefix="pte-decoder-")
     os.makedirs(pte_dir, exist_ok=True)
-    results = a.results or os.path.join(ROOT, "benchmarks", "results", f"executorch-decoder-{meta['date'][:10]}.md")
+    results = a.results or results_path(ROOT, "executorch-decoder", meta["date"])
 
     pe.load_kernels()
     bandwidth = dram_bandwidth(a.threads, gib=0.25 if a.small else 1.0)
@@ -469,7 +486,14 @@ def main(argv=None):
     for v in a.variants:
         info[v] = _export_variant(a, cfg, state, v, pte_dir, prompt, meta["max_len"])
         info[v]["core"] = info[v]["size"] - _emb_bytes(a, v) - heads[_head_of(a, v)]["size"]
-    t = _Times(a, _time_interleaved(a, info, heads, prompt))
+    llama = None
+    if a.llama_cpp:
+        import bench_llamacpp
+
+        llama = dict(paths=bench_llamacpp._llama_cpp_paths(a.llama_cpp), commit=None)
+        llama["rows"] = _llamacpp_rows.build(a, a.gguf, lambda v: _build_model(cfg, state, v, "fp32", "fp32"),
+                                             pte_dir)
+    t = _Times(a, _time_interleaved(a, info, heads, prompt, llama))
 
     base = "8da4w" if "8da4w" in info else None
     lines = _header_lines(a, meta) + _speed_lines(a, info, t, base)
@@ -478,6 +502,8 @@ def main(argv=None):
         lines += ["", "Rest-of-step speed vs 8da4w (lm_head time removed): " + "; ".join(
             f"{v} {th}T {t.rest(base, th) / t.rest(v, th):.2f}x"
             for v in a.variants if v.startswith("pq") for th in a.threads)]
+    if llama:
+        lines += _llamacpp_rows.report_lines(a, llama["rows"], t.times, info, llama["commit"])
     lines += _check_lines(a, info, t, base)
     text = "\n".join(lines) + "\n"
     print(text)

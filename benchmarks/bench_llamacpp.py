@@ -370,7 +370,7 @@ def main(argv=None):
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = " ".join([".venv/bin/python", "benchmarks/bench_llamacpp.py"] + argv_used)
     date = datetime.datetime.now().isoformat(timespec="seconds")
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"llamacpp-{date[:10]}.md")
+    out = a.out or _meta.results_path(ROOT, "llamacpp", date)
     work = os.path.abspath(a.work_dir or tempfile.mkdtemp(prefix="llamacpp-bench-"))
     os.makedirs(os.path.join(work, "hf"), exist_ok=True)
     try:

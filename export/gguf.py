@@ -20,7 +20,8 @@ Default types, smallest exact first:
 
 ``weight_types={bits: "Q4_0", ...}`` overrides them (Q4_0 and Q8_0 hold every format exactly with
 groups of 32k). The token embedding and a full-precision head are written as ``embedding_type`` /
-``head_type`` (F32, F16, BF16 or Q8_0, through gguf's converters); norms stay F32. Llama's q/k
+``head_type`` (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0, through gguf's quantizers: round to
+nearest per block, as llama-quantize does for those types); norms stay F32. Llama's q/k
 projections are row-permuted into llama.cpp's rotary layout, as llama.cpp's own converter does (a
 permutation of whole rows: the codes and scales move with their rows, nothing is re-quantized).
 """
@@ -48,7 +49,8 @@ __all__ = ["export_gguf", "FLOAT_TYPES", "EXACT_REL_ERROR", "GROUP_DEFAULT_TYPES
 log = logging.getLogger("paretoq_ao")
 
 EXACT_REL_ERROR = 1e-3  # fp16 block scales: below 2^-11 relative per weight
-FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+# types of the embedding / a float head: those gguf's own quantizers write (the K types have none)
+FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 GROUP_DEFAULT_TYPES = {4: "Q4_0", 3: "Q3_K", 2: "Q2_K", 1.58: "Q2_K", 1: "Q2_K"}
 _ARCHS = {"llama": "llama", "mistral": "llama"}  # Hugging Face model_type -> llama.cpp architecture
 # general.file_type of a file whose block linears are mostly of a type (informational for readers)

@@ -93,3 +93,28 @@ def test_correctness_checks(small_run):
     for row in ("| fp32 | xnnpack |", "| 8da4w | xnnpack |", "| pq2 | fp32 acts |", "| pq2 | int8 acts |",
                 "| pq1.58 | fp32 acts |", "| pq1.58 | int8 acts |"):
         assert row in text, row
+
+
+LLAMA_CPP_DIR = os.environ.get("LLAMA_CPP_DIR")
+
+
+@pytest.mark.skipif(not LLAMA_CPP_DIR, reason="set LLAMA_CPP_DIR to a llama.cpp source dir with build/bin/llama-bench "
+                                             "(see tests/test_bench_llamacpp.py)")
+def test_llama_cpp_rows_side_by_side(tmp_path):
+    pytest.importorskip("executorch")
+    pytest.importorskip("sentencepiece")
+    results = tmp_path / "r.md"
+    out = _load().main(["--small", "--hidden", "256", "--intermediate", "512", "--threads", "1", "--new-tokens", "3",
+                        "--check-tokens", "2", "--variants", "pq2,pq1.58", "--llama-cpp", LLAMA_CPP_DIR,
+                        "--gguf", "pq2,pq1.58,pq1.58=TQ2_0", "--results", str(results),
+                        "--pte-dir", str(tmp_path / "pte")])
+    text = results.read_text()
+    assert "llama.cpp on the same weights" in text
+    rows = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| pq") and ".gguf" not in l
+            and "GGUF" not in l and l.count("|") == 8}
+    assert set(rows) == {"pq2", "pq1.58", "pq1.58=TQ2_0"}, rows
+    assert "| Q2_K |" in rows["pq2"] and "| TQ1_0 |" in rows["pq1.58"] and "| TQ2_0 |" in rows["pq1.58=TQ2_0"]
+    for row in rows.values():
+        assert re.search(r"\| \d+\.\d+x \| >= 1\.3x and no larger: (met|NOT met) \|$", row), row
+    assert (tmp_path / "pte" / "decoder-pq1.58-TQ2_0.gguf").is_file()
+    assert out["step_s"][("llama:pq2", 1)] > 0

@@ -211,7 +211,8 @@ def test_bad_input_names_the_layer_and_type(tmp_path, tokenizer):
         export_gguf(packed, tokenizer, out, weight_types={4: "Q3_K"})
     with pytest.raises(ValueError, match=r"weight_types\[2\] must be one of"):
         export_gguf(packed, tokenizer, out, weight_types={2: "Q9_9"})
-    with pytest.raises(ValueError, match="embedding_type must be one of F32, F16, BF16, Q8_0, got 'Q2_K'"):
+    with pytest.raises(ValueError, match="embedding_type must be one of F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, "
+                                         "Q4_0, got 'Q2_K'"):
         export_gguf(packed, tokenizer, out, embedding_type="Q2_K")
     with pytest.raises(ValueError, match="a tokenizer is required"):
         export_gguf(packed, None, out)
@@ -252,3 +253,31 @@ def test_cli_exports_a_packed_folder(tmp_path, tokenizer, capsys):
         main(["export", str(tmp_path / "packed"), str(tmp_path / "m3.gguf"), "--max-len", "64"])
     assert e.value.code == 1 and "--max-len do(es) not apply to --format gguf" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m3.gguf")
+
+
+@pytest.mark.parametrize("kind", ["BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"])
+def test_embedding_and_head_types(tmp_path, tokenizer, kind):
+    model = gguf_llama()
+    quantize(model, ParetoQWeightOnlyConfig(bits=2))
+    rep = export_gguf(model, tokenizer, tmp_path / "e.gguf", embedding_type=kind, head_type=kind)
+    tensors, _ = _read(tmp_path / "e.gguf")
+    assert tensors["token_embd.weight"].tensor_type.name == kind == tensors["output.weight"].tensor_type.name
+    emb = model.model.embed_tokens.weight.detach().numpy()
+    back = _dequant(tensors["token_embd.weight"])
+    rel = np.linalg.norm(back - emb) / np.linalg.norm(emb)
+    assert rel == pytest.approx(rep["tensors"]["token_embd.weight"]["rel_error"], rel=1e-5)
+    assert rel < {"BF16": 0.005, "Q8_0": 0.01, "Q5_1": 0.05, "Q5_0": 0.05, "Q4_1": 0.1, "Q4_0": 0.1}[kind]
+
+
+def test_a_mistral_model_exports_as_llama(tmp_path, tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = MistralForCausalLM(cfg).eval()
+    quantize(model, ParetoQWeightOnlyConfig(bits=3))
+    rep = export_gguf(model, tokenizer, tmp_path / "mistral.gguf")
+    tensors, fields = _read(tmp_path / "mistral.gguf")
+    assert bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode() == "llama"
+    assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q3_K" and rep["inexact"] == []

@@ -90,3 +90,18 @@ def test_greedy_decoding_agrees(tmp_path, tokenizer):
     # every token agrees up to the first position whose top-2 margin is within llama.cpp's activation rounding
     first_close = next((i for i, m in enumerate(margins) if m < 0.02), len(agree))
     assert all(agree[:first_close]) and first_close >= 2, (got, seq[len(prompt):], margins)
+
+
+def test_llama_cpp_runs_an_exported_mistral(tmp_path, tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    cfg = MistralConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = MistralForCausalLM(cfg).eval()
+    quantize(model, ParetoQWeightOnlyConfig(bits=2))
+    path = tmp_path / "mistral.gguf"
+    export_gguf(model, tokenizer, path, embedding_type="F32", head_type="F32")
+    ids = list(range(3, 3 + N_TOKENS))
+    ref, got = _eager(model, ids), _llama_logits(path, ids)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOLERANCE[2]

@@ -209,7 +209,7 @@ def _add_export(sub) -> None:
                    help="pte: int8 (default: dynamic per-token int8 activations, integer dot products, fastest) or "
                         "float (exactly the packed model); recorded in the program")
     x.add_argument("--embedding-type", type=str.upper, default=None,
-                   help="gguf: type of the token embedding (default F16; F32, F16, BF16 or Q8_0)")
+                   help="gguf: type of the token embedding (default F16; F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)")
     x.add_argument("--head-type", type=str.upper, default=None,
                    help="gguf: type of a full-precision output head (default F16; as --embedding-type)")
     x.add_argument("--weight-type", action="append", default=[], metavar="BITS=TYPE", type=_bits_type,
