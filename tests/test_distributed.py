@@ -325,3 +325,19 @@ def test_compiled_two_ranks_match_one(oracle, tmp_path):
     got = losses(out)
     for step in (1, 2):
         assert abs(got[step] - oracle["losses"][step]) < TOL
+
+
+def test_distillation_two_ranks_match_one_and_resume(tmp_path):
+    """The teacher sharded like the student: the same distillation losses on 2 ranks as on one, and
+    the 2-rank checkpoint resumes on one process (the teacher digest matches)."""
+    kw = dict(distill=True, distill_weight=0.5, distill_temperature=2.0)
+    one = rc.run_qat(recipe(tmp_path / "one", **kw))
+    out = tmp_path / "two"
+    code, log = torchrun(COMMON + ["--output-dir", str(out), "--stop-after", "2", "--distill", "--distill-weight", "0.5",
+                                   "--distill-temperature", "2"])
+    assert code == 0, log
+    got = losses(out)
+    for step in (1, 2):
+        assert abs(got[step] - one.losses[step - 1]) < TOL
+    res = rc.run_qat(recipe(out, **kw))
+    assert res.resumed_from == 2 and max(abs(a - b) for a, b in zip(res.losses, one.losses[2:])) < TOL

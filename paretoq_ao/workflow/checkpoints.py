@@ -74,7 +74,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _save_checkpoint(output_dir: str, step: int, model, tokenizer, opt, sched, sampler, r: QATRecipe,
-                     tokens_seen: int) -> str:
+                     tokens_seen: int, extra: Optional[Dict[str, Any]] = None) -> str:
     from .hf import save_qat_checkpoint
 
     name = f"checkpoint-{step:08d}"
@@ -83,7 +83,7 @@ def _save_checkpoint(output_dir: str, step: int, model, tokenizer, opt, sched, s
     state = {
         "format": STATE_FORMAT, "step": step, "tokens": tokens_seen, "settings": r.fingerprint(),
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
-        "rng": _rng_state(),
+        "rng": _rng_state(), **(extra or {}),
     }
     previous = latest_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     try:
@@ -176,7 +176,7 @@ def _dcp_state(model, opt) -> Dict[str, Any]:
 
 
 def _save_checkpoint_dcp(output_dir: str, step: int, model, tokenizer, opt, sched, sampler, r: QATRecipe,
-                         tokens_seen: int, world_size: int) -> str:
+                         tokens_seen: int, world_size: int, extra: Optional[Dict[str, Any]] = None) -> str:
     """A checkpoint written with ``torch.distributed.checkpoint`` by every rank (see the module doc).
 
     Built in ``.tmp-checkpoint-<step>/``; rank 0 renames it into place and only then rewrites
@@ -209,6 +209,7 @@ def _save_checkpoint_dcp(output_dir: str, step: int, model, tokenizer, opt, sche
             "format": STATE_FORMAT, "step": step, "tokens": tokens_seen, "settings": r.fingerprint(),
             "checkpoint_format": "dcp", "world_size": world_size,
             "scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "rng": _rng_state(),
+            **(extra or {}),
         }
         try:
             save_qat_metadata(model, os.path.join(tmp, "model"), tokenizer)

@@ -84,6 +84,13 @@ def _non_negative(s: str) -> float:
     return v
 
 
+def _unit(s: str) -> float:
+    v = _number(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {s}")
+    return v
+
+
 def _fraction(s: str) -> float:
     v = _number(s)
     if not (0 < v <= 1):
@@ -167,6 +174,10 @@ def _add_qat(sub) -> None:
     q.add_argument("--no-resume", action="store_true", help="refuse to continue an existing checkpoint")
     q.add_argument("--stop-after", type=_count, default=None, help="stop (and checkpoint) after this step")
     q.add_argument("--no-progress", action="store_true")
+    k = q.add_argument_group("distillation from the full-precision model the QAT starts from")
+    k.add_argument("--distill", action="store_true", help="loss = w * T^2 * KL(teacher || student) + (1 - w) * CE")
+    k.add_argument("--distill-temperature", type=_positive, default=1.0, help="T (default 1)")
+    k.add_argument("--distill-weight", type=_unit, default=1.0, help="w in [0, 1] (default 1: KL only)")
     m = q.add_argument_group("memory and multi-process (run under torchrun --nproc_per_node N for FSDP2)")
     m.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward pass (less memory, ~1/3 more compute)")
@@ -268,7 +279,8 @@ def _cmd_qat(a) -> None:
                   seed=a.seed, device=a.device, output_dir=a.output_dir, save_every=a.save_every,
                   keep_last=a.keep_last, resume=not a.no_resume, stop_after=a.stop_after,
                   progress=not a.no_progress, activation_checkpointing=a.activation_checkpointing,
-                  checkpoint_format=a.checkpoint_format, dist_timeout=a.dist_timeout)
+                  checkpoint_format=a.checkpoint_format, dist_timeout=a.dist_timeout, distill=a.distill,
+                  distill_temperature=a.distill_temperature, distill_weight=a.distill_weight)
     from .distributed import shutdown, world_info
 
     try:

@@ -44,10 +44,11 @@ _FIELD_RANGES = {
     "grad_accum": ("count", False), "lr": ("positive", True), "weight_decay": ("non_negative", False),
     "max_grad_norm": ("positive", True), "seed": ("seed", False), "save_every": ("whole", False),
     "keep_last": ("count", False), "stop_after": ("count", True), "dist_timeout": ("positive", False),
+    "distill_temperature": ("positive", False), "distill_weight": ("unit", False),
 }
 _KIND_TEXT = {"count": "a whole number >= 1", "whole": "a whole number >= 0", "positive": "a finite number > 0",
               "non_negative": "a finite number >= 0", "fraction": "a number in (0, 1]",
-              "seed": "a whole number in [0, 2**63)"}
+              "seed": "a whole number in [0, 2**63)", "unit": "a number in [0, 1]"}
 
 
 def _check_field(name: str, v: Any, kind: str, optional: bool) -> Any:
@@ -60,7 +61,7 @@ def _check_field(name: str, v: Any, kind: str, optional: bool) -> Any:
     number = (whole or isinstance(v, float)) and math.isfinite(v)
     ok = {"count": whole and v >= 1, "whole": whole and v >= 0, "seed": whole and 0 <= v < 2 ** 63,
           "positive": number and v > 0, "non_negative": number and v >= 0,
-          "fraction": number and 0 < v <= 1}[kind]
+          "fraction": number and 0 < v <= 1, "unit": number and 0 <= v <= 1}[kind]
     if not ok:
         raise RecipeError(f"QATRecipe.{name} must be {_KIND_TEXT[kind]}{' or None' if optional else ''}, got {v!r}")
     return v
@@ -106,6 +107,10 @@ class QATRecipe:
     activation_checkpointing: bool = False
     checkpoint_format: str = "auto"  # "auto" (dcp when distributed, else safetensors), "dcp", "safetensors"
     dist_timeout: float = 600.0  # seconds any collective may wait (a hung rank fails the job)
+    # distillation from the full-precision model the QAT starts from (workflow/distill.py)
+    distill: bool = False
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0  # of the KL term; 1 - weight of cross-entropy
 
     def __post_init__(self):
         self.bits = get_format(self.bits).bits
@@ -141,6 +146,8 @@ class QATRecipe:
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "steps": resolve_steps(self),
             "lr": self.learning_rate, "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
             "bf16": self.bf16, "seed": self.seed,
+            # only when on, so that checkpoints of runs without distillation keep their fingerprint
+            **({"distill": [self.distill_temperature, self.distill_weight]} if self.distill else {}),
         }
 
 

@@ -67,7 +67,9 @@ def _bar(total, initial, desc, enabled):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def _one_step(model, fwd, opt, sampler, grad_accum, max_grad_norm, bf16, device) -> float:
+def _one_step(model, fwd, opt, sampler, grad_accum, max_grad_norm, bf16, device, teacher=None) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; ``teacher``: a ``distill.Teacher``
+    (the loss mixes its KL with the cross-entropy)."""
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(grad_accum):
@@ -76,7 +78,9 @@ def _one_step(model, fwd, opt, sampler, grad_accum, max_grad_norm, bf16, device)
             batch = batch.to(device)
         dev_type = batch.device.type
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
-            loss = fwd(input_ids=batch, labels=batch).loss
+            # KL only (weight 1): the student's cross-entropy is not computed
+            out = fwd(input_ids=batch, labels=None if teacher is not None and teacher.weight == 1.0 else batch)
+            loss = out.loss if teacher is None else teacher.loss(out, batch)
         (loss / grad_accum).backward()
         total += loss.item()
     if max_grad_norm is not None:
@@ -97,7 +101,7 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
     total = resolve_steps(r)
     info = init_from_env(timeout_s=r.dist_timeout, device=r.device)  # no-op outside torchrun
     run = _open_run(r, info)
-    model, tokenizer = _prepare_model(run, model, tokenizer, need_tokenizer=train_blocks is None)
+    model, tokenizer, teacher = _prepare_model(run, model, tokenizer, need_tokenizer=train_blocks is None)
     if train_blocks is None:
         train_blocks = build_train_blocks(r, tokenizer)
     sampler = _make_sampler(r, train_blocks, info.rank, info.world_size)
@@ -105,7 +109,7 @@ def run_qat(recipe: QATRecipe, model: Optional[nn.Module] = None, tokenizer=None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total))
     torch.manual_seed(r.seed)
     random.seed(r.seed)
-    loop = _Loop(run, model, tokenizer, opt, sched, sampler, total)
+    loop = _Loop(run, model, tokenizer, opt, sched, sampler, total, teacher)
     loop.start_or_resume()
     loop.train()
     model.eval()
@@ -149,7 +153,8 @@ def _open_run(r: QATRecipe, info) -> _Run:
 
 
 def _prepare_model(run: _Run, model, tokenizer, need_tokenizer: bool):
-    """The model to train (loaded unless given), QAT applied, moved, sharded / checkpointed."""
+    """The model to train (loaded unless given), QAT applied, moved, sharded / checkpointed; and
+    the distillation teacher (None unless ``recipe.distill``), taken before QAT."""
     from .distributed import apply_activation_checkpointing, shard_model
 
     r = run.recipe
@@ -165,21 +170,42 @@ def _prepare_model(run: _Run, model, tokenizer, need_tokenizer: bool):
     if tokenizer is None and need_tokenizer:
         raise RecipeError("no tokenizer: pass tokenizer= or train_blocks=")
     _fp32_master_weights(model)
+    teacher = _make_teacher(run, model)
     _apply_qat(model, r)
     if run.device:
         model.to(run.device)
+        if teacher is not None:
+            teacher.module.to(run.device)
     if run.info.distributed:
         shard_model(model, activation_checkpointing=r.activation_checkpointing)
+        if teacher is not None:
+            shard_model(teacher.module, activation_checkpointing=False)  # sharded like the student
     elif r.activation_checkpointing:
         apply_activation_checkpointing(model)
-    return model, tokenizer
+    return model, tokenizer, teacher
+
+
+def _make_teacher(run: _Run, model):
+    """The frozen full-precision teacher, checked against the one a resumed run started with."""
+    from .distill import make_teacher
+
+    r = run.recipe
+    if not r.distill:
+        return None
+    teacher = make_teacher(model, r.distill_temperature, r.distill_weight, r.bf16)
+    saved = (run.state or {}).get("teacher")
+    if run.state is not None and saved != teacher.digest:
+        raise CheckpointError(f"{run.ckpt}: the distillation teacher (the model this QAT starts from, digest "
+                              f"{teacher.digest[:12]}) differs from the one this run was started with "
+                              f"({str(saved)[:12]}); resume with the same model, or use another output_dir")
+    return teacher
 
 
 class _Loop:
     """The training loop of one run: steps, logging, checkpoints."""
 
-    def __init__(self, run: _Run, model, tokenizer, opt, sched, sampler, total: int):
-        self.run, self.model, self.tokenizer = run, model, tokenizer
+    def __init__(self, run: _Run, model, tokenizer, opt, sched, sampler, total: int, teacher=None):
+        self.run, self.model, self.tokenizer, self.teacher = run, model, tokenizer, teacher
         self.opt, self.sched, self.sampler, self.total = opt, sched, sampler, total
         self.step, self.tokens_seen, self.losses = 0, 0, []
         self.ckpt = run.ckpt
@@ -189,6 +215,13 @@ class _Loop:
 
     def start_or_resume(self) -> None:
         run, state = self.run, self.run.state
+        if self.teacher is not None:
+            t = self.teacher
+            self.log.write({"event": "distill", "temperature": t.temperature, "weight": t.weight,
+                            "teacher_mb": t.nbytes / 1e6, "teacher_dtype": str(next(t.module.parameters()).dtype),
+                            "digest": t.digest, "time": time.time()})
+            _log.info("distillation: teacher %.1f MB (%s), T=%g, weight %g", t.nbytes / 1e6,
+                      next(t.module.parameters()).dtype, t.temperature, t.weight)
         if state is None:
             self.log.write({"event": "start", "settings": run.recipe.fingerprint(), "time": time.time()})
             return
@@ -205,10 +238,11 @@ class _Loop:
         run, r = self.run, self.run.recipe
         args = (run.out, self.step, self.model, self.tokenizer, self.opt, self.sched, self.sampler, r,
                 self.tokens_seen)
+        extra = {"teacher": self.teacher.digest} if self.teacher is not None else {}
         if run.ckpt_format == "dcp":
-            self.ckpt = _save_checkpoint_dcp(*args, run.info.world_size)
+            self.ckpt = _save_checkpoint_dcp(*args, run.info.world_size, extra=extra)
         else:
-            self.ckpt = _save_checkpoint(*args)
+            self.ckpt = _save_checkpoint(*args, extra=extra)
         self.last_saved = self.step
 
     def train(self) -> None:
@@ -228,8 +262,11 @@ class _Loop:
             tps = r.tokens_per_step / max(now - t_last, 1e-9)
             t_last = now
             self.losses.append(loss)
-            self.log.write({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
-                            "tokens_per_s": tps, "time": time.time()})
+            entry = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                     "tokens_per_s": tps, "time": time.time()}
+            if self.teacher is not None:  # the teacher's share of this step
+                entry["teacher_s"] = self.teacher.take_seconds()
+            self.log.write(entry)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
             bar.update(1)
             if out and ((r.save_every and self.step % r.save_every == 0) or self.step == end):
@@ -245,7 +282,7 @@ class _Loop:
         r, run = self.run.recipe, self.run
         try:
             loss = _one_step(self.model, fwd, self.opt, self.sampler, r.grad_accum, r.max_grad_norm, r.bf16,
-                             run.device)
+                             run.device, teacher=self.teacher)
             return mean_across_ranks(loss) if run.info.distributed else loss
         except RuntimeError as e:  # a peer died, or hung past dist_timeout
             if not (run.info.distributed and _is_comm_error(e)):
