@@ -269,13 +269,17 @@ def test_embedding_and_head_types(tmp_path, tokenizer, kind):
     assert rel < {"BF16": 0.005, "Q8_0": 0.01, "Q5_1": 0.05, "Q5_0": 0.05, "Q4_1": 0.1, "Q4_0": 0.1}[kind]
 
 
-def test_a_mistral_model_exports_as_llama(tmp_path, tokenizer):
+def gguf_mistral(seed=0, layers=1):
     from transformers import MistralConfig, MistralForCausalLM
 
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = MistralForCausalLM(cfg).eval()
+    return MistralForCausalLM(cfg).eval()
+
+
+def test_a_mistral_model_exports_as_llama(tmp_path, tokenizer):
+    model = gguf_mistral()
     quantize(model, ParetoQWeightOnlyConfig(bits=3))
     rep = export_gguf(model, tokenizer, tmp_path / "mistral.gguf")
     tensors, fields = _read(tmp_path / "mistral.gguf")

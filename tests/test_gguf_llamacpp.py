@@ -21,7 +21,7 @@ llama_cpp = pytest.importorskip(
 from paretoq_ao import ParetoQWeightOnlyConfig, quantize  # noqa: E402
 from paretoq_ao.export.gguf import export_gguf  # noqa: E402
 
-from test_gguf import gguf_llama  # noqa: E402
+from test_gguf import gguf_llama, gguf_mistral  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,12 +93,7 @@ def test_greedy_decoding_agrees(tmp_path, tokenizer):
 
 
 def test_llama_cpp_runs_an_exported_mistral(tmp_path, tokenizer):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(3)
-    cfg = MistralConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = MistralForCausalLM(cfg).eval()
+    model = gguf_mistral(seed=3, layers=2)
     quantize(model, ParetoQWeightOnlyConfig(bits=2))
     path = tmp_path / "mistral.gguf"
     export_gguf(model, tokenizer, path, embedding_type="F32", head_type="F32")
