@@ -126,3 +126,17 @@ def test_distillation_with_bf16_accumulation_checkpointing_and_compile():
     bf16 = rc.run_qat(tiny_recipe(None, bf16=True, **kw))
     assert all(math.isfinite(v) for v in bf16.losses)
     assert max(abs(a - b) for a, b in zip(eager.losses, bf16.losses)) < 0.1  # bf16 rounding only
+
+
+def test_distill_gap_benchmark_smoke(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "distill_gap.py")
+    spec = importlib.util.spec_from_file_location("distill_gap", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--pretrain-steps", "20", "--bits", "2", "--seeds", "1", "--out", str(tmp_path / "d.md")])
+    text = (tmp_path / "d.md").read_text()
+    assert "| 2 | 1 |" in text and "gap closed" in text and out["fp"] > 1
+    (seed, plain, dist, gap), = out["rows"][2]
+    assert seed == 1 and gap == pytest.approx((plain - dist) / (plain - out["fp"]))
