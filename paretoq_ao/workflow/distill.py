@@ -60,6 +60,11 @@ class Teacher:
     seconds: float = 0.0  # time in the teacher's forward since the last ``take_seconds``
 
     @property
+    def needs_ce(self) -> bool:
+        """Whether the loss uses the student's cross-entropy (not at weight 1: KL only)."""
+        return self.weight != 1.0
+
+    @property
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
@@ -70,7 +75,7 @@ class Teacher:
             t_logits = self.module(input_ids=batch).logits
         self.seconds += time.perf_counter() - t0
         kl = distill_loss(out.logits, t_logits, self.temperature)
-        if self.weight == 1.0:  # the caller did not ask the student for its cross-entropy
+        if not self.needs_ce:  # the caller did not ask the student for its cross-entropy
             return kl
         return self.weight * kl + (1.0 - self.weight) * out.loss
 
