@@ -1,15 +1,22 @@
 """The ParetoQ experiment in miniature: model size x bit width x method, at fixed token budgets.
 
-    python benchmarks/pareto_study.py                       # default study, sizes xs,s (~6 min on 2 CPU cores)
-    python benchmarks/pareto_study.py --sizes xs,s,m        # the checked-in results (~9 min on 2 CPU cores)
+    apt-get install fortunes                                # the second held-out corpus (Debian package)
+    python benchmarks/pareto_study.py                       # the checked-in study: xs,s,m x 3 seeds (time: see results)
+    python benchmarks/pareto_study.py --seeds 0 --sizes xs,s --no-distill   # one seed, quicker
     python benchmarks/pareto_study.py --tiny                # seconds-long smoke run
 
-For every model size (small Llama configs, ``paretoq_ao.recipe.tiny_llama``) the script pre-trains a
-full-precision model on the Python standard library's sources (``recipe.train_steps``) and then, for
-every bit width, compares on the same held-out blocks (``evaluate.perplexity``):
+For every seed (``--seeds``, default 0,1,2; a seed fixes the FP initialisation and batch order and the
+QAT batch order) and model size (small Llama configs, ``paretoq_ao.recipe.tiny_llama``) the script
+pre-trains a full-precision model on the Python standard library's sources (``recipe.train_steps``)
+and then, for every bit width, compares on the same held-out blocks (``evaluate.perplexity``) of two
+corpora: the stdlib validation split, and a second corpus that no model trains on
+(``--second-corpus``, default ``fortunes``: the English texts of Debian's ``fortunes`` package, see
+``paretoq_ao.data``; 64 blocks spread evenly over it, the same tokenizer):
 
 * **ParetoQ QAT** -- ``recipe.run_qat`` (ParetoQQATConfig, the paper's recipe) starting from the FP
   model, converted with ``recipe.to_packed`` (real packed codes + learned scales);
+* **ParetoQ QAT + distill** -- the same run with ``QATRecipe(distill=True)``: KL of the student's token
+  distribution to the FP model it starts from (T = 1, weight 1), same budget, LR and batches;
 * **RTN** -- ``ParetoQWeightOnlyConfig`` applied directly to the FP model (post-training, no data);
 * **torchao QAT** -- torchao's own ``QATConfig(IntxFakeQuantizeConfig(torch.intN, per_channel,
   is_symmetric=True, range_learning=True, is_dynamic=False), step="prepare")`` with
@@ -69,9 +76,11 @@ Sizes reported ("linears MB") are the stored bytes of the quantized block linear
 torchao / LSQ rows store the same code width and one fp32 scale per row (symmetric, no zero point), so
 they are given the ParetoQ row's bytes at the same bits.
 
-Output: ``<results-dir>/pareto-<date>.md`` and ``.png`` (written atomically), plus a JSON copy of the
-numbers. The Markdown holds the exact command line, the machine, the table, and a findings section
-computed from the numbers.
+Output: ``<results-dir>/pareto-<date>.md`` and ``.png`` (written atomically; an earlier run of the same
+day is kept, the new files get ``-2``, ...), plus a JSON copy of the per-seed numbers. The Markdown
+holds the exact command line, the machine, the runtime, the tables (mean ± sd over the seeds), the
+distillation table, and the paper's claims per corpus: a difference counts only where its paired 95 %
+interval over the seeds excludes zero (``_pareto_claims.py``); the plot has error bars.
 """
 
 from __future__ import annotations
@@ -82,8 +91,7 @@ import datetime
 import json
 import math
 import os
-import platform
-import shlex
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -91,11 +99,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from paretoq_ao import atomic_write
-
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _meta import write_text  # noqa: E402  (benchmarks/_meta.py)
+from _pareto_claims import DISTILL, _fmt  # noqa: E402  (the verdicts: benchmarks/_pareto_claims.py)
+from _pareto_report import plot, to_markdown  # noqa: E402  (the Markdown and the plot)
 from paretoq_ao.formats import get_format
 from paretoq_ao.recipe import TINY_LLAMA, QATRecipe, paper_lr, run_qat, tiny_llama, to_packed, train_steps
 
@@ -115,42 +123,7 @@ PRETRAIN_LR_BASE = 6e-3
 PRETRAIN_LR_WIDTH = 64
 PRETRAIN_LR_EXP = 1.5
 PRETRAIN_WARMUP = 0.07
-METHODS = ("ParetoQ QAT", "RTN", "torchao QAT")
-# The evidence for the rule (written into the results Markdown; measured as the module docstring says).
-PRETRAIN_SWEEP = [
-    "FP-only pre-training sweep at the default budget (720 steps of 16 x 128 tokens; 1.5M chars of stdlib = "
-    "539k training tokens, i.e. 2.7 epochs; seed 0; held-out ppl on the same 64 blocks; 1 thread, so a "
-    "run can differ by a few % from the study's own FP row, which runs on 2 threads):",
-    "",
-    "| size (width) | LR | no warm-up | 7 % warm-up (50 steps) |",
-    "|---|---|---|---|",
-    "| xs (64) | 1e-3 | 78.48 | 79.53 |",
-    "| xs (64) | 2e-3 | 60.45 | 62.84 |",
-    "| xs (64) | 3e-3 (old default) | 58.55 | 57.39 |",
-    "| xs (64) | **6e-3 (rule)** | 62.24 | **52.64** |",
-    "| xs (64) | 1e-2 | - | 60.95 |",
-    "| s (128) | 1e-3 | 53.44 | 52.28 |",
-    "| s (128) | **2e-3 (rule 2.1e-3)** | 48.94 | **47.56** |",
-    "| s (128) | 3e-3 (old default) | 77.99 | 48.59 |",
-    "| s (128) | 4e-3 | - | 52.67 |",
-    "| s (128) | 6e-3 | 88.06 | 84.50 |",
-    "| m (192) | 5e-4 | - | 56.75 |",
-    "| m (192) | **1e-3 (rule 1.15e-3)** | - | **45.67** |",
-    "| m (192) | 2e-3 | - | 48.85 |",
-    "",
-    "- The best LR falls with width roughly as width^-1.5 (6e-3, 2e-3, 1e-3): hence lr = 6e-3 x (64 / hidden)^1.5. "
-    "Warm-up matters most where the LR is high for the width (s at 3e-3: 77.99 -> 48.59).",
-    "- The old failure was not over-fitting: s at 3e-3 without warm-up also had the worse training perplexity "
-    "(33.4 over the last 50 steps, vs 22.5 for xs). Gradient clipping is not the cause (the same run without "
-    "clipping: 69.58; under the rule the 1.0 clip acts on 3-33 % of s's steps and on most of m's, median grad "
-    "norm up to 1.36 -- with Adam a near-uniform rescale).",
-    "- A second seed under the rule keeps the order (seed 1: xs 52.20, s 50.88, m 47.40), but the xs-s gap is "
-    "within seed noise (s: 47.56 at seed 0 with 2e-3, 50.88 at seed 1 with 2.1e-3).",
-    "- More steps alone are not the fix: at 1440 steps (5.5 epochs) under the rule, s 37.94 but m 40.62 -- m's "
-    "held-out ppl bottoms out near step 960 (39.76) and then rises while its training ppl falls to 7.3, so "
-    "the size order flips. Twice the data at 720 steps (--max-chars 3000000; another tokenizer, so not "
-    "comparable with the table) keeps the order without widening the gaps (xs 43.30, s 40.44, m 39.06).",
-]
+METHODS = ("ParetoQ QAT", DISTILL, "RTN", "torchao QAT")
 TORCHAO_BITS = {2: "int2", 3: "int3", 4: "int4"}
 
 
@@ -263,15 +236,17 @@ def _apply_torchao_qat(model, bits, example) -> None:
 # --------------------------------------------------------------------------- the study
 
 class _Study:
-    """What every stage of ``run_study`` shares: the data, the budget, and the results so far.
+    """What every stage of ``run_study`` shares: the data, the budget, the current seed, the results so far.
 
     (A plain class, not a dataclass: tests load this script with ``spec_from_file_location`` without
     registering it in ``sys.modules``, which ``@dataclass`` needs under postponed annotations.)
     """
 
-    def __init__(self, args, tok, train_blocks, val, t0: float, log: Callable):
-        self.args, self.tok, self.train_blocks, self.val = args, tok, train_blocks, val
+    def __init__(self, args, data: Dict, t0: float, log: Callable):
+        self.args, self.tok, self.train_blocks = args, data["tok"], data["train"]
+        self.val, self.val2 = data["val"], data.get("val2")
         self.t0, self.log = t0, log
+        self.seed = args.seeds[0]
         self.rows: List[Dict] = []
         self.ablation: List[Dict] = []
         self.pre_hp: Dict[str, Dict] = {}
@@ -286,8 +261,8 @@ class _Study:
     def pretrain(self, size, steps):
         args = self.args
         lr, warm = _size_lr(args, size), warmup_steps(steps, args.pretrain_warmup)
-        m = tiny_llama(len(self.tok), seed=args.seed, **SIZES[size])
-        train_steps(m, _sampler(self.train_blocks, args.batch_size, args.seed), steps, lr, warmup_steps=warm,
+        m = tiny_llama(len(self.tok), seed=self.seed, **SIZES[size])
+        train_steps(m, _sampler(self.train_blocks, args.batch_size, self.seed), steps, lr, warmup_steps=warm,
                     progress=args.progress, desc="pre-train FP")
         self.pre_hp.setdefault(size, dict(lr=lr, warmup_steps=warm, steps=steps))
         return m
@@ -295,28 +270,41 @@ class _Study:
     def qat_lr(self, bits):
         return paper_lr(bits) * self.args.lr_scale
 
-    def paretoq_qat(self, fp, bits, steps):
+    def paretoq_qat(self, fp, bits, steps, distill: bool = False):
+        """ParetoQ QAT from a copy of ``fp`` (with ``distill``: KL to ``fp`` itself, T = 1, weight 1), packed."""
         args = self.args
         m = copy.deepcopy(fp)
         r = QATRecipe(model="<study>", bits=bits, block_size=args.block_size, batch_size=args.batch_size,
-                      steps=steps, lr=self.qat_lr(bits), seed=args.seed + 1, output_dir=None,
-                      progress=args.progress)
+                      steps=steps, lr=self.qat_lr(bits), seed=self.seed + 1, output_dir=None,
+                      progress=args.progress, distill=distill)
         run_qat(r, model=m, tokenizer=self.tok, train_blocks=self.train_blocks)
         to_packed(m)
         return m
 
     def plain_qat(self, m, bits, steps):  # same loop / LR / batches (sampler seed) as run_qat
         args = self.args
-        train_steps(m, _sampler(self.train_blocks, args.batch_size, args.seed + 1), steps, self.qat_lr(bits),
+        train_steps(m, _sampler(self.train_blocks, args.batch_size, self.seed + 1), steps, self.qat_lr(bits),
                     progress=args.progress, desc=f"QAT {bits:g}-bit")
         return m
 
-    def ppl(self, model) -> float:
-        return _ppl(model, self.val)
+    def scores(self, model) -> Dict:
+        """{"ppl": held-out stdlib ppl, "ppl2": second-corpus ppl or None} of ``model``."""
+        return dict(ppl=_ppl(model, self.val), ppl2=None if self.val2 is None else _ppl(model, self.val2))
+
+    def add(self, model, **row) -> Dict:
+        """Append a main-grid row for ``model`` (scored now unless ``row`` has ``ppl``) at the current seed."""
+        r = dict(row, seed=self.seed)
+        if "ppl" not in r:
+            r.update(self.scores(model))
+        self.rows.append(r)
+        return r
+
+    def add_ablation(self, **row) -> None:
+        self.ablation.append(dict(row, seed=self.seed))
 
     def main_row(self, size, bits) -> Optional[Dict]:
-        """The size's ParetoQ QAT row at ``bits`` from the main grid, if it was run."""
-        return next((r for r in self.rows if r["size"] == size and r["bits"] == bits
+        """The size's ParetoQ QAT row at ``bits`` for the current seed, if it was run."""
+        return next((r for r in self.rows if r["size"] == size and r["bits"] == bits and r["seed"] == self.seed
                      and r["method"] == "ParetoQ QAT"), None)
 
 
@@ -331,8 +319,43 @@ def _rtn(fp, bits):
     return m
 
 
-def _load_study_data(args):
-    """(tokenizer, train blocks, held-out blocks) from the Python stdlib sources."""
+def _spread_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` of ``blocks`` at evenly spaced positions (all of them when there are fewer)."""
+    if blocks.shape[0] <= n:
+        return blocks
+    return blocks[torch.linspace(0, blocks.shape[0] - 1, n).round().long()]
+
+
+def _package_version(name: str) -> str:
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", name], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "version unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "version unknown"
+
+
+def _second_corpus(args, tok) -> Optional[Dict]:
+    """The second held-out corpus (``--second-corpus``): its blocks and how to describe it, or None."""
+    from paretoq_ao.data import PackedBlocks, load_texts, tokenize
+
+    src = args.second_corpus
+    if src == "none":
+        return None
+    texts = load_texts(src, "all")
+    blocks = PackedBlocks(tokenize(texts, tok), args.block_size, source=src).blocks
+    if src == "fortunes":
+        desc = (f"`fortunes` -- the English texts of Debian's `fortunes` package ({_package_version('fortunes')}; "
+                f"fortune-mod's quotations, literature, humour and definitions), {len(texts):,} fortunes, "
+                f"{sum(map(len, texts)):,} characters")
+        name = "fortunes"
+    else:
+        desc, name = f"`{src}`, {len(texts):,} documents, {sum(map(len, texts)):,} characters", os.path.basename(src)
+    return dict(name=name, description=desc, tokens=blocks.numel(), blocks=min(args.eval_blocks, blocks.shape[0]),
+                val=_spread_blocks(blocks, args.eval_blocks))
+
+
+def _load_study_data(args) -> Dict:
+    """The tokenizer, train blocks and held-out blocks (stdlib), and the second corpus (or None)."""
     from paretoq_ao.data import PackedBlocks, load_texts, tokenize, train_tokenizer
 
     texts = load_texts("stdlib", "train", max_chars=args.max_chars)
@@ -340,44 +363,46 @@ def _load_study_data(args):
     train_blocks = PackedBlocks(tokenize(texts, tok), args.block_size, source="stdlib[train]")
     val_texts = load_texts("stdlib", "validation", max_chars=args.val_chars)
     val = PackedBlocks(tokenize(val_texts, tok), args.block_size, source="stdlib[validation]").blocks
-    return tok, train_blocks, val[: args.eval_blocks]
+    second = _second_corpus(args, tok)
+    return dict(tok=tok, train=train_blocks, val=val[: args.eval_blocks], second=second,
+                val2=None if second is None else second.pop("val"))
 
 
 def _study_fp(st: _Study, size):
     """Pre-train the FP model of ``size`` and record its row; returns (model, parameter count)."""
     fp = st.pretrain(size, st.pretrain_steps)
     n_params = sum(p.numel() for p in fp.parameters())
-    fp_ppl = st.ppl(fp)
     hp = st.pre_hp[size]
-    st.rows.append(dict(size=size, params=n_params, bits=None, method="FP", linear_mb=_fp_linear_mb(fp),
-                        ppl=fp_ppl, pretrain_lr=hp["lr"], warmup_steps=hp["warmup_steps"]))
-    st.log(f"[{size}] {n_params:,} params, FP ppl {fp_ppl:.2f} (LR {hp['lr']:.3g}, "
+    r = st.add(fp, size=size, params=n_params, bits=None, method="FP", linear_mb=_fp_linear_mb(fp),
+               pretrain_lr=hp["lr"], warmup_steps=hp["warmup_steps"])
+    st.log(f"[{size} seed {st.seed}] {n_params:,} params, FP ppl {r['ppl']:.2f} (LR {hp['lr']:.3g}, "
            f"{hp['warmup_steps']} warm-up steps; {st.elapsed()})")
     return fp, n_params
 
 
 def _study_bits(st: _Study, size, fp, n_params, b) -> None:
-    """The ParetoQ QAT, RTN and torchao QAT rows of ``size`` at ``b`` bits."""
+    """The ParetoQ QAT (plain and distilled), RTN and torchao QAT rows of ``size`` at ``b`` bits."""
+    cell = dict(size=size, params=n_params, bits=b)
     m = st.paretoq_qat(fp, b, st.qat_steps)
     qmb = _linear_mb(m)
-    st.rows.append(dict(size=size, params=n_params, bits=b, method="ParetoQ QAT", linear_mb=qmb,
-                        ppl=st.ppl(m)))
+    got = [st.add(m, method="ParetoQ QAT", linear_mb=qmb, **cell)]
     del m
+    if not st.args.no_distill:
+        m = st.paretoq_qat(fp, b, st.qat_steps, distill=True)
+        got.append(st.add(m, method=DISTILL, linear_mb=qmb, **cell))
+        del m
     m = _rtn(fp, b)
-    st.rows.append(dict(size=size, params=n_params, bits=b, method="RTN", linear_mb=_linear_mb(m),
-                        ppl=st.ppl(m)))
+    got.append(st.add(m, method="RTN", linear_mb=_linear_mb(m), **cell))
     del m
     if b in TORCHAO_BITS:
         m = copy.deepcopy(fp)
         _apply_torchao_qat(m, b, st.val[:2])
         st.plain_qat(m, b, st.qat_steps)
-        ppl = st.ppl(m)
+        got.append(st.add(m, method="torchao QAT", linear_mb=qmb, **cell))
         del m
-    else:
-        ppl = None  # n/a: torchao has no ternary / binary config
-    st.rows.append(dict(size=size, params=n_params, bits=b, method="torchao QAT", linear_mb=qmb, ppl=ppl))
-    got = {r["method"]: r["ppl"] for r in st.rows[-3:]}
-    st.log(f"[{size}] {b:g}-bit: " + ", ".join(f"{k} {_fmt(v)}" for k, v in got.items())
+    else:  # n/a: torchao has no ternary / binary config
+        got.append(st.add(None, method="torchao QAT", linear_mb=qmb, ppl=None, ppl2=None, **cell))
+    st.log(f"[{size} seed {st.seed}] {b:g}-bit: " + ", ".join(f"{r['method']} {_fmt(r['ppl'])}" for r in got)
            + f" ({st.elapsed()})")
 
 
@@ -387,18 +412,18 @@ def _ablation_grid(st: _Study, size, fp) -> None:
         seq = st.main_row(size, b)
         if seq is None:
             m = st.paretoq_qat(fp, b, st.qat_steps)
-            seq = dict(linear_mb=_linear_mb(m), ppl=st.ppl(m))
+            seq = dict(linear_mb=_linear_mb(m), **st.scores(m))
             del m
         m = copy.deepcopy(fp)
         _apply_lsq(m, b)
         st.plain_qat(m, b, st.qat_steps)
-        lsq_ppl = st.ppl(m)
+        lsq = st.scores(m)
         del m
-        st.ablation.append(dict(study="grid", size=size, bits=b, variant="SEQ (ParetoQ)", ppl=seq["ppl"],
-                                linear_mb=seq["linear_mb"]))
-        st.ablation.append(dict(study="grid", size=size, bits=b, variant="LSQ (grid with 0)", ppl=lsq_ppl,
-                                linear_mb=seq["linear_mb"]))
-        st.log(f"[{size}] ablation {b:g}-bit: SEQ {seq['ppl']:.2f} vs LSQ {lsq_ppl:.2f}")
+        st.add_ablation(study="grid", size=size, bits=b, variant="SEQ (ParetoQ)", ppl=seq["ppl"], ppl2=seq["ppl2"],
+                        linear_mb=seq["linear_mb"])
+        st.add_ablation(study="grid", size=size, bits=b, variant="LSQ (grid with 0)", linear_mb=seq["linear_mb"],
+                        **lsq)
+        st.log(f"[{size} seed {st.seed}] ablation {b:g}-bit: SEQ {seq['ppl']:.2f} vs LSQ {lsq['ppl']:.2f}")
 
 
 def _ablation_split(st: _Study, size, fp) -> None:
@@ -407,373 +432,69 @@ def _ablation_split(st: _Study, size, fp) -> None:
     main = st.main_row(size, 2)
     if main is None:
         m = st.paretoq_qat(fp, 2, qat_steps)
-        main = dict(ppl=st.ppl(m), linear_mb=_linear_mb(m))
+        main = dict(linear_mb=_linear_mb(m), **st.scores(m))
         del m
-    st.ablation.append(dict(study="split", size=size, bits=2, variant=f"90/10 ({P} FP + {qat_steps} QAT steps)",
-                            ppl=main["ppl"], linear_mb=main["linear_mb"]))
+    st.add_ablation(study="split", size=size, bits=2, variant=f"90/10 ({P} FP + {qat_steps} QAT steps)",
+                    ppl=main["ppl"], ppl2=main["ppl2"], linear_mb=main["linear_mb"])
     fp_steps = max(1, round(0.7 * total))
     fp70 = st.pretrain(size, fp_steps)
     m = st.paretoq_qat(fp70, 2, max(1, round(total) - fp_steps))
-    st.ablation.append(dict(study="split", size=size, bits=2,
-                            variant=f"70/30 ({fp_steps} FP + {round(total) - fp_steps} QAT steps)",
-                            ppl=st.ppl(m), linear_mb=_linear_mb(m)))
+    st.add_ablation(study="split", size=size, bits=2,
+                    variant=f"70/30 ({fp_steps} FP + {round(total) - fp_steps} QAT steps)",
+                    linear_mb=_linear_mb(m), **st.scores(m))
     del m, fp70
     fp100 = st.pretrain(size, round(total))
     m = _rtn(fp100, 2)
-    st.ablation.append(dict(study="split", size=size, bits=2, variant=f"100/0 ({round(total)} FP steps, RTN)",
-                            ppl=st.ppl(m), linear_mb=_linear_mb(m)))
+    st.add_ablation(study="split", size=size, bits=2, variant=f"100/0 ({round(total)} FP steps, RTN)",
+                    linear_mb=_linear_mb(m), **st.scores(m))
     del m, fp100
-    st.log(f"[{size}] split: " + ", ".join(f"{a['variant']} {a['ppl']:.2f}" for a in st.ablation[-3:])
+    st.log(f"[{size} seed {st.seed}] split: " + ", ".join(f"{a['variant']} {a['ppl']:.2f}" for a in st.ablation[-3:])
            + f" ({st.elapsed()})")
 
 
 def run_study(args, log=print) -> Dict:
     t0 = time.time()
-    tok, train_blocks, val = _load_study_data(args)
-    st = _Study(args=args, tok=tok, train_blocks=train_blocks, val=val, t0=t0, log=log)
+    data = _load_study_data(args)
+    st = _Study(args=args, data=data, t0=t0, log=log)
     total, qat_steps = st.total, st.qat_steps
-    log(f"data: {len(train_blocks)} train blocks, {val.shape[0]} held-out blocks of {args.block_size}; "
-        f"T = {total:.0f} steps = {total * st.tok_per_step:,.0f} tokens; FP {st.pretrain_steps} steps, "
-        f"QAT {qat_steps} steps")
-    for si, size in enumerate(args.sizes):
-        fp, n_params = _study_fp(st, size)
-        for bits in args.bits:
-            _study_bits(st, size, fp, n_params, get_format(bits).bits)
-        if si == 0 and not args.no_ablation:
-            _ablation_grid(st, size, fp)
-            _ablation_split(st, size, fp)
-        del fp
+    sec = data["second"]
+    log(f"data: {len(st.train_blocks)} train blocks, {st.val.shape[0]} held-out blocks of {args.block_size}"
+        + (f", {sec['blocks']} of {sec['name']}" if sec else "")
+        + f"; T = {total:.0f} steps = {total * st.tok_per_step:,.0f} tokens; FP {st.pretrain_steps} steps, "
+        f"QAT {qat_steps} steps; seeds {args.seeds}")
+    for seed in args.seeds:
+        st.seed = seed
+        torch.manual_seed(seed)
+        for si, size in enumerate(args.sizes):
+            fp, n_params = _study_fp(st, size)
+            for bits in args.bits:
+                _study_bits(st, size, fp, n_params, get_format(bits).bits)
+            if si == 0 and not args.no_ablation:
+                _ablation_grid(st, size, fp)
+                _ablation_split(st, size, fp)
+            del fp
     return dict(rows=st.rows, ablation=st.ablation, seconds=time.time() - t0, qat_steps=qat_steps,
-                total_steps=total, tokens_per_step=st.tok_per_step, pretrain=st.pre_hp,
+                total_steps=total, tokens_per_step=st.tok_per_step, pretrain=st.pre_hp, seeds=list(args.seeds),
+                second_corpus=sec,
                 pretrain_rule=None if args.pretrain_lr is not None else dict(
                     base=args.pretrain_lr_base, width=PRETRAIN_LR_WIDTH, exp=args.pretrain_lr_exp),
                 pretrain_warmup=args.pretrain_warmup)
-
-
-# --------------------------------------------------------------------------- report
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if not math.isfinite(v):
-        return str(v)
-    return f"{v:.4g}" if v >= 1e4 else f"{v:.2f}"
-
-
-def _pct(a, b) -> str:
-    return f"{100 * (a / b - 1):+.1f} %"
-
-
-def _ppl_lookup(rows):
-    """get(size, bits, method) -> the row's perplexity, or None when there is no such row."""
-    def get(size, bits, method):
-        return next((r["ppl"] for r in rows if r["size"] == size and r["bits"] == bits and r["method"] == method),
-                    None)
-
-    return get
-
-
-def _findings_per_size(get, args) -> List[str]:
-    """One line per size: 4/3-bit QAT vs FP, and QAT vs RTN at 2/1.58/1 bits."""
-    out = []
-    for size in args.sizes:
-        fp = get(size, None, "FP")
-        parts = []
-        for b in (4, 3):
-            q = get(size, b, "ParetoQ QAT")
-            if q is not None:
-                parts.append(f"{b}-bit ParetoQ QAT {_pct(q, fp)} vs FP")
-        for b in (2, 1.58, 1):
-            q, r = get(size, b, "ParetoQ QAT"), get(size, b, "RTN")
-            if q is not None and r is not None:
-                parts.append(f"{b:g}-bit QAT {_fmt(q)} vs RTN {_fmt(r)} ({_pct(q, fp)} vs FP; RTN/QAT ppl ratio {r / q:.2f})")
-        out.append(f"**{size}** (FP ppl {_fmt(fp)}): " + "; ".join(parts) + ".")
-    return out
-
-
-def _findings_size_scaling(get, args) -> List[str]:
-    """Whether FP perplexity falls with model size, and the size gain vs the 4 -> 2 bit cost."""
-    out = []
-    fps = [(s, get(s, None, "FP")) for s in args.sizes]
-    if len(fps) > 1:
-        mono = all(fps[i][1] > fps[i + 1][1] for i in range(len(fps) - 1))
-        out.append("FP perplexity " + ("falls" if mono else "does NOT fall") + " with model size ("
-                   + ", ".join(f"{s} {_fmt(v)}" for s, v in fps) + ")"
-                   + (" under the per-size pre-training LR rule with warm-up (one LR of 3e-3 without warm-up "
-                      "for every size made s worse than xs; see the pre-training sweep below)" if mono else
-                      ": the larger model ends worse with these pre-training settings, so cross-size comparisons "
-                      "(the paper's 'lower bits on a bigger model' trade-off) are not meaningful here; see the "
-                      "pre-training sweep below")
-                   + ".")
-        steps = [f"{fps[i][0]}->{fps[i + 1][0]} {_pct(fps[i + 1][1], fps[i][1])}" for i in range(len(fps) - 1)]
-        cost = [(s, get(s, 4, "ParetoQ QAT"), get(s, 2, "ParetoQ QAT")) for s in args.sizes]
-        cost = [f"{s} {_pct(q2, q4)}" for s, q4, q2 in cost if q4 is not None and q2 is not None]
-        if cost:
-            out.append("Size gain vs bit cost: FP ppl per size step " + ", ".join(steps) + "; ParetoQ QAT ppl from "
-                       "4 to 2 bits " + ", ".join(cost) + ". A bigger model at fewer bits can only win at equal "
-                       "bytes where the size gain outweighs the bit cost.")
-    return out
-
-
-def _findings_bit_order(get, args) -> List[str]:
-    """Per size: does ParetoQ QAT perplexity rise monotonically as the bit width falls?"""
-    out = []
-    for size in args.sizes:
-        q = [(b, get(size, b, "ParetoQ QAT")) for b in sorted(args.bits, reverse=True)]
-        q = [(b, v) for b, v in q if v is not None]
-        mono = all(q[i][1] <= q[i + 1][1] for i in range(len(q) - 1))
-        out.append(f"**{size}**: ParetoQ QAT perplexity {'rises monotonically' if mono else 'does NOT rise monotonically'}"
-                   f" as bits fall ({', '.join(f'{b:g}b {_fmt(v)}' for b, v in q)}).")
-    return out
-
-
-def _findings_baselines(get, args) -> List[str]:
-    """ParetoQ QAT vs RTN and vs torchao QAT, cell by cell."""
-    wins = [(s, b) for s in args.sizes for b in args.bits
-            if get(s, b, "ParetoQ QAT") is not None and get(s, b, "RTN") is not None
-            and get(s, b, "ParetoQ QAT") < get(s, b, "RTN")]
-    n = sum(1 for s in args.sizes for b in args.bits if get(s, b, "RTN") is not None)
-    out = [f"ParetoQ QAT beats RTN in {len(wins)} of {n} (size, bits) cells."]
-    cmp = [(s, b, get(s, b, "ParetoQ QAT"), get(s, b, "torchao QAT")) for s in args.sizes for b in args.bits
-           if get(s, b, "torchao QAT") is not None]
-    if cmp:
-        better = [c for c in cmp if c[2] < c[3]]
-        detail = "; ".join(f"{s} {b:g}b {_fmt(p)} vs {_fmt(t)}" for s, b, p, t in cmp)
-        out.append(f"ParetoQ QAT vs torchao QAT (same bits, budget, LR, batches): ParetoQ lower in {len(better)} of "
-                   f"{len(cmp)} cells ({detail}).")
-    return out
-
-
-def _findings_tradeoff(rows, args) -> List[str]:
-    """The size-vs-perplexity frontier and the bigger-model-at-fewer-bits pairs at no more bytes."""
-    qpts = [r for r in rows if r["method"] == "ParetoQ QAT" and r["ppl"] is not None]
-    front = sorted(qpts, key=lambda r: (r["linear_mb"], r["ppl"]))
-    best, frontier = float("inf"), []
-    for r in front:
-        if r["ppl"] < best:
-            best = r["ppl"]
-            frontier.append(f"{r['size']}/{r['bits']:g}b")
-    out = ["ParetoQ QAT size-vs-perplexity frontier over all sizes (smallest bytes first): "
-           + ", ".join(frontier) + "."]
-    # the paper's trade-off: a bigger model at fewer bits vs a smaller model at more bits
-    order = {s: i for i, s in enumerate(args.sizes)}
-    dom = []
-    for big in qpts:
-        for small in qpts:
-            if (order[big["size"]] > order[small["size"]] and big["bits"] < small["bits"]
-                    and big["linear_mb"] <= small["linear_mb"]):
-                dom.append((big, small, big["ppl"] < small["ppl"]))
-    if dom:
-        won = [d for d in dom if d[2]]
-        out.append("Bigger model at fewer bits vs smaller model at more bits, at no more stored bytes: the bigger "
-                   f"one is better in {len(won)} of {len(dom)} such pairs ("
-                   + "; ".join(f"{b['size']}/{b['bits']:g}b {b['linear_mb']:.3f} MB ppl {_fmt(b['ppl'])} "
-                               f"{'<' if w else '>='} {a['size']}/{a['bits']:g}b {a['linear_mb']:.3f} MB ppl "
-                               f"{_fmt(a['ppl'])}" for b, a, w in dom) + ").")
-    elif len(args.sizes) > 1:
-        out.append("No larger-model/fewer-bits point stores as few bytes as a smaller-model/more-bits point, so "
-                   "the bigger-model-at-fewer-bits trade-off is not tested by these sizes.")
-    return out
-
-
-def _findings_ablations(abl) -> List[str]:
-    """The SEQ-vs-LSQ grid ablation and the budget-split ablation (first size)."""
-    out = []
-    grid = [a for a in abl if a["study"] == "grid"]
-    for b in (2, 1.58):
-        g = {a["variant"].split()[0]: a["ppl"] for a in grid if a["bits"] == b}
-        if len(g) == 2:
-            w = "SEQ" if g["SEQ"] < g["LSQ"] else "LSQ"
-            out.append(f"Grid ablation {b:g}-bit ({grid[0]['size']}): SEQ {_fmt(g['SEQ'])} vs LSQ {_fmt(g['LSQ'])}"
-                       f" -> {w} lower.")
-    split = [a for a in abl if a["study"] == "split"]
-    if split:
-        best = min(split, key=lambda a: a["ppl"])
-        out.append("Budget split at 2 bits (fixed total): " + ", ".join(f"{a['variant'].split()[0]} {_fmt(a['ppl'])}"
-                                                                      for a in split)
-                   + f" -> best {best['variant'].split()[0]}.")
-    return out
-
-
-_FINDINGS_CAVEATS = (
-    "Caveats: one seed, tiny models (<1M-few M parameters) trained for seconds on Python source, "
-    "not the paper's billion-parameter / billion-token regime; differences of a few percent are within "
-    "what a different seed could change. Nothing here tests the paper's zero-shot accuracies.")
-
-
-def findings(res, args) -> List[str]:
-    """The 'what reproduces / what does not' lines of the Markdown, computed from the study's numbers."""
-    rows, abl = res["rows"], res["ablation"]
-    get = _ppl_lookup(rows)
-    return (_findings_per_size(get, args) + _findings_size_scaling(get, args) + _findings_bit_order(get, args)
-            + _findings_baselines(get, args) + _findings_tradeoff(rows, args) + _findings_ablations(abl)
-            + [_FINDINGS_CAVEATS])
-
-
-def claims(res, args, close_pct: float = 5.0) -> List[str]:
-    """One verdict line per paper claim, computed from the numbers (the Markdown's claims section)."""
-    rows, abl = res["rows"], res["ablation"]
-
-    def get(size, bits, method):
-        return next((r["ppl"] for r in rows if r["size"] == size and r["bits"] == bits and r["method"] == method),
-                    None)
-
-    out = []
-    gaps = [(s, b, 100 * (get(s, b, "ParetoQ QAT") / get(s, None, "FP") - 1)) for s in args.sizes for b in (4, 3)
-            if get(s, b, "ParetoQ QAT") is not None]
-    if gaps:
-        verdicts = []
-        for b in (4, 3):
-            gb = [g for _, bb, g in gaps if bb == b]
-            if gb:
-                n = sum(g <= close_pct for g in gb)
-                verdicts.append(f"{b}-bit " + ("reproduces" if n == len(gb) else "partly reproduces" if n
-                                               else "does NOT reproduce"))
-        out.append(f"3/4-bit QAT close to FP (here: ParetoQ QAT within {close_pct:g} % of FP ppl at every size): "
-                   + ", ".join(verdicts) + " (" + ", ".join(f"{s} {b}b {g:+.1f} %" for s, b, g in gaps) + ").")
-    fps = [get(s, None, "FP") for s in args.sizes]
-    qpts = sorted((r for r in rows if r["method"] == "ParetoQ QAT" and r["ppl"] is not None),
-                  key=lambda r: (r["linear_mb"], r["ppl"]))
-    best, front = float("inf"), []
-    for r in qpts:
-        if r["ppl"] < best:
-            best = r["ppl"]
-            front.append(r)
-    if len(args.sizes) > 1 and front:
-        mono = all(fps[i] > fps[i + 1] for i in range(len(fps) - 1))
-        low = [r for r in front if r["bits"] in (2, 1.58)]
-        sizes_low = sorted({r["size"] for r in low}, key=args.sizes.index)
-        # the trade-off itself: a bigger model at fewer bits vs a smaller one at more bits, no more bytes
-        order = {s: i for i, s in enumerate(args.sizes)}
-        pairs = [(b, a) for b in qpts for a in qpts if order[b["size"]] > order[a["size"]]
-                 and b["bits"] < a["bits"] and b["linear_mb"] <= a["linear_mb"]]
-        won = sum(b["ppl"] < a["ppl"] for b, a in pairs)
-        if mono and len(sizes_low) > 1 and pairs and 2 * won > len(pairs):
-            verdict = "reproduces"
-        elif mono and low:
-            verdict = "partly reproduces"
-        else:
-            verdict = "does NOT reproduce"
-        out.append("1.58/2-bit on the size-vs-perplexity Pareto front across model sizes (here: FP ppl falls with "
-                   "size, 2/1.58-bit points of more than one size are on the front, and where a bigger model at "
-                   "fewer bits stores no more bytes than a smaller one at more bits it is better in most such "
-                   f"pairs): {verdict} (FP ppl " + ("falls" if mono else "does NOT fall") + " with size; "
-                   + (f"bigger-at-fewer-bits better in {won} of {len(pairs)} such pairs; " if pairs else
-                      "no such equal-bytes pairs; ") + "frontier "
-                   + ", ".join(f"{r['size']}/{r['bits']:g}b" for r in front)
-                   + "; 2/1.58-bit points on it: " + (", ".join(f"{r['size']}/{r['bits']:g}b" for r in low) or "none")
-                   + "; 4-bit: " + (", ".join(r["size"] for r in front if r["bits"] == 4) or "none")
-                   + "; 1-bit: " + (", ".join(r["size"] for r in front if r["bits"] == 1) or "none") + "; "
-                   "ternary is stored at 1.6 bits per weight, 5 codes per byte).")
-    grid = [a for a in abl if a["study"] == "grid"]
-    g = {(a["bits"], a["variant"].split()[0]): a["ppl"] for a in grid}
-    pairs = [(b, g[(b, "SEQ")], g[(b, "LSQ")]) for b in (2, 1.58) if (b, "SEQ") in g and (b, "LSQ") in g]
-    if pairs:
-        wins = sum(sq < lq for _, sq, lq in pairs)
-        verdict = "reproduces" if wins == len(pairs) else "partly reproduces" if wins else "does NOT reproduce"
-        out.append(f"SEQ beats LSQ at <= 2 bits ({grid[0]['size']}): {verdict} ("
-                   + ", ".join(f"{b:g}b SEQ {_fmt(sq)} vs LSQ {_fmt(lq)}" for b, sq, lq in pairs) + ").")
-    split = [a for a in abl if a["study"] == "split"]
-    if split:
-        bestv = min(split, key=lambda a: a["ppl"])["variant"].split()[0]
-        out.append(f"90/10 FP/QAT split best of 90/10, 70/30, 100/0 ({split[0]['size']}, 2-bit): "
-                   f"{'reproduces' if bestv == '90/10' else 'does NOT reproduce'} ("
-                   + ", ".join(f"{a['variant'].split()[0]} {_fmt(a['ppl'])}" for a in split) + ").")
-    return out
-
-
-def to_markdown(res, args, argv) -> str:
-    rows, abl = res["rows"], res["ablation"]
-    L = [f"# ParetoQ study in miniature ({datetime.date.today().isoformat()})", "",
-         f"Command: `{' '.join(shlex.quote(a) for a in argv)}`", "",
-         f"Machine: {platform.node()} | {platform.platform()} | {platform.processor() or platform.machine()} | "
-         f"{os.cpu_count()} CPU cores | torch {torch.__version__} | Python {platform.python_version()}", "",
-         f"Runtime: {res['seconds']:.0f} s. Data: Python stdlib sources (train/validation split by file), BPE vocab "
-         f"{args.vocab_size}, blocks of {args.block_size} tokens, batch {args.batch_size}, "
-         f"{args.eval_blocks} held-out blocks. Budget: total T = {res['total_steps']:.0f} steps "
-         f"({res['total_steps'] * res['tokens_per_step']:,.0f} tokens); FP pre-training {args.pretrain_steps} steps "
-         f"(90 %), QAT {res['qat_steps']} steps (10 %). QAT LR = paper LR x {args.lr_scale:g}, no warm-up; "
-         f"seed {args.seed}.", "", _pretrain_line(res, args),
-         "", "## Results (held-out perplexity; linears MB = stored bytes of the quantized block linears)", "",
-         "| size | params | bits | method | linears MB | ppl |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        bits = "FP32" if r["bits"] is None else f"{r['bits']:g}"
-        L.append(f"| {r['size']} | {r['params']:,} | {bits} | {r['method']} | {r['linear_mb']:.4f} | {_fmt(r['ppl'])} |")
-    if abl:
-        L += ["", "## Ablations (first size)", "", "| study | bits | variant | linears MB | ppl |",
-              "|---|---|---|---|---|"]
-        for a in abl:
-            L.append(f"| {a['study']} | {a['bits']:g} | {a['variant']} | {a['linear_mb']:.4f} | {_fmt(a['ppl'])} |")
-    L += ["", "n/a: torchao has no ternary config, and torch.int1 symmetric is the grid {-1, 0}*s, not binary.",
-          "torchao / LSQ rows are given the ParetoQ row's bytes (same code width, one fp32 scale per row).",
-          "", "## The paper's claims at this scale (verdicts computed from the numbers above)", ""]
-    L += [f"- {c}" for c in claims(res, args)]
-    L += ["", "## What reproduces / what does not at this scale", ""]
-    L += [f"- {f}" for f in findings(res, args)]
-    L += ["", "## Pre-training hyperparameters: the sweep behind the per-size rule", ""] + PRETRAIN_SWEEP
-    L += ["", f"Plot: `{os.path.basename(args._png)}`", ""]
-    return "\n".join(L)
-
-
-def _pretrain_line(res, args) -> str:
-    hp = res["pretrain"]
-    per = ", ".join(f"{s} {hp[s]['lr']:.3g}" for s in args.sizes if s in hp)
-    rule = res.get("pretrain_rule")
-    how = (f"per-size rule LR = {rule['base']:g} x ({rule['width']} / hidden_size)^{rule['exp']:g}" if rule
-           else "one LR for every size (--pretrain-lr)")
-    warm = ", ".join(f"{s} {hp[s]['warmup_steps']}" for s in args.sizes if s in hp)
-    return (f"FP pre-training: AdamW (no weight decay), grad-norm clip 1.0, {how}: {per}; linear warm-up over "
-            f"{100 * res['pretrain_warmup']:g} % of the steps ({warm} steps), then cosine to zero.")
-
-
-def plot(res, args, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
-    styles = {"ParetoQ QAT": "o-", "RTN": "s--", "torchao QAT": "^:"}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for si, size in enumerate(args.sizes):
-        c = colors[si % len(colors)]
-        for method, st in styles.items():
-            pts = sorted((r["linear_mb"], r["ppl"], r["bits"]) for r in res["rows"]
-                         if r["size"] == size and r["method"] == method and r["ppl"] is not None
-                         and math.isfinite(r["ppl"]))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], st, color=c, label=f"{size} {method}",
-                        alpha=1.0 if method == "ParetoQ QAT" else 0.6)
-                if method == "ParetoQ QAT":
-                    for x, y, b in pts:
-                        ax.annotate(f"{b:g}b", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        fp = next(r for r in res["rows"] if r["size"] == size and r["method"] == "FP")
-        ax.plot([fp["linear_mb"]], [fp["ppl"]], "*", color=c, markersize=12, label=f"{size} FP32")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("stored bytes of the quantized block linears (MB, codes + scales)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("ParetoQ in miniature: size vs perplexity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
 
 
 def _parse_bits(s: str):
     return [get_format(x).bits for x in s.split(",") if x.strip()]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="xs,s", help=f"comma-separated from {','.join(SIZES)}")
+    p.add_argument("--sizes", default="xs,s,m", help=f"comma-separated from {','.join(SIZES)}")
     p.add_argument("--bits", default="4,3,2,1.58,1")
     p.add_argument("--pretrain-steps", type=int, default=720, help="FP steps = 90 %% of the total budget")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated; each repeats the whole study")
+    p.add_argument("--second-corpus", default="fortunes",
+                   help='second held-out corpus, never trained on: "fortunes" (Debian package), a local '
+                        '.txt/.jsonl file or folder, or "none"')
+    p.add_argument("--no-distill", action="store_true", help="leave out the distillation column")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tiny model and data)")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--batch-size", type=int, default=16)
@@ -792,12 +513,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lr-scale", type=float, default=10.0)
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--progress", action="store_true", help="tqdm bars")
+    return p
+
+
+TINY_DEFAULTS = {"--sizes": "xxs,xs", "--pretrain-steps": 9, "--batch-size": 4, "--block-size": 32,
+                 "--vocab-size": 300, "--max-chars": 150_000, "--val-chars": 30_000, "--eval-blocks": 8,
+                 "--seeds": "0"}
+
+
+def _parse(argv: List[str]):
+    p = _parser()
     args = p.parse_args(argv)
     if args.tiny:
         given = set(a.split("=")[0] for a in argv)
-        defaults = {"--sizes": "xxs,xs", "--pretrain-steps": 9, "--batch-size": 4, "--block-size": 32,
-                    "--vocab-size": 300, "--max-chars": 150_000, "--val-chars": 30_000, "--eval-blocks": 8}
-        for k, v in defaults.items():
+        for k, v in TINY_DEFAULTS.items():
             if k not in given:
                 setattr(args, k[2:].replace("-", "_"), v)
     args.sizes = [s.strip() for s in str(args.sizes).split(",") if s.strip()]
@@ -805,14 +534,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         p.error(f"unknown size(s) {bad}; choose from {list(SIZES)}")
     args.bits = _parse_bits(args.bits)
+    try:
+        args.seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds needs at least one seed and no repeats, got {args.seeds}")
     if not 0 <= args.pretrain_warmup <= 1:
         p.error("--pretrain-warmup is a fraction of the pre-training steps, in [0, 1]")
     if (args.pretrain_lr is not None and args.pretrain_lr <= 0) or args.pretrain_lr_base <= 0:
         p.error("pre-training LRs must be positive")
-    torch.manual_seed(args.seed)
-    date = datetime.date.today().isoformat()
+    if args.second_corpus != "none":  # before any training: a missing corpus fails now, not after the runs
+        from paretoq_ao.data import load_texts
+
+        try:
+            load_texts(args.second_corpus, "all", max_chars=1)
+        except (OSError, ValueError) as e:
+            p.error(f"--second-corpus {args.second_corpus}: {e} (or pass --second-corpus none)")
+    return args
+
+
+def _results_stem(results_dir: str) -> str:
+    """``<results_dir>/pareto-<date>``; an earlier run's files of the same day are kept (-2, -3, ...)."""
+    base = os.path.join(results_dir, f"pareto-{datetime.date.today().isoformat()}")
+    stem, n = base, 1
+    while any(os.path.exists(stem + ext) for ext in (".md", ".json", ".png")):
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
     os.makedirs(args.results_dir, exist_ok=True)
-    stem = os.path.join(args.results_dir, f"pareto-{date}")
+    stem = _results_stem(args.results_dir)
     args._png = stem + ".png"
     res = run_study(args)
     plot(res, args, stem + ".png")

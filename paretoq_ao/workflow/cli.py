@@ -147,7 +147,8 @@ def _add_qat(sub) -> None:
     q.add_argument("--model", default="tiny", help='hub id, local folder, or "tiny" (small Llama from a config)')
     q.add_argument("--bits", type=_bits, default=2.0, help="1, 1.58, 2, 3 or 4 (default 2)")
     q.add_argument("--group-size", type=_count, default=None, help="scale per group of N inputs (default: per row)")
-    q.add_argument("--data", default="stdlib", help='"stdlib" (offline), a .txt/.jsonl file or folder, or a dataset name')
+    q.add_argument("--data", default="stdlib", help='"stdlib" (offline), "fortunes" (Debian package), '
+                   'a .txt/.jsonl file or folder, or a dataset name')
     q.add_argument("--text-field", default="text")
     q.add_argument("--max-chars", type=_count, default=None, help="use at most this much training text")
     q.add_argument("--block-size", type=_count, default=128)

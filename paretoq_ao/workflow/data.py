@@ -8,6 +8,12 @@ Sources (``load_texts(source, split)``):
   comments and docstrings), found via ``sysconfig``; ``site-packages``, test folders and caches are
   skipped. Split by file: a file is in "validation" when ``crc32(relative path) % 100 <
   val_percent`` -- the same files every run and on every machine with the same Python.
+* ``"fortunes"``: the English texts of Debian's ``fortunes`` package (fortune-mod's collection:
+  quotations, literature, humour, definitions; ``apt-get install fortunes``), read from
+  ``/usr/share/games/fortunes`` (or ``$PARETOQ_FORTUNES_DIR``): every data file except the ``.dat``
+  indexes, the ``.u8`` links and ``ascii-art`` (pictures, not language); one text per fortune (the
+  records between ``%`` lines). Real prose that no model here trains on: the second held-out corpus of
+  ``benchmarks/pareto_study.py``. Split by fortune as for local files.
 * a Hugging Face dataset name, e.g. ``"wikitext"`` (default config ``"wikitext-2-raw-v1"``), via
   ``datasets.load_dataset(name, config, split=split)``; empty rows are dropped.
 * a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (one JSON object
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sysconfig
 import zlib
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -37,7 +44,7 @@ import torch
 
 __all__ = [
     "DEFAULT_DATASET", "DEFAULT_DATASET_CONFIG", "EOS_TOKEN",
-    "load_texts", "stdlib_texts", "file_texts", "hf_dataset_texts",
+    "load_texts", "stdlib_texts", "fortune_texts", "file_texts", "hf_dataset_texts",
     "train_tokenizer", "tokenize", "PackedBlocks", "BlockSampler", "build_blocks",
 ]
 
@@ -46,6 +53,8 @@ DEFAULT_DATASET_CONFIG = "wikitext-2-raw-v1"
 EOS_TOKEN = "<|endoftext|>"
 VAL_PERCENT = 5
 SPLITS = ("train", "validation", "all")
+FORTUNES_DIR = "/usr/share/games/fortunes"
+_FORTUNE_SKIP = {"ascii-art"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test", "lib2to3"}
 
 PathLike = Union[str, os.PathLike]
@@ -94,6 +103,26 @@ def stdlib_texts(split: str = "train", val_percent: int = VAL_PERCENT, max_chars
                 total += len(text)
                 if max_chars is not None and total >= max_chars:
                     return out
+    return out
+
+
+def fortune_texts(split: str = "all", val_percent: int = VAL_PERCENT, root: Optional[PathLike] = None) -> List[str]:
+    """The fortunes of Debian's ``fortunes`` package (see the module docstring), in sorted file order."""
+    _check_split(split)
+    root = os.fspath(root or os.environ.get("PARETOQ_FORTUNES_DIR") or FORTUNES_DIR)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"fortune_texts: the fortunes folder {root!r} does not exist (Debian: "
+                                "apt-get install fortunes; or set PARETOQ_FORTUNES_DIR)")
+    out = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if "." in name or name in _FORTUNE_SKIP or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            records = re.split(r"^%[ \t]*$", f.read(), flags=re.MULTILINE)
+        out += [r.strip("\n") for r in records if r.strip() and _in_split(r.strip("\n"), split, val_percent)]
+    if not out:
+        raise ValueError(f"fortune_texts: no fortunes in {root!r} (split {split!r})")
     return out
 
 
@@ -180,15 +209,17 @@ def hf_dataset_texts(name: str = DEFAULT_DATASET, config: Optional[str] = DEFAUL
 def load_texts(source: Union[str, PathLike] = "stdlib", split: str = "train", *, text_field: str = "text",
                dataset_config: Optional[str] = None, val_percent: int = VAL_PERCENT,
                max_chars: Optional[int] = None) -> List[str]:
-    """Texts of ``split`` from ``source``: "stdlib", a local file/folder, or a dataset name.
+    """Texts of ``split`` from ``source``: "stdlib", "fortunes", a local file/folder, or a dataset name.
 
     A string that names an existing path, ends in .txt/.jsonl, or contains a path separator beyond
-    "org/name" is treated as local; "stdlib" is the built-in offline corpus; anything else is a
-    Hugging Face dataset (``dataset_config`` defaults to "wikitext-2-raw-v1" for "wikitext")."""
+    "org/name" is treated as local; "stdlib" is the built-in offline corpus, "fortunes" the texts of
+    Debian's fortunes package; anything else is a Hugging Face dataset (``dataset_config`` defaults to "wikitext-2-raw-v1" for "wikitext")."""
     _check_split(split)
     src = os.fspath(source)
     if src == "stdlib":
         texts = stdlib_texts(split, val_percent, max_chars=max_chars)
+    elif src == "fortunes":
+        texts = fortune_texts(split, val_percent)
     elif os.path.exists(src) or src.endswith((".txt", ".jsonl")) or src.startswith((".", "/", "~")) \
             or src.count("/") > 1:
         texts = file_texts(src, split, text_field, val_percent)
