@@ -113,8 +113,8 @@ def _parse(argv):
     ap.add_argument("--pte-dir", default=None, help="where the .pte files go (default: a temp dir, kept)")
     ap.add_argument("--llama-cpp", default=None, metavar="DIR",
                     help="a built llama.cpp (build/bin/llama-bench): adds llama.cpp rows on the same weights")
-    ap.add_argument("--gguf", default="", help="with --llama-cpp: comma list of pq<bits>[=TYPE] rows (default: every "
-                    "per-row pq variant in its exact GGUF type; see benchmarks/_llamacpp_rows.py)")
+    ap.add_argument("--gguf", default="", help="with --llama-cpp: comma list of pq<bits>[-g<group>][=TYPE] rows "
+                    "(default: every pq variant in its default GGUF type; see benchmarks/_llamacpp_rows.py)")
     ap.add_argument("--results", default=None,
                     help="markdown output (default benchmarks/results/executorch-decoder-<date>.md)")
     a = ap.parse_args(argv)

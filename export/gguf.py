@@ -1,4 +1,4 @@
-"""Packed ParetoQ Llama models -> GGUF files that llama.cpp (and Ollama, LM Studio, llama-server) runs.
+"""Packed ParetoQ Llama-family models -> GGUF files that llama.cpp (and Ollama, LM Studio, llama-server) runs.
 
     from paretoq_ao.export.gguf import export_gguf
     report = export_gguf(packed_model, tokenizer, "model.gguf")      # paretoq export --format gguf
@@ -21,9 +21,17 @@ Default types, smallest exact first:
 ``weight_types={bits: "Q4_0", ...}`` overrides them (Q4_0 and Q8_0 hold every format exactly with
 groups of 32k). The token embedding and a full-precision head are written as ``embedding_type`` /
 ``head_type`` (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0, through gguf's quantizers: round to
-nearest per block, as llama-quantize does for those types); norms stay F32. Llama's q/k
-projections are row-permuted into llama.cpp's rotary layout, as llama.cpp's own converter does (a
-permutation of whole rows: the codes and scales move with their rows, nothing is re-quantized).
+nearest per block, as llama-quantize does for those types); norms and biases stay F32.
+
+Families (``ARCHS``, one row of traits each): Llama and Mistral (llama.cpp's ``llama``), Qwen2 (``qwen2``:
+q/k/v biases) and Qwen3 (``qwen3``: q/k RMS norms). For ``llama`` the q/k projections (and biases) are
+row-permuted into llama.cpp's interleaved rotary layout, as llama.cpp's own converter does (whole rows:
+the codes and scales move with their rows, nothing is re-quantized); the Qwen families use the
+half-split rotary layout of Hugging Face, rows unchanged. RoPE scaling that only rescales the rotary
+frequencies ("linear", "llama3", as in Llama 3.1/3.2) is written as llama.cpp's ``rope_freqs`` tensor:
+the ratio of the plain frequencies to the model's own ``rotary_emb.inv_freq``, so llama.cpp rotates by
+exactly the model's angles; other kinds (YaRN, dynamic NTK, LongRoPE: position- or length-dependent)
+are refused with the kind named.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -44,7 +53,7 @@ from ..qat import ParetoQQATWeight
 from ..serialization import atomic_write
 from .gguf_blocks import DEFAULT_TYPES, GGUF_TYPES, lattice, pack_blocks, type_problem
 
-__all__ = ["export_gguf", "FLOAT_TYPES", "EXACT_REL_ERROR", "GROUP_DEFAULT_TYPES"]
+__all__ = ["export_gguf", "ARCHS", "FLOAT_TYPES", "EXACT_REL_ERROR", "GROUP_DEFAULT_TYPES"]
 
 log = logging.getLogger("paretoq_ao")
 
@@ -52,7 +61,25 @@ EXACT_REL_ERROR = 1e-3  # fp16 block scales: below 2^-11 relative per weight
 # types of the embedding / a float head: those gguf's own quantizers write (the K types have none)
 FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 GROUP_DEFAULT_TYPES = {4: "Q4_0", 3: "Q3_K", 2: "Q2_K", 1.58: "Q2_K", 1: "Q2_K"}
-_ARCHS = {"llama": "llama", "mistral": "llama"}  # Hugging Face model_type -> llama.cpp architecture
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one Hugging Face model family is written for llama.cpp."""
+    name: str            # llama.cpp's architecture (general.architecture, the metadata key prefix)
+    tensors: str         # the gguf.MODEL_ARCH whose tensor-name map applies
+    interleave_qk: bool  # permute q/k rows into llama.cpp's interleaved rotary layout
+    freq_factors: bool   # llama.cpp reads rope_freqs.weight for this architecture
+
+
+# Hugging Face model_type -> how it is exported
+ARCHS = {
+    "llama": Arch("llama", "LLAMA", True, True),
+    "mistral": Arch("llama", "LLAMA", True, True),
+    "qwen2": Arch("qwen2", "QWEN2", False, False),
+    "qwen3": Arch("qwen3", "QWEN3", False, False),
+}
+_FREQ_ONLY_ROPE = ("linear", "llama3")  # RoPE scalings that only rescale the frequencies
 # general.file_type of a file whose block linears are mostly of a type (informational for readers)
 _FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q3_K": "MOSTLY_Q3_K_S", "Q2_K": "MOSTLY_Q2_K",
                "TQ2_0": "MOSTLY_TQ2_0", "TQ1_0": "MOSTLY_TQ1_0"}
@@ -65,14 +92,17 @@ def export_gguf(model: nn.Module, tokenizer, path, *, embedding_type: str = "F16
     Returns ``{"path", "bytes", "tensors": {gguf name: {"source", "type", "rel_error", "exact"}},
     "inexact": [gguf names]}``. Every check (model family, unconverted or QAT layers, a type that
     cannot hold a layer) runs before the file is started; ``path`` is replaced atomically."""
-    cfg = _check_model(model)
+    cfg, arch, freqs = _check_model(model)
     if tokenizer is None:
         raise ValueError("export_gguf: a tokenizer is required (llama.cpp reads the vocabulary from the file)")
     for what, t in (("embedding_type", embedding_type), ("head_type", head_type)):
         if t not in FLOAT_TYPES:
             raise ValueError(f"export_gguf: {what} must be one of {', '.join(FLOAT_TYPES)}, got {t!r}")
     chosen = _weight_types(weight_types)
-    entries = _plan(model, cfg, chosen, embedding_type, head_type)
+    entries = _plan(model, cfg, arch, chosen, embedding_type, head_type)
+    if freqs is not None:
+        entries.append({"gguf": "rope_freqs.weight", "source": "model.rotary_emb.inv_freq", "tensor": freqs,
+                        "rows": None, "type": "F32"})
     import gguf
 
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -88,7 +118,7 @@ def export_gguf(model: nn.Module, tokenizer, path, *, embedding_type: str = "F16
                              "exact": rel <= EXACT_REL_ERROR}
 
     def write(tmp: str) -> None:
-        w = gguf.GGUFWriter(tmp, _ARCHS[cfg.model_type])
+        w = gguf.GGUFWriter(tmp, arch.name)
         _add_metadata(w, cfg, name or os.path.basename(str(getattr(cfg, "name_or_path", "")) or "paretoq"))
         w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[_dominant(entries)]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -109,16 +139,35 @@ def export_gguf(model: nn.Module, tokenizer, path, *, embedding_type: str = "F16
 
 
 def _check_model(model):
+    """(config, Arch, rope frequency factors or None); raises for a family or RoPE kind it cannot write."""
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
-    if kind not in _ARCHS:
-        raise ValueError(f"export_gguf: exports Llama-family models ({', '.join(sorted(_ARCHS))}); the model is "
+    if kind not in ARCHS:
+        raise ValueError(f"export_gguf: exports Llama-family models ({', '.join(sorted(ARCHS))}); the model is "
                          f"{kind or type(model).__name__!r}")
+    return cfg, ARCHS[kind], _rope_factors(model, cfg, ARCHS[kind])
+
+
+def _rope_base(cfg) -> float:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return float(getattr(cfg, "rope_theta", None) or rope.get("rope_theta", 10000.0))
+
+
+def _rope_factors(model, cfg, arch: Arch) -> Optional[torch.Tensor]:
+    """llama.cpp's rope_freqs (plain frequency / the model's frequency, per rotary pair), or None for plain RoPE."""
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"export_gguf: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported "
-                         "yet (plain RoPE only)")
-    return cfg
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if kind == "default":
+        return None
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv = getattr(rot, "inv_freq", None)
+    if kind not in _FREQ_ONLY_ROPE or not arch.freq_factors or inv is None \
+            or float(getattr(rot, "attention_scaling", 1.0)) != 1.0:
+        raise ValueError(f"export_gguf: RoPE scaling {kind!r} is not supported for {cfg.model_type!r} (supported: "
+                         f"plain RoPE, and {', '.join(_FREQ_ONLY_ROPE)} for Llama/Mistral)")
+    dim = 2 * inv.numel()
+    plain = 1.0 / (_rope_base(cfg) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return (plain / inv.detach().to(torch.float64).cpu()).to(torch.float32)
 
 
 def _weight_types(weight_types) -> Dict:
@@ -136,11 +185,11 @@ def _rope_rows(n: int, heads: int) -> np.ndarray:
     return np.arange(n).reshape(heads, 2, n // heads // 2).swapaxes(1, 2).reshape(n)
 
 
-def _plan(model, cfg, chosen, embedding_type, head_type) -> list:
+def _plan(model, cfg, arch: Arch, chosen, embedding_type, head_type) -> list:
     """One entry per tensor to write; raises (naming the layer) before anything is encoded."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.tensors), cfg.num_hidden_layers)
     emb = model.get_input_embeddings().weight
     entries, bad, packed = [], [], 0
     for hf_name, t in model.state_dict(keep_vars=True).items():
@@ -156,7 +205,7 @@ def _plan(model, cfg, chosen, embedding_type, head_type) -> list:
         if gname == "output.weight" and t is emb:
             continue  # tied head: llama.cpp reads token_embd
         entry = {"gguf": gname, "source": hf_name, "tensor": t, "rows": None}
-        if gname.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch.interleave_qk and gname.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
             entry["rows"] = _rope_rows(t.shape[0], heads)
         if isinstance(t, ParetoQPackedTensor):
@@ -234,7 +283,6 @@ def _rel(back: np.ndarray, ref: np.ndarray) -> float:
 def _add_metadata(w, cfg, name: str) -> None:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    rope = getattr(cfg, "rope_parameters", None) or {}
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -242,7 +290,7 @@ def _add_metadata(w, cfg, name: str) -> None:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(heads)
     w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or rope.get("rope_theta", 10000.0)))
+    w.add_rope_freq_base(_rope_base(cfg))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_rope_dimension_count(head_dim)
     w.add_key_length(head_dim)

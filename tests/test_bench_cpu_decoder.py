@@ -114,3 +114,53 @@ def test_bandwidth_accuracy_and_target_lines(quick):
     for line in targets:
         assert re.search(r"x fp32 eager \(target >= 3x: (PASS|MISS)\)", line), line
         assert re.search(r"x fp32 compiled \(target >= 2x: (PASS|MISS)\)", line), line
+
+
+def test_llama_cpp_table_pairs_each_row_with_our_variants_of_the_same_weights():
+    _load()  # puts benchmarks/ on sys.path
+    import argparse
+
+    import _llamacpp_rows as rows_mod
+
+    a = argparse.Namespace(threads=[1, 2], modes=["eager", "compile"], reps=2, prompt_len=32, new_tokens=8)
+    rows = {"pq2": dict(variant="pq2", type="Q2_K", inexact=0, max_error=0.0, size=3e6, bits=2),
+            "pq2-g64": dict(variant="pq2-g64", type="Q2_K", inexact=14, max_error=0.031, size=3.5e6, bits=2)}
+    timed = dict(commit="abc123", runs={(n, th): [dict(prefill_s=0.2 / th, tok_s=10.0 * th),
+                                                   dict(prefill_s=0.4 / th, tok_s=30.0 * th)]
+                                         for n in rows for th in (1, 2)})
+    ours = lambda pre, tok: dict(prefill_s=pre, tok_s=tok)  # noqa: E731
+    infos = {"pq2": dict(bytes=dict(total=2.5e6), rows={("eager", 1): ours(0.1, 40.0), ("compile", 1): ours(0.3, 20.0),
+                                                         ("eager", 2): ours(0.1, 40.0), ("compile", 2): {"error": "x"}}),
+             "pq2-i8": dict(bytes=dict(total=2.5e6), rows={("eager", 1): ours(0.15, 60.0)})}
+    text = "\n".join(rows_mod.cpu_lines(a, rows, timed, infos))
+    assert "llama.cpp abc123" in text and "pp32" in text and "tg8" in text
+    # medians of the two llama.cpp runs: prefill 300 ms, 20 tok/s at 1 thread; ratios > 1 = ours faster
+    assert "| pq2 | Q2_K | exact | 3.0 | 1 | 300.0 | 20.00 | pq2 eager | 2.5 | 100.0 | 40.00 | 2.00x | 3.00x |" in text
+    assert "| pq2 | Q2_K | exact | 3.0 | 1 | 300.0 | 20.00 | pq2 compile | 2.5 | 300.0 | 20.00 | 1.00x | 1.00x |" in text
+    assert "| pq2-i8 eager | 2.5 | 150.0 | 60.00 | 3.00x | 2.00x |" in text
+    assert "| pq2 | Q2_K | exact | 3.0 | 2 | 150.0 | 40.00 | pq2 eager | 2.5 | 100.0 | 40.00 | 1.00x | 1.50x |" in text
+    assert "pq2 compile | 2.5 | -" not in text  # a failed cell is left out, not invented
+    assert ("| pq2-g64 | Q2_K | nearest (14 tensors, <= 3.1%) | 3.5 | 1 | 300.0 | 20.00 | "
+            "(no variant of these weights in this run) |") in text
+
+
+LLAMA_CPP_DIR = os.environ.get("LLAMA_CPP_DIR")
+
+
+@pytest.mark.skipif(not LLAMA_CPP_DIR, reason="set LLAMA_CPP_DIR to a llama.cpp source dir with build/bin/llama-bench "
+                                             "(see tests/test_bench_llamacpp.py)")
+def test_quick_run_with_llama_cpp_rows(tmp_path):
+    pytest.importorskip("sentencepiece")
+    out = tmp_path / "r.md"
+    _load().main(["--quick", "--modes", "eager", "--variants", "pq2,pq2-i8,pq2-g64", "--llama-cpp", LLAMA_CPP_DIR,
+                  "--gguf", "pq2,pq2-g64=Q4_0", "--out", str(out)])
+    text = out.read_text()
+    assert "## llama.cpp on the same weights" in text
+    lines = [l for l in text.splitlines() if l.startswith("| pq2")]
+    assert any(l.startswith("| pq2 | Q2_K | exact |") and "| pq2-i8 eager |" in l for l in lines), lines
+    assert any(l.startswith("| pq2-g64=Q4_0 | Q4_0 | exact |") and "| pq2-g64 eager |" in l for l in lines), lines
+
+
+def test_gguf_rows_must_be_weights_the_script_builds():
+    with pytest.raises(SystemExit):
+        _load()._parse(["--quick", "--llama-cpp", "/x", "--gguf", "pq2-g128"])

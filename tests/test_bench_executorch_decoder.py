@@ -105,16 +105,33 @@ def test_llama_cpp_rows_side_by_side(tmp_path):
     pytest.importorskip("sentencepiece")
     results = tmp_path / "r.md"
     out = _load().main(["--small", "--hidden", "256", "--intermediate", "512", "--threads", "1", "--new-tokens", "3",
-                        "--check-tokens", "2", "--variants", "pq2,pq1.58", "--llama-cpp", LLAMA_CPP_DIR,
-                        "--gguf", "pq2,pq1.58,pq1.58=TQ2_0", "--results", str(results),
+                        "--check-tokens", "2", "--variants", "pq2,pq1.58,pq2-g64", "--llama-cpp", LLAMA_CPP_DIR,
+                        "--gguf", "pq2,pq1.58,pq1.58=TQ2_0,pq2-g64,pq2-g64=Q4_0", "--results", str(results),
                         "--pte-dir", str(tmp_path / "pte")])
     text = results.read_text()
     assert "llama.cpp on the same weights" in text
     rows = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| pq") and ".gguf" not in l
-            and "GGUF" not in l and l.count("|") == 8}
-    assert set(rows) == {"pq2", "pq1.58", "pq1.58=TQ2_0"}, rows
-    assert "| Q2_K |" in rows["pq2"] and "| TQ1_0 |" in rows["pq1.58"] and "| TQ2_0 |" in rows["pq1.58=TQ2_0"]
+            and "GGUF" not in l and l.count("|") == 9}
+    assert set(rows) == {"pq2", "pq1.58", "pq1.58=TQ2_0", "pq2-g64", "pq2-g64=Q4_0"}, rows
+    assert "| Q2_K | exact |" in rows["pq2"] and "| TQ1_0 | exact |" in rows["pq1.58"]
+    assert "| TQ2_0 | exact |" in rows["pq1.58=TQ2_0"] and "| Q4_0 | exact |" in rows["pq2-g64=Q4_0"]
+    assert re.search(r"\| Q2_K \| nearest \(14 tensors, <= \d+\.\d%\) \|", rows["pq2-g64"]), rows["pq2-g64"]
     for row in rows.values():
         assert re.search(r"\| \d+\.\d+x \| >= 1\.3x and no larger: (met|NOT met) \|$", row), row
     assert (tmp_path / "pte" / "decoder-pq1.58-TQ2_0.gguf").is_file()
-    assert out["step_s"][("llama:pq2", 1)] > 0
+    assert out["step_s"][("llama:pq2", 1)] > 0 and out["step_s"][("llama:pq2-g64=Q4_0", 1)] > 0
+
+
+def test_llama_cpp_row_specs():
+    bench = _load()
+    rows = bench._llamacpp_rows.parse_specs("pq2, pq1.58=tq2_0, PQ2-G64, pq4-g32=Q8_0", [], pytest.fail)
+    assert rows == [("pq2", "pq2", 2, None), ("pq1.58=tq2_0", "pq1.58", 1.58, "TQ2_0"),
+                    ("PQ2-G64", "pq2-g64", 2, None), ("pq4-g32=Q8_0", "pq4-g32", 4, "Q8_0")]
+    assert [r[0] for r in bench._llamacpp_rows.parse_specs("", ["fp32", "pq2", "pq3-g64", "8da4w"], pytest.fail)] \
+        == ["pq2", "pq3-g64"]  # default: a row for every pq variant
+
+    def fail(msg):
+        raise ValueError(msg)
+
+    with pytest.raises(ValueError, match=r"--gguf: 'pq5' is not pq<bits>\[-g<group>\]\[=TYPE\]"):
+        bench._llamacpp_rows.parse_specs("pq5", [], fail)

@@ -4,6 +4,7 @@ with a resumable order, and clear errors for bad input. No network."""
 from __future__ import annotations
 
 import json
+import os
 import pytest
 import torch
 
@@ -88,6 +89,42 @@ def test_local_txt_and_jsonl(tmp_path):
     # a folder: its .txt and .jsonl files in sorted order
     assert D.load_texts(tmp_path, "all") == D.load_texts(txt, "all") + D.load_texts(jl, "all")
     assert D.load_texts(jl, "all", max_chars=40) == [r["text"] for r in rows[:3]]
+
+
+def _fortunes_dir(path):
+    path.mkdir()
+    (path / "wisdom").write_text("Know thyself.\n\t\t-- Socrates\n%\nA second\nfortune.\n%\n")
+    (path / "art").write_text("Art is long.\n%\n\n%\nLife is short.\n")  # an empty record is dropped
+    (path / "wisdom.dat").write_bytes(b"\x00\x02\x00\x00binary index")  # strfile index: not text
+    (path / "wisdom.u8").symlink_to("wisdom")  # the package's UTF-8 links: not read twice
+    (path / "ascii-art").write_text("  /\\_/\\\n ( o.o )\n%\n")  # pictures, not language
+    return path
+
+
+def test_fortunes_source(tmp_path, monkeypatch):
+    root = _fortunes_dir(tmp_path / "fortunes")
+    got = D.fortune_texts(root=root)
+    assert got == ["Art is long.", "Life is short.", "Know thyself.\n\t\t-- Socrates", "A second\nfortune."]
+    # split by record, like local files: validation and train partition "all"
+    val, train = D.fortune_texts("validation", val_percent=50, root=root), D.fortune_texts("train", 50, root=root)
+    assert sorted(val + train) == sorted(got) and not set(val) & set(train)
+    monkeypatch.setenv("PARETOQ_FORTUNES_DIR", str(root))
+    assert D.load_texts("fortunes", "all") == got
+    assert D.load_texts("fortunes", "all", max_chars=5) == got[:1]
+    with pytest.raises(FileNotFoundError, match="fortunes folder .*nowhere.*apt-get install fortunes"):
+        D.fortune_texts(root=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no fortunes in"):
+        D.fortune_texts(root=tmp_path / "empty")
+
+
+@pytest.mark.skipif(not os.path.isdir(D.FORTUNES_DIR), reason=f"Debian's fortunes package is not installed "
+                    f"({D.FORTUNES_DIR}); apt-get install fortunes")
+def test_real_fortunes_package(monkeypatch):
+    monkeypatch.delenv("PARETOQ_FORTUNES_DIR", raising=False)
+    texts = D.load_texts("fortunes", "all")
+    assert len(texts) > 5000 and sum(map(len, texts)) > 1_000_000
+    assert not any(line.strip() == "%" for t in texts for line in t.splitlines())  # every separator split on
 
 
 def test_bad_local_input(tmp_path):

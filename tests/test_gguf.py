@@ -285,3 +285,117 @@ def test_a_mistral_model_exports_as_llama(tmp_path, tokenizer):
     tensors, fields = _read(tmp_path / "mistral.gguf")
     assert bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode() == "llama"
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q3_K" and rep["inexact"] == []
+
+
+# --------------------------------------------------------------------------- other families, RoPE scaling
+
+
+def gguf_qwen(kind, seed=0, layers=1):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+        with torch.no_grad():  # q/k/v biases start at zero: make them count
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=64, **shape))
+        with torch.no_grad():  # q/k norms start at one: make them count
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def gguf_llama_rope(rope, seed=0, layers=1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_scaling=rope)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# Llama 3.1/3.2's scaling, with an original context short enough that the tests' positions feel it
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_families_export_with_their_own_tensors(tmp_path, tokenizer, kind):
+    model = gguf_qwen(kind, layers=2)
+    quantize(model, ParetoQWeightOnlyConfig(bits=2))
+    rep = export_gguf(model, tokenizer, tmp_path / f"{kind}.gguf")
+    assert rep["inexact"] == []
+    tensors, fields = _read(tmp_path / f"{kind}.gguf")
+    assert bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode() == kind
+    assert _field(fields, f"{kind}.block_count") == 2 and _field(fields, f"{kind}.attention.key_length") == 64
+    attn = model.model.layers[1].self_attn
+    # Hugging Face's half-split rotary layout is llama.cpp's for these families: rows unchanged
+    w = attn.q_proj.weight.dequantize().float().numpy()
+    got = _dequant(tensors["blk.1.attn_q.weight"])
+    assert np.all(np.abs(got - w) <= 2.0 ** -11 * np.abs(w) + 1e-12)
+    if kind == "qwen2":
+        for proj in ("q", "k", "v"):
+            t = tensors[f"blk.1.attn_{proj}.bias"]
+            assert t.tensor_type.name == "F32"
+            assert np.array_equal(np.asarray(t.data), getattr(attn, f"{proj}_proj").bias.detach().numpy())
+        assert "blk.1.attn_q_norm.weight" not in tensors
+    else:
+        assert np.array_equal(np.asarray(tensors["blk.1.attn_k_norm.weight"].data), attn.k_norm.weight.detach().numpy())
+        assert "blk.1.attn_q.bias" not in tensors
+
+
+def test_llama_biases_are_permuted_with_their_rows(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).eval()
+    quantize(model, ParetoQWeightOnlyConfig(bits=4))
+    tensors, _ = _read(export_gguf(model, tokenizer, tmp_path / "b.gguf")["path"])
+    b = model.model.layers[0].self_attn.q_proj.bias.detach().numpy()
+    order = np.arange(256).reshape(4, 2, 32).swapaxes(1, 2).reshape(256)
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_q.bias"].data), b[order])
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_v.bias"].data),
+                          model.model.layers[0].self_attn.v_proj.bias.detach().numpy())
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "factor": 4.0}])
+def test_frequency_scaling_is_written_as_rope_freqs(tmp_path, tokenizer, rope):
+    model = gguf_llama_rope(rope)
+    quantize(model, ParetoQWeightOnlyConfig(bits=4))
+    tensors, _ = _read(export_gguf(model, tokenizer, tmp_path / "r.gguf")["path"])
+    f = np.asarray(tensors["rope_freqs.weight"].data)
+    # oracle: llama.cpp divides each pair's angle by its factor, so factor = plain / the model's frequency
+    inv = model.model.rotary_emb.inv_freq.double().numpy()
+    plain = 1.0 / 10000.0 ** (np.arange(0, 64, 2) / 64)
+    assert f.shape == (32,) and np.allclose(f, plain / inv, rtol=1e-6)
+    if rope["rope_type"] == "linear":
+        assert np.allclose(f, 4.0)
+    else:  # llama3: low frequencies slowed by the factor, a smooth band above (here from the first pair on)
+        assert 1.0 < f[0] < 8.0 and f[-1] == pytest.approx(8.0) and np.all(np.diff(f) >= -1e-6)
+        assert (np.abs(f - 8.0) < 1e-6).sum() > 16
+    plain_model = gguf_llama_rope(None)
+    quantize(plain_model, ParetoQWeightOnlyConfig(bits=4))
+    assert "rope_freqs.weight" not in _read(export_gguf(plain_model, tokenizer, tmp_path / "p.gguf")["path"])[0]
+
+
+def test_rope_kinds_it_cannot_write_are_refused(tmp_path, tokenizer):
+    yarn = gguf_llama_rope({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    quantize(yarn, ParetoQWeightOnlyConfig(bits=4))
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported for 'llama'"):
+        export_gguf(yarn, tokenizer, tmp_path / "y.gguf")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    q = Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     rope_scaling={"rope_type": "linear", "factor": 2.0})).eval()
+    quantize(q, ParetoQWeightOnlyConfig(bits=4))
+    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported for 'qwen2'"):
+        export_gguf(q, tokenizer, tmp_path / "q.gguf")
+    assert not list(tmp_path.glob("*.gguf"))

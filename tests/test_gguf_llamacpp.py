@@ -1,5 +1,6 @@
 """llama.cpp itself runs the exported GGUF files: its logits for a small packed Llama at every bit
-width match the eager packed model (the oracle), and greedy decoding picks the same tokens.
+width match the eager packed model (the oracle), and greedy decoding picks the same tokens; the same
+for Mistral, Qwen2 and Qwen3 models and for Llama 3's RoPE scaling.
 
 llama.cpp comes from the ``llama-cpp-python`` package (its vendored llama.cpp, compiled on install;
 ``.ci/run`` installs it for this CPU's instruction sets, without AMX). llama.cpp runs in a subprocess
@@ -28,7 +29,7 @@ llama_cpp = pytest.importorskip(
 from paretoq_ao import ParetoQWeightOnlyConfig, quantize  # noqa: E402
 from paretoq_ao.export.gguf import export_gguf  # noqa: E402
 
-from test_gguf import gguf_llama, gguf_mistral  # noqa: E402
+from test_gguf import LLAMA3_ROPE, gguf_llama, gguf_llama_rope, gguf_mistral, gguf_qwen  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -111,3 +112,37 @@ def test_llama_cpp_runs_an_exported_mistral(tmp_path, tokenizer):
     ids = list(range(3, 3 + N_TOKENS))
     ref, got = _eager(model, ids), _llama_logits(path, ids)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOLERANCE[2]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_llama_cpp_runs_exported_qwen(tmp_path, tokenizer, kind):
+    model = gguf_qwen(kind, seed=5, layers=2)
+    quantize(model, ParetoQWeightOnlyConfig(bits=2))
+    path = tmp_path / f"{kind}.gguf"
+    export_gguf(model, tokenizer, path, embedding_type="F32", head_type="F32")
+    ids = torch.randint(0, 300, (N_TOKENS,), generator=torch.Generator().manual_seed(4)).tolist()
+    ref, got = _eager(model, ids), _llama_logits(path, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < TOLERANCE[2], f"{kind}: llama.cpp logits differ by {rel:.2%}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.8
+
+
+def test_llama_cpp_follows_llama3_rope_scaling(tmp_path, tokenizer):
+    model = gguf_llama_rope(LLAMA3_ROPE, seed=9, layers=2)
+    quantize(model, ParetoQWeightOnlyConfig(bits=4))
+    path = tmp_path / "llama3.gguf"
+    export_gguf(model, tokenizer, path, embedding_type="F32", head_type="F32")
+    ids = torch.randint(0, 300, (48,), generator=torch.Generator().manual_seed(2)).tolist()  # past 16 positions
+    got = _llama_logits(path, ids)
+    ref = _eager(model, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    # the same model with plain RoPE: what llama.cpp would compute had the factors been lost
+    rot = model.model.rotary_emb
+    scaled = rot.inv_freq.clone()
+    rot.inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    try:
+        unscaled = _eager(model, ids)
+    finally:
+        rot.inv_freq = scaled
+    rel_plain = np.linalg.norm(got - unscaled) / np.linalg.norm(unscaled)
+    assert rel < TOLERANCE[4] and rel_plain > 3 * rel, (rel, rel_plain)

@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/pareto_study.py: the --tiny mode end to end in a subprocess, and the
-per-size FP pre-training LR rule / warm-up."""
+"""Smoke test of benchmarks/pareto_study.py: the --tiny mode end to end in a subprocess (seeds, the
+second corpus, the distillation column), the per-size FP pre-training LR rule / warm-up, and the
+statistics behind the verdicts (benchmarks/_pareto_claims.py) against hand-computed values."""
 
 import argparse
 import datetime
@@ -16,17 +17,37 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "pareto_study.py")
 
 
-def _study():
-    spec = importlib.util.spec_from_file_location("pareto_study", SCRIPT)
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+def _study():
+    return _load("pareto_study", SCRIPT)  # puts benchmarks/ on sys.path for its helper modules
+
+
+def _claims():
+    _study()
+    return _load("_pareto_claims", os.path.join(ROOT, "benchmarks", "_pareto_claims.py"))
+
+
+def _fortunes(tmp_path):
+    """A small stand-in for Debian's fortunes folder (the study's default second corpus)."""
+    root = tmp_path / "fortunes"
+    root.mkdir(exist_ok=True)
+    text = "\n%\n".join(f"Fortune number {i}: the quick brown fox jumps over the lazy dog, {i * 7} times."
+                         for i in range(400))
+    (root / "misc").write_text(text + "\n%\n")
+    return root
+
+
 def _run(tmp_path, *flags):
     out = tmp_path / "results"
+    env = dict(os.environ, PARETOQ_FORTUNES_DIR=str(_fortunes(tmp_path)))
     proc = subprocess.run([sys.executable, SCRIPT, "--tiny", "--results-dir", str(out), *flags], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=400, env=env)
     return proc, out
 
 
@@ -42,23 +63,45 @@ def test_pretrain_lr_rule():
     assert ps.pretrain_lr("s", base=1e-2, exp=1.0) == pytest.approx(5e-3)
     assert ps.warmup_steps(720, ps.PRETRAIN_WARMUP) == 50
     assert ps.warmup_steps(9, 0.07) == 1 and ps.warmup_steps(10, 0.0) == 0 and ps.warmup_steps(5, 1.0) == 5
-    assert "| size (width) | LR | no warm-up |" in "\n".join(ps.PRETRAIN_SWEEP)
+    rep = _load("_pareto_report", os.path.join(ROOT, "benchmarks", "_pareto_report.py"))
+    assert "| size (width) | LR | no warm-up |" in "\n".join(rep.PRETRAIN_SWEEP)
 
 
-def test_pareto_study_one_lr_override(tmp_path):
-    proc, out = _run(tmp_path, "--sizes", "xxs", "--bits", "2", "--no-ablation", "--pretrain-lr", "1e-3",
-                     "--pretrain-warmup", "0")
+def test_pareto_study_one_lr_override_two_seeds(tmp_path):
+    flags = ("--sizes", "xxs", "--bits", "2", "--no-ablation", "--pretrain-lr", "1e-3", "--pretrain-warmup", "0",
+             "--seeds", "3,5", "--second-corpus", "none")
+    proc, out = _run(tmp_path, *flags)
     assert proc.returncode == 0, proc.stderr[-4000:]
     date = datetime.date.today().isoformat()
     res = json.loads((out / f"pareto-{date}.json").read_text())
     assert res["pretrain"] == {"xxs": {"lr": 1e-3, "warmup_steps": 0, "steps": 9}}
-    assert res["pretrain_rule"] is None
-    assert "one LR for every size (--pretrain-lr): xxs 0.001;" in (out / f"pareto-{date}.md").read_text()
+    assert res["pretrain_rule"] is None and res["seeds"] == [3, 5] and res["second_corpus"] is None
+    md = (out / f"pareto-{date}.md").read_text()
+    assert "one LR for every size (--pretrain-lr): xxs 0.001;" in md
+    # one row per (method, seed); the table holds the mean ± sd of the two seeds; the seeds differ
+    cm = _claims()
+    for method in ("FP", "ParetoQ QAT", "ParetoQ QAT + distill", "RTN", "torchao QAT"):
+        rows = [r for r in res["rows"] if r["method"] == method]
+        assert [r["seed"] for r in rows] == [3, 5] and all(r["ppl2"] is None for r in rows)
+        m, sd = cm.mean_sd([r["ppl"] for r in rows])
+        assert sd > 0 and f"| {method} | {rows[0]['linear_mb']:.4f} | {cm._fmt(m)} ± {cm._fmt(sd)} |" in md
+    assert "fortunes ppl" not in md and "No second corpus (--second-corpus none)." in md
+    # a second run the same day keeps the first one's files
+    proc, _ = _run(tmp_path, *flags)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / f"pareto-{date}-2.json").is_file() and json.loads((out / f"pareto-{date}.json").read_text()) == res
 
 
-def test_pareto_study_bad_warmup(tmp_path):
-    proc, _ = _run(tmp_path, "--pretrain-warmup", "1.5")
-    assert proc.returncode == 2 and "--pretrain-warmup" in proc.stderr
+@pytest.mark.parametrize("flags, message", [
+    (("--pretrain-warmup", "1.5"), "--pretrain-warmup"),
+    (("--seeds", "0,x"), "--seeds takes comma-separated integers"),
+    (("--seeds", "1,1"), "no repeats"),
+    (("--second-corpus", "/nowhere/at/all.txt"), "--second-corpus /nowhere/at/all.txt: data file"),
+])
+def test_pareto_study_bad_arguments(tmp_path, flags, message):
+    proc, out = _run(tmp_path, *flags)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() or not list(out.iterdir())  # refused before any work
 
 
 def test_pareto_study_tiny(tmp_path):
@@ -71,20 +114,31 @@ def test_pareto_study_tiny(tmp_path):
     res = json.loads((out / f"pareto-{date}.json").read_text())
 
     sizes, bits = ["xxs", "xs"], [4, 3, 2, 1.58, 1]
+    assert res["seeds"] == [0] and all(r["seed"] == 0 for r in res["rows"] + res["ablation"])
     rows = {(r["size"], r["bits"], r["method"]): r for r in res["rows"]}
+    assert len(rows) == len(res["rows"])
     for size in sizes:
-        assert math.isfinite(rows[(size, None, "FP")]["ppl"])
+        assert math.isfinite(rows[(size, None, "FP")]["ppl"]) and math.isfinite(rows[(size, None, "FP")]["ppl2"])
         for b in bits:
-            for method in ("ParetoQ QAT", "RTN", "torchao QAT"):
+            for method in ("ParetoQ QAT", "ParetoQ QAT + distill", "RTN", "torchao QAT"):
                 r = rows[(size, b, method)]
                 if method == "torchao QAT" and b in (1.58, 1):
-                    assert r["ppl"] is None  # n/a: torchao cannot express ternary / binary
-                    line = f"| {size} | {r['params']:,} | {b:g} | {method} | {r['linear_mb']:.4f} | n/a |"
+                    assert r["ppl"] is None and r["ppl2"] is None  # n/a: torchao cannot express ternary / binary
+                    line = f"| {size} | {r['params']:,} | {b:g} | {method} | {r['linear_mb']:.4f} | n/a | n/a |"
                 else:
-                    assert math.isfinite(r["ppl"]) and r["ppl"] > 1, r
-                    line = f"| {size} | {r['params']:,} | {b:g} | {method} |"
+                    assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and math.isfinite(r["ppl2"]) and r["ppl2"] > 1, r
+                    line = (f"| {size} | {r['params']:,} | {b:g} | {method} | {r['linear_mb']:.4f} | "
+                            f"{r['ppl']:.2f} | {r['ppl2']:.2f} |")
                 assert line in md, line
                 assert r["linear_mb"] > 0
+            # distillation trains the same layers at the same bits: same stored bytes as plain QAT
+            assert rows[(size, b, "ParetoQ QAT + distill")]["linear_mb"] == rows[(size, b, "ParetoQ QAT")]["linear_mb"]
+    # the second corpus: described, evaluated on blocks spread over it, never trained on
+    sec = res["second_corpus"]
+    assert sec["name"] == "fortunes" and "fortunes" in sec["description"] and sec["blocks"] == 8
+    assert "| size | params | bits | method | linears MB | stdlib ppl | fortunes ppl |" in md
+    assert "### On stdlib" in md and "### On fortunes" in md
+    assert "## Distillation: share of the QAT-to-FP gap closed" in md
     # fewer bits -> fewer stored bytes; ternary at its real size (5 codes per byte), below 2-bit
     mb = {b: rows[("xs", b, "ParetoQ QAT")]["linear_mb"] for b in bits}
     assert mb[4] > mb[3] > mb[2] > mb[1.58] > mb[1]
@@ -92,7 +146,7 @@ def test_pareto_study_tiny(tmp_path):
     # ablations (first size): SEQ vs LSQ at 2 and 1.58 bits, three budget splits
     abl = res["ablation"]
     assert sum(a["study"] == "grid" for a in abl) == 4 and sum(a["study"] == "split" for a in abl) == 3
-    assert all(math.isfinite(a["ppl"]) for a in abl)
+    assert all(math.isfinite(a["ppl"]) and math.isfinite(a["ppl2"]) for a in abl)
     assert "Command: `python benchmarks/pareto_study.py --tiny" in md
     assert "## What reproduces / what does not at this scale" in md
     assert "## The paper's claims at this scale" in md
@@ -143,9 +197,9 @@ def _synthetic_results(paper_holds: bool):
 
 @pytest.mark.parametrize("paper_holds", [True, False])
 def test_findings_conclusions_follow_the_numbers(paper_holds):
-    ps = _study()
+    cm = _claims()
     args = argparse.Namespace(sizes=["xs", "s"], bits=[4, 2])
-    out = ps.findings(_synthetic_results(paper_holds), args)
+    out = cm.findings(_synthetic_results(paper_holds), args)
     text = "\n".join(out)
     assert out[-1].startswith("Caveats: one seed")
     assert out[0].startswith("**xs** (FP ppl ")
@@ -182,3 +236,62 @@ def test_findings_conclusions_follow_the_numbers(paper_holds):
     # the frontier lists, smallest bytes first, each point that lowers the best perplexity so far
     frontier = next(line for line in out if line.startswith("ParetoQ QAT size-vs-perplexity frontier"))
     assert frontier.endswith(": xs/2b, s/2b, s/4b." if paper_holds else ": xs/2b.")
+
+
+def test_paired_difference_and_its_interval_by_hand():
+    cm = _claims()
+    # a - b per seed: -1.0, -1.5, -1.0 -> mean -7/6, sd sqrt(1/12), t(2 df) = 4.303
+    d = cm.paired({0: 10.0, 1: 12.0, 2: 11.0, 9: 1.0}, {0: 11.0, 1: 13.5, 2: 12.0})
+    half = 4.303 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert d["n"] == 3 and d["lower"] == 3  # seed 9 has no partner: left out
+    assert d["mean"] == pytest.approx(-7 / 6) and d["sd"] == pytest.approx(math.sqrt(1 / 12))
+    assert (d["lo"], d["hi"]) == (pytest.approx(-7 / 6 - half), pytest.approx(-7 / 6 + half))
+    assert cm.lower_verdict(d) == "lower"
+    # two seeds, +1 and +0.5: t(1 df) = 12.706 makes the interval 0.75 -/+ 12.706 * 0.354 / 1.414: holds 0
+    two = cm.paired({0: 12.0, 1: 14.0}, {0: 11.0, 1: 13.5})
+    assert two["lo"] == pytest.approx(0.75 - 12.706 * 0.25) and cm.lower_verdict(two) == "within noise"
+    assert cm.lower_verdict(cm.paired({0: 12.0, 1: 14.1, 2: 9.9}, {0: 11.0, 1: 13.0, 2: 9.0})) == "higher"
+    noisy = cm.paired({0: 10.0, 1: 12.0, 2: 11.0}, {0: 11.0, 1: 11.0, 2: 11.5})  # -1, +1, -0.5
+    assert noisy["lower"] == 2 and cm.lower_verdict(noisy) == "within noise"
+    one = cm.paired({0: 10.0}, {0: 11.0})  # one seed decides nothing
+    assert one["n"] == 1 and cm.lower_verdict(one) == "within noise" and "(1 seed)" in cm.fmt_diff(one)
+    assert cm.paired({0: 1.0}, {1: 2.0}) is None and cm.lower_verdict(None) == "not run"
+
+
+def _seeded_rows(distill_gain_per_seed, lsq_minus_seq):
+    """Rows of one size (xs) at 2 bits over seeds 0..2: FP 50 + seed, plain QAT 60 + seed, distill = plain
+    minus the given gain, and a grid ablation with LSQ = SEQ + the given differences."""
+    rows, abl = [], []
+    for seed, (gain, dl) in enumerate(zip(distill_gain_per_seed, lsq_minus_seq)):
+        base = dict(size="xs", params=10, seed=seed, linear_mb=0.1, ppl2=None)
+        rows += [dict(base, bits=None, method="FP", ppl=50.0 + seed),
+                 dict(base, bits=2, method="ParetoQ QAT", ppl=60.0 + seed),
+                 dict(base, bits=2, method="ParetoQ QAT + distill", ppl=60.0 + seed - gain)]
+        abl += [dict(base, study="grid", bits=2, variant="SEQ (ParetoQ)", ppl=60.0 + seed),
+                dict(base, study="grid", bits=2, variant="LSQ (grid with 0)", ppl=60.0 + seed + dl)]
+    return dict(rows=rows, ablation=abl)
+
+
+def test_distillation_share_and_claims_follow_the_spread():
+    cm = _claims()
+    args = argparse.Namespace(sizes=["xs"], bits=[2])
+    res = _seeded_rows([4.0, 3.0, 5.0], [2.0, 2.5, 1.5])  # gap 10 per seed: 40, 30, 50 % closed
+    get = cm.cell_lookup(cm.aggregate(res["rows"]))
+    g = cm.distill_gain(get, "xs", 2)
+    assert g["n"] == 3 and g["closed"] == pytest.approx(40.0) and g["closed_sd"] == pytest.approx(10.0)
+    assert cm.lower_verdict(g["diff"]) == "lower" and g["diff"]["mean"] == pytest.approx(-4.0)
+    text = "\n".join(cm.claims(res, args))
+    assert "xs 2b 40 ± 10 % (lower)" in text and "met at xs/2b; missed at none" in text
+    assert "SEQ beats LSQ at <= 2 bits (xs): reproduces" in text
+    # the same means with a spread that swallows them: nothing is decided
+    noisy = _seeded_rows([9.0, -3.0, 6.0], [6.0, -3.5, 3.5])
+    text = "\n".join(cm.claims(noisy, args))
+    assert "xs 2b 40 ± 62 % (within noise)" in text and "met at none; missed at xs/2b" in text
+    assert "SEQ beats LSQ at <= 2 bits (xs): undecided (within the seed noise)" in text
+    # decided the other way
+    worse = _seeded_rows([-4.0, -3.0, -5.0], [-2.0, -2.5, -1.5])
+    text = "\n".join(cm.claims(worse, args))
+    assert "xs 2b -40 ± 10 % (higher)" in text and "SEQ beats LSQ at <= 2 bits (xs): does NOT reproduce" in text
+    # the table cell: mean ± sd over the seeds
+    cell = get("xs", 2, "ParetoQ QAT")
+    assert cell["seeds"] == {0: 60.0, 1: 61.0, 2: 62.0} and cm.fmt_cell(cell) == "61.00 ± 1.00"
