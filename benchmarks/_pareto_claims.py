@@ -325,7 +325,7 @@ def _claim_front(cells, get, args) -> Optional[str]:
             "'reproduces' when 2/1.58-bit points of more than one size are on it and FP ppl falls with size): "
             f"{verdict} (frontier " + ", ".join(f"{c['size']}/{c['bits']:g}b" for c in front)
             + "; FP ppl by size " + ", ".join(f"{s} {fmt_cell(c)}" for s, c in zip(args.sizes, fps))
-            + ", each size step " + ", ".join(steps) + " than the one before"
+            + "; each size vs the one before: " + ", ".join(steps)
             + "; ternary is stored at 1.6 bits per weight, 5 codes per byte).")
 
 
@@ -364,17 +364,31 @@ def _claim_seq_lsq(abl) -> Optional[str]:
 
 
 def distill_gain(get, size, bits) -> Optional[Dict]:
-    """Distillation at (size, bits): the share of the plain-QAT-to-FP gap it closes per seed (mean, sd, in %;
-    seeds where plain QAT is not above FP have no gap and are left out) and paired(distill, plain)."""
+    """Distillation at (size, bits) over the seeds all three cells share: ``closed`` = 100 x mean(plain -
+    distilled) / mean(plain - FP), the share of the plain-QAT-to-FP gap it closes (a ratio of means: per-seed
+    ratios explode where the gap is near zero), with ``closed_lo`` / ``closed_hi`` = the 95 % interval of the
+    paired ppl difference over that same mean gap; ``diff`` = paired(distilled, plain). ``closed`` is None
+    where the mean gap is not positive (nothing to close)."""
     plain, dist, fp = get(size, bits, "ParetoQ QAT"), get(size, bits, DISTILL), get(size, None, "FP")
     if plain is None or dist is None or fp is None or not dist["seeds"]:
         return None
     seeds = sorted(set(plain["seeds"]) & set(dist["seeds"]) & set(fp["seeds"]))
-    shares = [100 * (plain["seeds"][s] - dist["seeds"][s]) / (plain["seeds"][s] - fp["seeds"][s]) for s in seeds
-              if plain["seeds"][s] > fp["seeds"][s]]
-    m, sd = mean_sd(shares) if shares else (None, None)
-    return dict(closed=m, closed_sd=sd, n=len(shares), diff=paired(dist["seeds"], plain["seeds"]),
-                plain=plain, dist=dist)
+    if not seeds:
+        return None
+    gap = mean_sd([plain["seeds"][s] - fp["seeds"][s] for s in seeds])[0]
+    diff = paired({s: dist["seeds"][s] for s in seeds}, {s: plain["seeds"][s] for s in seeds})
+    out = dict(closed=None, closed_lo=None, closed_hi=None, gap=gap, n=len(seeds), diff=diff, plain=plain, dist=dist)
+    if gap > 0:
+        out.update(closed=-100 * diff["mean"] / gap, closed_lo=-100 * diff["hi"] / gap, closed_hi=-100 * diff["lo"] / gap)
+    return out
+
+
+def fmt_closed(g: Dict) -> str:
+    if g["closed"] is None:
+        return "no gap"
+    if g["n"] < 2:
+        return f"{g['closed']:.0f} % (1 seed)"
+    return f"{g['closed']:.0f} % [{g['closed_lo']:.0f}, {g['closed_hi']:.0f}]"
 
 
 def _claim_distill(get, args) -> Optional[str]:
@@ -385,15 +399,14 @@ def _claim_distill(get, args) -> Optional[str]:
             if g is None:
                 continue
             v = lower_verdict(g["diff"])
-            closed = "no gap" if g["closed"] is None else f"{g['closed']:.0f} ± {g['closed_sd']:.0f} %"
-            parts.append(f"{s} {b:g}b {closed} ({v})")
+            parts.append(f"{s} {b:g}b {fmt_closed(g)} ({v})")
             if b in LOW_BITS:
                 ok = g["closed"] is not None and g["closed"] >= DISTILL_TARGET_PCT and v == "lower"
                 (met if ok else missed).append(f"{s}/{b:g}b")
     if not parts:
         return None
     return ("What distillation buys (share of the plain-QAT-to-FP ppl gap closed at the same token budget, "
-            "mean ± sd over the seeds; 'lower' = distilled ppl lower with the 95 % interval excluding zero): "
+            "mean [95 % interval]; 'lower' = distilled ppl lower with the interval excluding zero): "
             + ", ".join(parts) + f". Target (>= {DISTILL_TARGET_PCT:g} % closed at 1, 1.58 and 2 bits, larger than "
             "the noise): met at " + (", ".join(met) or "none") + "; missed at " + (", ".join(missed) or "none") + ".")
 

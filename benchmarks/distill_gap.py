@@ -8,9 +8,11 @@ offline stdlib corpus (batch 16 x 128, LR 3e-3, 7 % warm-up, cosine), then for e
 width two QAT runs start from copies of it with the same budget (10 % of the pre-training tokens,
 the paper's LR x 10 as in ``paretoq demo``): plain cross-entropy, and distillation from the FP
 model (``QATRecipe(distill=True)``, T = 1, w = 1). Held-out perplexity on 64 blocks of the stdlib
-validation split; gap closed = (ppl plain - ppl distill) / (ppl plain - ppl FP). One FP model (one
-pre-training seed), one corpus: the QAT seeds give the spread. The issue-16 study (3 seeds, a second
-corpus, a larger model) extends ``pareto_study.py``; this is the quick check.
+validation split, and on 64 blocks spread over the second corpus that nothing trains on (``--second``,
+default ``fortunes``: Debian's fortunes package, see ``paretoq_ao.data``; ``none`` to skip); gap
+closed = (ppl plain - ppl distill) / (ppl plain - ppl FP). One FP model (one pre-training seed): the
+QAT seeds give the spread. The issue-16 study (3 full seeds, three sizes) is ``pareto_study.py``;
+this is the same question at a 2.5x larger token budget.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import argparse
 import copy
 import datetime
 import os
-import statistics
 import sys
 import time
 
@@ -34,11 +35,24 @@ def _parse(argv):
     ap.add_argument("--pretrain-steps", type=int, default=2000)
     ap.add_argument("--bits", default="2,1.58,1")
     ap.add_argument("--seeds", default="1,2", help="QAT seeds (the FP model uses seed 0)")
+    ap.add_argument("--second", default="fortunes", help='second held-out corpus ("none" to skip)')
     ap.add_argument("--out", default=None, help="markdown results (default benchmarks/results/distill-gap-<date>.md)")
     a = ap.parse_args(argv)
     a.bits = [float(b) if "." in b else int(b) for b in a.bits.split(",") if b.strip()]
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     return a
+
+
+def _second(name, tok):
+    """64 blocks of 128 tokens spread evenly over the second corpus, or None."""
+    import torch
+
+    from paretoq_ao.workflow.data import PackedBlocks, load_texts, tokenize
+
+    if name == "none":
+        return None
+    blocks = PackedBlocks(tokenize(load_texts(name, "all"), tok), 128).blocks
+    return blocks[torch.linspace(0, blocks.shape[0] - 1, min(64, blocks.shape[0])).round().long()]
 
 
 def _setup(steps):
@@ -61,7 +75,8 @@ def _setup(steps):
     return fp, tok, blocks, val, perplexity(fp, val)["ppl"]
 
 
-def _qat_ppl(fp, tok, blocks, val, bits, seed, pre_tokens, distill):
+def _qat_ppl(fp, tok, blocks, evals, bits, seed, pre_tokens, distill):
+    """{corpus: held-out ppl} of one QAT run from a copy of ``fp``, and its step count."""
     from paretoq_ao.workflow.evaluate import perplexity
     from paretoq_ao.workflow.settings import QATRecipe, paper_lr
     from paretoq_ao.workflow.train import run_qat
@@ -71,22 +86,29 @@ def _qat_ppl(fp, tok, blocks, val, bits, seed, pre_tokens, distill):
                   token_fraction=0.1, lr=paper_lr(bits) * 10, seed=seed, output_dir=None, progress=False,
                   distill=distill)
     res = run_qat(r, model=model, tokenizer=tok, train_blocks=blocks)
-    return perplexity(model, val)["ppl"], res.steps
+    return {name: perplexity(model, v)["ppl"] for name, v in evals.items()}, res.steps
 
 
 def main(argv=None):
+    from paretoq_ao.workflow.evaluate import perplexity
+
     a = _parse(argv)
     t0 = time.time()
-    fp, tok, blocks, val, fp_ppl = _setup(a.pretrain_steps)
-    print(f"FP: {a.pretrain_steps} steps, held-out ppl {fp_ppl:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    fp, tok, blocks, val, _ = _setup(a.pretrain_steps)
+    evals = {"stdlib": val}
+    second = _second(a.second, tok)
+    if second is not None:
+        evals[a.second] = second
+    fp_ppl = {name: perplexity(fp, v)["ppl"] for name, v in evals.items()}
+    print(f"FP: {a.pretrain_steps} steps, held-out ppl {fp_ppl} ({time.time() - t0:.0f} s)", flush=True)
     rows = {}
     for bits in a.bits:
         for seed in a.seeds:
-            plain, steps = _qat_ppl(fp, tok, blocks, val, bits, seed, a.pretrain_steps * 16 * 128, False)
-            dist, _ = _qat_ppl(fp, tok, blocks, val, bits, seed, a.pretrain_steps * 16 * 128, True)
-            rows.setdefault(bits, []).append((seed, plain, dist, (plain - dist) / (plain - fp_ppl)))
-            print(f"{bits}-bit seed {seed}: plain {plain:.3f}, distill {dist:.3f}, gap closed "
-                  f"{rows[bits][-1][3]:+.0%} ({steps} QAT steps, {time.time() - t0:.0f} s)", flush=True)
+            plain, steps = _qat_ppl(fp, tok, blocks, evals, bits, seed, a.pretrain_steps * 16 * 128, False)
+            dist, _ = _qat_ppl(fp, tok, blocks, evals, bits, seed, a.pretrain_steps * 16 * 128, True)
+            rows.setdefault(bits, []).append((seed, plain, dist))
+            print(f"{bits}-bit seed {seed}: plain {plain}, distill {dist} ({steps} QAT steps, "
+                  f"{time.time() - t0:.0f} s)", flush=True)
     text = _report(a, fp_ppl, rows, steps, time.time() - t0)
     out = a.out or results_path(os.path.dirname(HERE), "distill-gap", datetime.date.today().isoformat())
     write_text(out, text)
@@ -95,20 +117,32 @@ def main(argv=None):
 
 
 def _report(a, fp_ppl, rows, steps, seconds):
+    from _pareto_claims import fmt_diff, lower_verdict, mean_sd, paired
+
     def spread(xs):
-        return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
+        m, sd = mean_sd(xs)
+        return f"{m:.2f} ± {sd:.2f}"
 
     lines = [f"# Distillation: share of the QAT-to-FP gap closed ({datetime.date.today().isoformat()})", "",
              f"Machine: {cpu_model()}, {os.cpu_count()} cores; repo {git_commit()}; {seconds:.0f} s. Command: "
              f"`benchmarks/distill_gap.py {' '.join(sys.argv[1:])}`", "",
-             f"FP: tiny Llama (TINY_LLAMA), {a.pretrain_steps} steps of 16 x 128 tokens, held-out ppl {fp_ppl:.3f}. "
-             f"QAT: {steps} steps (10 % of the pre-training tokens), paper LR x 10; distill = KL to the FP model "
-             "(T = 1, w = 1). Mean ± std over the QAT seeds.", "",
-             "| bits | seeds | ppl plain QAT | ppl distill | gap closed | per seed |", "|---|---|---|---|---|---|"]
+             f"FP: tiny Llama (TINY_LLAMA), {a.pretrain_steps} steps of 16 x 128 tokens, held-out ppl "
+             + ", ".join(f"{k} {v:.3f}" for k, v in fp_ppl.items())
+             + f". QAT: {steps} steps (10 % of the pre-training tokens), paper LR x 10; distill = KL to the FP "
+             "model (T = 1, w = 1). Mean ± sd over the QAT seeds; gap closed = mean(plain - distill) / mean(plain "
+             "- FP); 'distill - plain' is the paired difference with its 95 % interval (benchmarks/_pareto_claims.py).",
+             "", "| bits | corpus | seeds | ppl plain QAT | ppl distill | gap closed | distill - plain | per seed |",
+             "|---|---|---|---|---|---|---|---|"]
     for bits, rs in rows.items():
-        lines.append(f"| {bits} | {len(rs)} | {spread([r[1] for r in rs])} | {spread([r[2] for r in rs])} | "
-                     f"{spread([100 * r[3] for r in rs])} % | "
-                     + ", ".join(f"{r[0]}: {r[1]:.2f} -> {r[2]:.2f}" for r in rs) + " |")
+        for corpus, fp in fp_ppl.items():
+            plain = {seed: p[corpus] for seed, p, _ in rs}
+            dist = {seed: d[corpus] for seed, _, d in rs}
+            diff = paired(dist, plain)
+            gap = mean_sd([plain[k] - fp for k in plain])[0]
+            closed = f"{-100 * diff['mean'] / gap:.1f} %" if gap > 0 else "no gap"
+            lines.append(f"| {bits} | {corpus} | {len(rs)} | {spread(plain.values())} | {spread(dist.values())} | "
+                         f"{closed} | {fmt_diff(diff)} ({lower_verdict(diff)}) | "
+                         + ", ".join(f"{k}: {plain[k]:.2f} -> {dist[k]:.2f}" for k in plain) + " |")
     return "\n".join(lines) + "\n"
 
 

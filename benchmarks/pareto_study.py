@@ -513,6 +513,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-scale", type=float, default=10.0)
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--progress", action="store_true", help="tqdm bars")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="no runs: write the Markdown and plot again from a study's JSON (with the settings given "
+                        "here, which must be the run's), next to it")
     return p
 
 
@@ -564,19 +567,39 @@ def _results_stem(results_dir: str) -> str:
     return stem
 
 
+def _report_stem(json_path: str) -> str:
+    """Where ``--report`` writes: beside the JSON, never over an existing report (-report, -report-2, ...)."""
+    base = json_path[:-5] if json_path.endswith(".json") else json_path
+    stem, n = base, 1
+    while any(os.path.exists(stem + ext) for ext in (".md", ".png")):
+        n += 1
+        stem = f"{base}-report" + (f"-{n - 1}" if n > 2 else "")
+    return stem
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    os.makedirs(args.results_dir, exist_ok=True)
-    stem = _results_stem(args.results_dir)
+    if args.report:
+        with open(args.report, encoding="utf-8") as f:
+            res = json.load(f)
+        for k in ("rows", "ablation"):  # JSON keeps no None-vs-missing distinction for bits; FP rows have None
+            for r in res[k]:
+                r["bits"] = r["bits"] if r["bits"] is None else get_format(r["bits"]).bits
+        stem = _report_stem(args.report)
+        command = res.get("argv") or ["python", "benchmarks/pareto_study.py"]
+    else:
+        os.makedirs(args.results_dir, exist_ok=True)
+        stem = _results_stem(args.results_dir)
+        res = run_study(args)
+        command = res["argv"] = ["python", "benchmarks/pareto_study.py"] + argv
+        write_text(stem + ".json", json.dumps(res, indent=1))
     args._png = stem + ".png"
-    res = run_study(args)
     plot(res, args, stem + ".png")
-    md = to_markdown(res, args, ["python", "benchmarks/pareto_study.py"] + argv)
-    write_text(stem + ".json", json.dumps(res, indent=1))
+    md = to_markdown(res, args, command)
     write_text(stem + ".md", md)
     print(md)
-    print(f"wrote {stem}.md, {stem}.png, {stem}.json")
+    print(f"wrote {stem}.md, {stem}.png" + ("" if args.report else f", {stem}.json"))
     return 0
 
 

@@ -135,8 +135,12 @@ def test_distill_gap_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("distill_gap", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--pretrain-steps", "20", "--bits", "2", "--seeds", "1", "--out", str(tmp_path / "d.md")])
+    out = mod.main(["--pretrain-steps", "20", "--bits", "2", "--seeds", "1,2", "--second", "none",
+                    "--out", str(tmp_path / "d.md")])
     text = (tmp_path / "d.md").read_text()
-    assert "| 2 | 1 |" in text and "gap closed" in text and out["fp"] > 1
-    (seed, plain, dist, gap), = out["rows"][2]
-    assert seed == 1 and gap == pytest.approx((plain - dist) / (plain - out["fp"]))
+    assert "| 2 | stdlib | 2 |" in text and "gap closed" in text and out["fp"]["stdlib"] > 1
+    (s1, p1, d1), (s2, p2, d2) = out["rows"][2]
+    assert (s1, s2) == (1, 2) and set(p1) == {"stdlib"}
+    gap = ((p1["stdlib"] - out["fp"]["stdlib"]) + (p2["stdlib"] - out["fp"]["stdlib"])) / 2
+    gain = ((p1["stdlib"] - d1["stdlib"]) + (p2["stdlib"] - d2["stdlib"])) / 2
+    assert (f"| {100 * gain / gap:.1f} % |" if gap > 0 else "| no gap |") in text

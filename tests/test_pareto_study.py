@@ -275,23 +275,25 @@ def _seeded_rows(distill_gain_per_seed, lsq_minus_seq):
 def test_distillation_share_and_claims_follow_the_spread():
     cm = _claims()
     args = argparse.Namespace(sizes=["xs"], bits=[2])
-    res = _seeded_rows([4.0, 3.0, 5.0], [2.0, 2.5, 1.5])  # gap 10 per seed: 40, 30, 50 % closed
+    res = _seeded_rows([4.0, 3.0, 5.0], [2.0, 2.5, 1.5])  # gap 10 per seed, gains 4, 3, 5
     get = cm.cell_lookup(cm.aggregate(res["rows"]))
     g = cm.distill_gain(get, "xs", 2)
-    assert g["n"] == 3 and g["closed"] == pytest.approx(40.0) and g["closed_sd"] == pytest.approx(10.0)
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(2 df) x sd of the gains / sqrt(3), over the mean gap of 10
+    assert g["n"] == 3 and g["gap"] == pytest.approx(10.0) and g["closed"] == pytest.approx(40.0)
+    assert (g["closed_lo"], g["closed_hi"]) == (pytest.approx(40 - 10 * half), pytest.approx(40 + 10 * half))
     assert cm.lower_verdict(g["diff"]) == "lower" and g["diff"]["mean"] == pytest.approx(-4.0)
     text = "\n".join(cm.claims(res, args))
-    assert "xs 2b 40 ± 10 % (lower)" in text and "met at xs/2b; missed at none" in text
+    assert "xs 2b 40 % [15, 65] (lower)" in text and "met at xs/2b; missed at none" in text
     assert "SEQ beats LSQ at <= 2 bits (xs): reproduces" in text
     # the same means with a spread that swallows them: nothing is decided
     noisy = _seeded_rows([9.0, -3.0, 6.0], [6.0, -3.5, 3.5])
     text = "\n".join(cm.claims(noisy, args))
-    assert "xs 2b 40 ± 62 % (within noise)" in text and "met at none; missed at xs/2b" in text
+    assert "xs 2b 40 % [-115, 195] (within noise)" in text and "met at none; missed at xs/2b" in text
     assert "SEQ beats LSQ at <= 2 bits (xs): undecided (within the seed noise)" in text
     # decided the other way
     worse = _seeded_rows([-4.0, -3.0, -5.0], [-2.0, -2.5, -1.5])
     text = "\n".join(cm.claims(worse, args))
-    assert "xs 2b -40 ± 10 % (higher)" in text and "SEQ beats LSQ at <= 2 bits (xs): does NOT reproduce" in text
+    assert "xs 2b -40 % [-65, -15] (higher)" in text and "SEQ beats LSQ at <= 2 bits (xs): does NOT reproduce" in text
     # the table cell: mean ± sd over the seeds
     cell = get("xs", 2, "ParetoQ QAT")
     assert cell["seeds"] == {0: 60.0, 1: 61.0, 2: 62.0} and cm.fmt_cell(cell) == "61.00 ± 1.00"
