@@ -71,11 +71,13 @@ def build(a, specs, build_model, work: str) -> dict:
                           weight_types={bits: kind} if kind else None)
         del model
         types = sorted({r["type"] for n, r in rep["tensors"].items() if n.startswith("blk.") and r["type"] != "F32"})
-        errs = [rep["tensors"][n]["rel_error"] for n in rep["inexact"]]
+        # the block linears only: the embedding and head are quantized from float by design (as in llama.cpp's own files)
+        errs = [rep["tensors"][n]["rel_error"] for n in rep["inexact"] if n.startswith("blk.")]
         rows[name] = dict(path=path, size=rep["bytes"], type="/".join(types), bits=bits, variant=variant,
                           inexact=len(errs), max_error=max(errs, default=0.0))
         print(f"llama.cpp row {name}: {path} {rep['bytes'] / 1e6:.1f} MB ({rows[name]['type']}, embedding {emb}, "
-              f"head {head}; {len(errs)} tensors nearest, not exact), {time.perf_counter() - t0:.1f} s", flush=True)
+              f"head {head}; {len(errs)} block tensors nearest, not exact), {time.perf_counter() - t0:.1f} s",
+              flush=True)
     return rows
 
 
