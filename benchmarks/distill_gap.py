@@ -45,14 +45,11 @@ def _parse(argv):
 
 def _second(name, tok):
     """64 blocks of 128 tokens spread evenly over the second corpus, or None."""
-    import torch
-
     from paretoq_ao.workflow.data import PackedBlocks, load_texts, tokenize
 
     if name == "none":
         return None
-    blocks = PackedBlocks(tokenize(load_texts(name, "all"), tok), 128).blocks
-    return blocks[torch.linspace(0, blocks.shape[0] - 1, min(64, blocks.shape[0])).round().long()]
+    return PackedBlocks(tokenize(load_texts(name, "all"), tok), 128).evenly_spaced(64)
 
 
 def _setup(steps):
@@ -117,7 +114,7 @@ def main(argv=None):
 
 
 def _report(a, fp_ppl, rows, steps, seconds):
-    from _pareto_claims import fmt_diff, lower_verdict, mean_sd, paired
+    from _pareto_claims import DISTILL, aggregate, cell_lookup, distill_gain, fmt_diff, lower_verdict, mean_sd
 
     def spread(xs):
         m, sd = mean_sd(xs)
@@ -135,13 +132,15 @@ def _report(a, fp_ppl, rows, steps, seconds):
              "|---|---|---|---|---|---|---|---|"]
     for bits, rs in rows.items():
         for corpus, fp in fp_ppl.items():
-            plain = {seed: p[corpus] for seed, p, _ in rs}
-            dist = {seed: d[corpus] for seed, _, d in rs}
-            diff = paired(dist, plain)
-            gap = mean_sd([plain[k] - fp for k in plain])[0]
-            closed = f"{-100 * diff['mean'] / gap:.1f} %" if gap > 0 else "no gap"
+            # the study's cells (one FP model for every QAT seed) and its gap-closed formula
+            cells = [dict(size="s", bits=None, method="FP", seed=seed, ppl=fp) for seed, _, _ in rs]
+            cells += [dict(size="s", bits=bits, method=m, seed=seed, ppl=res[corpus]) for seed, p, d in rs
+                      for m, res in (("ParetoQ QAT", p), (DISTILL, d))]
+            g = distill_gain(cell_lookup(aggregate(cells)), "s", bits)
+            plain, dist = g["plain"]["seeds"], g["dist"]["seeds"]
+            closed = f"{g['closed']:.1f} %" if g["closed"] is not None else "no gap"
             lines.append(f"| {bits} | {corpus} | {len(rs)} | {spread(plain.values())} | {spread(dist.values())} | "
-                         f"{closed} | {fmt_diff(diff)} ({lower_verdict(diff)}) | "
+                         f"{closed} | {fmt_diff(g['diff'])} ({lower_verdict(g['diff'])}) | "
                          + ", ".join(f"{k}: {plain[k]:.2f} -> {dist[k]:.2f}" for k in plain) + " |")
     return "\n".join(lines) + "\n"
 

@@ -319,13 +319,6 @@ def _rtn(fp, bits):
     return m
 
 
-def _spread_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` of ``blocks`` at evenly spaced positions (all of them when there are fewer)."""
-    if blocks.shape[0] <= n:
-        return blocks
-    return blocks[torch.linspace(0, blocks.shape[0] - 1, n).round().long()]
-
-
 def _package_version(name: str) -> str:
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", name], capture_output=True, text=True, timeout=30)
@@ -342,7 +335,7 @@ def _second_corpus(args, tok) -> Optional[Dict]:
     if src == "none":
         return None
     texts = load_texts(src, "all")
-    blocks = PackedBlocks(tokenize(texts, tok), args.block_size, source=src).blocks
+    blocks = PackedBlocks(tokenize(texts, tok), args.block_size, source=src)
     if src == "fortunes":
         desc = (f"`fortunes` -- the English texts of Debian's `fortunes` package ({_package_version('fortunes')}; "
                 f"fortune-mod's quotations, literature, humour and definitions), {len(texts):,} fortunes, "
@@ -350,8 +343,8 @@ def _second_corpus(args, tok) -> Optional[Dict]:
         name = "fortunes"
     else:
         desc, name = f"`{src}`, {len(texts):,} documents, {sum(map(len, texts)):,} characters", os.path.basename(src)
-    return dict(name=name, description=desc, tokens=blocks.numel(), blocks=min(args.eval_blocks, blocks.shape[0]),
-                val=_spread_blocks(blocks, args.eval_blocks))
+    val = blocks.evenly_spaced(args.eval_blocks)
+    return dict(name=name, description=desc, tokens=blocks.blocks.numel(), blocks=val.shape[0], val=val)
 
 
 def _load_study_data(args) -> Dict:

@@ -101,9 +101,9 @@ _AFTER: List[Callable[[nn.Module], None]] = []
 
 def after_quantize(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
     """Register ``fn(model)``, called when ``quantize`` (or a direct ``quantize_`` call it recognises)
-    with a ParetoQ config has converted every layer it selected (the workflow's Hugging Face hook uses it so that ``save_pretrained``
-    knows the model is quantized; packages can also announce hooks as entry points of the group
-    ``paretoq_ao.after_quantize``)."""
+    with a ParetoQ config has converted every layer it selected (the workflow's Hugging Face hook uses
+    it so that ``save_pretrained`` knows the model is quantized; packages can also announce hooks as
+    entry points of the group ``paretoq_ao.after_quantize``)."""
     if fn not in _AFTER:
         _AFTER.append(fn)
     return fn

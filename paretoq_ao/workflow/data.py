@@ -120,7 +120,8 @@ def fortune_texts(split: str = "all", val_percent: int = VAL_PERCENT, root: Opti
             continue
         with open(path, encoding="utf-8", errors="replace") as f:
             records = re.split(r"^%[ \t]*$", f.read(), flags=re.MULTILINE)
-        out += [r.strip("\n") for r in records if r.strip() and _in_split(r.strip("\n"), split, val_percent)]
+        texts = (r.strip("\n") for r in records)
+        out += [t for t in texts if t.strip() and _in_split(t, split, val_percent)]
     if not out:
         raise ValueError(f"fortune_texts: no fortunes in {root!r} (split {split!r})")
     return out
@@ -213,7 +214,8 @@ def load_texts(source: Union[str, PathLike] = "stdlib", split: str = "train", *,
 
     A string that names an existing path, ends in .txt/.jsonl, or contains a path separator beyond
     "org/name" is treated as local; "stdlib" is the built-in offline corpus, "fortunes" the texts of
-    Debian's fortunes package; anything else is a Hugging Face dataset (``dataset_config`` defaults to "wikitext-2-raw-v1" for "wikitext")."""
+    Debian's fortunes package; anything else is a Hugging Face dataset (``dataset_config`` defaults
+    to "wikitext-2-raw-v1" for "wikitext")."""
     _check_split(split)
     src = os.fspath(source)
     if src == "stdlib":
@@ -296,6 +298,13 @@ class PackedBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i) -> torch.Tensor:
         return self.blocks[i]
+
+    def evenly_spaced(self, n: int) -> torch.Tensor:
+        """``n`` blocks at evenly spaced positions over the whole stream (all of them when there are fewer):
+        an evaluation sample that covers every part of a corpus, the same on every run."""
+        if self.blocks.shape[0] <= n:
+            return self.blocks
+        return self.blocks[torch.linspace(0, self.blocks.shape[0] - 1, n).round().long()]
 
 
 class BlockSampler:
