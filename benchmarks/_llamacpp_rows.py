@@ -89,6 +89,11 @@ def time_once(paths, path: str, threads: int, new_tokens: int, log: str):
     return 1.0 / r["tg"], r.get("build_commit")
 
 
+def _same_weights(r: dict) -> str:
+    """Whether the row's GGUF block tensors hold our weights exactly, or how near they are."""
+    return "exact" if not r["inexact"] else f"nearest ({r['inexact']} tensors, <= {r['max_error']:.1%})"
+
+
 def time_prefill_decode(paths, rows, a, work: str) -> dict:
     """llama-bench pp<prompt-len> + tg<new-tokens> for every row, interleaved (for rep: for threads: for row):
     {(row, threads): [dict(prefill_s, tok_s)]}, and "commit": llama.cpp's build commit."""
@@ -121,7 +126,7 @@ def cpu_lines(a, rows, timed, infos) -> list:
              "| ours | ours MB | ours prefill ms | ours tok/s | decode ours / llama.cpp | prefill ours / llama.cpp |",
              "|" + "---|" * 13]
     for name, r in rows.items():
-        same = "exact" if not r["inexact"] else f"nearest ({r['inexact']} tensors, <= {r['max_error']:.1%})"
+        same = _same_weights(r)
         ours = [v for v in (r["variant"], r["variant"] + "-i8") if v in infos and infos[v].get("rows")]
         for th in a.threads:
             runs = timed["runs"][(name, th)]
@@ -148,7 +153,7 @@ def report_lines(a, rows, times, info, build_commit: str) -> list:
     for name, r in rows.items():
         key = f"llama:{name}"
         ours = r["variant"]
-        same = "exact" if not r["inexact"] else f"nearest ({r['inexact']} tensors, <= {r['max_error']:.1%})"
+        same = _same_weights(r)
         cells = [name, r["type"], same, f"{r['size'] / 1e6:.1f}"]
         tok = {th: 1.0 / statistics.median(times[(key, th)]) for th in a.threads}
         cells += [f"{tok[th]:.2f}" for th in a.threads]

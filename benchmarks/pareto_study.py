@@ -540,6 +540,16 @@ def _parse(argv: List[str]):
         p.error("--pretrain-warmup is a fraction of the pre-training steps, in [0, 1]")
     if (args.pretrain_lr is not None and args.pretrain_lr <= 0) or args.pretrain_lr_base <= 0:
         p.error("pre-training LRs must be positive")
+    if args.report is not None:
+        try:
+            with open(args.report, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--report {args.report}: cannot read a study's JSON ({e})")
+        if not isinstance(saved, dict) or not {"rows", "ablation", "seeds"} <= set(saved):
+            p.error(f"--report {args.report}: not the JSON of a pareto_study run (no rows / ablation / seeds)")
+        args._saved = saved
+        return args
     if args.second_corpus != "none":  # before any training: a missing corpus fails now, not after the runs
         from paretoq_ao.data import load_texts
 
@@ -574,8 +584,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     if args.report:
-        with open(args.report, encoding="utf-8") as f:
-            res = json.load(f)
+        res = args._saved
         for k in ("rows", "ablation"):  # JSON keeps no None-vs-missing distinction for bits; FP rows have None
             for r in res[k]:
                 r["bits"] = r["bits"] if r["bits"] is None else get_format(r["bits"]).bits

@@ -97,6 +97,7 @@ def test_pareto_study_one_lr_override_two_seeds(tmp_path):
     (("--seeds", "0,x"), "--seeds takes comma-separated integers"),
     (("--seeds", "1,1"), "no repeats"),
     (("--second-corpus", "/nowhere/at/all.txt"), "--second-corpus /nowhere/at/all.txt: data file"),
+    (("--report", "/nowhere/r.json"), "--report /nowhere/r.json: cannot read a study's JSON"),
 ])
 def test_pareto_study_bad_arguments(tmp_path, flags, message):
     proc, out = _run(tmp_path, *flags)
@@ -297,3 +298,20 @@ def test_distillation_share_and_claims_follow_the_spread():
     # the table cell: mean ± sd over the seeds
     cell = get("xs", 2, "ParetoQ QAT")
     assert cell["seeds"] == {0: 60.0, 1: 61.0, 2: 62.0} and cm.fmt_cell(cell) == "61.00 ± 1.00"
+
+
+def test_report_rerenders_a_saved_run_and_refuses_other_json(tmp_path):
+    flags = ("--sizes", "xxs", "--bits", "2", "--no-ablation", "--seeds", "0", "--second-corpus", "none")
+    proc, out = _run(tmp_path, *flags)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    date = datetime.date.today().isoformat()
+    first = (out / f"pareto-{date}.md").read_text()
+    proc, _ = _run(tmp_path, *flags, "--report", str(out / f"pareto-{date}.json"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = (out / f"pareto-{date}-report.md").read_text()  # the run's own report is kept
+    table = lambda md: md[md.index("## Results"):md.index("## Pre-training")]  # noqa: E731
+    assert table(again) == table(first) and (out / f"pareto-{date}-report.png").is_file()
+    bad = tmp_path / "other.json"
+    bad.write_text('{"a": 1}')
+    proc, _ = _run(tmp_path, *flags, "--report", str(bad))
+    assert proc.returncode == 2 and "not the JSON of a pareto_study run" in proc.stderr
