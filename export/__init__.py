@@ -342,7 +342,8 @@ def check_program_file(path, caller: str = "load_executorch") -> int:
 
 def _ops_used(path) -> Dict[str, bool]:
     """Which separately loaded kernel libraries the program needs (operator names in the file)."""
-    found = {b"paretoq::linear": False, b"paretoq::linear_8da": False, b"quantized_decomposed::": False}
+    found = {b"paretoq::linear": False, b"paretoq::linear_8da": False, b"quantized_decomposed::": False,
+             b"llama::": False}
     tail = b""
     with open(path, "rb") as f:
         while True:
@@ -354,7 +355,7 @@ def _ops_used(path) -> Dict[str, bool]:
                 found[k] = found[k] or k in chunk
             tail = chunk[-64:]
     return {"paretoq": found[b"paretoq::linear"], "int8": found[b"paretoq::linear_8da"],
-            "quantized": found[b"quantized_decomposed::"]}
+            "quantized": found[b"quantized_decomposed::"], "llama": found[b"llama::"]}
 
 
 def program_activations(path) -> str:
@@ -394,6 +395,12 @@ def load_executorch(path, method: str = "forward", load_library: bool = True) ->
         from .embedding import load_quantized_kernels
 
         load_quantized_kernels()
+    if used["llama"] and load_library:  # llama::custom_sdpa / update_cache (export/llama.py)
+        from .llama import custom_ops_available
+
+        if not custom_ops_available():
+            raise MissingKernelsError(f"{path} uses ExecuTorch's LLM kernels (llama::custom_sdpa / update_cache), "
+                                      f"which do not load here (executorch.extension.llm.custom_ops)")
     if used["paretoq"]:
         registered = set(_OP_NAMES) <= set(runtime.operator_registry.operator_names)
         if not registered:

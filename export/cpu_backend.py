@@ -22,7 +22,8 @@ from paretoq_ao import backends
 
 from ._build import KernelBuildError, build_dir, load_aten_kernels
 
-__all__ = ["activate", "BACKEND", "available", "call_count", "plan", "read_bandwidth"]
+__all__ = ["activate", "BACKEND", "available", "call_count", "last_row_chunks", "parallel_backend", "plan",
+           "read_bandwidth"]
 
 _log = logging.getLogger("paretoq_ao")
 _lock = threading.Lock()
@@ -50,6 +51,10 @@ def _build_and_load() -> str:
             _log.warning("paretoq_ao: building the C++ CPU kernels against torch %s into %s "
                          "(once; a few minutes)", torch.__version__, target)
         load_aten_kernels()
+        if torch.ops.paretoq_cpu.parallel_backend() != "openmp":
+            _log.warning("paretoq_ao: the C++ CPU kernels in %s were built without OpenMP, so they run on "
+                         "one thread whatever torch.set_num_threads says (install a compiler with OpenMP, "
+                         "e.g. g++ with libgomp, and delete that folder to rebuild)", target)
     except KernelBuildError as e:
         first = str(e).strip().splitlines()[0]
         return (f"the C++ CPU kernels are unavailable: {first} (fix that, or set PARETOQ_CPU_KERNELS=0 "
@@ -87,6 +92,21 @@ def call_count(int8_act: bool = False) -> int:
     if _status != "ok":
         return 0
     return int(torch.ops.paretoq_cpu.call_count(bool(int8_act)))
+
+
+def parallel_backend() -> str:
+    """How the C++ CPU kernels split rows over threads: "openmp" (torch's intra-op pool, i.e.
+    ``torch.set_num_threads``) or "serial" (built without OpenMP)."""
+    if not available():
+        raise RuntimeError(_status)
+    return str(torch.ops.paretoq_cpu.parallel_backend())
+
+
+def last_row_chunks() -> int:
+    """Into how many ranges the last C++ linear call split its output rows (1 = one thread)."""
+    if not available():
+        raise RuntimeError(_status)
+    return int(torch.ops.paretoq_cpu.last_row_chunks())
 
 
 def plan(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits, int8_act: bool = False) -> str:

@@ -160,6 +160,26 @@ def test_hf_generate_uses_the_kernels():
     assert out.tolist() == ref.tolist()
 
 
+def test_kernels_split_rows_over_torch_threads():
+    """torch.set_num_threads drives the C++ kernels: at::parallel_for is a header template that runs
+    serially unless the library is compiled with OpenMP, so a build without it would silently use
+    one core. Checked by how many row ranges the last call ran as, not by timing."""
+    assert cpu_backend.parallel_backend() == "openmp"
+    lin = _packed_linear(256, 512, 2, None)  # 32 row blocks of 16: enough for two threads
+    x = torch.randn(1, 256)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y2 = F.linear(x, lin.weight)
+        assert cpu_backend.last_row_chunks() == 2
+        torch.set_num_threads(1)
+        y1 = F.linear(x, lin.weight)
+        assert cpu_backend.last_row_chunks() == 1
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # rows are independent: no summation change
+
+
 def test_registry_lists_backends_and_disabled_restores():
     names = [b.name for b in backends.registered_backends()]
     assert names.index("triton") < names.index("cpu")  # Triton first (CUDA / interpreter only)

@@ -158,6 +158,40 @@ def test_llama_kv_cache_generation_matches_eager(tmp_path):
     assert rel < 5e-2
 
 
+@pytest.mark.parametrize("attention", ["custom", "reference"])
+def test_llama_attention_modes_agree_eager_and_exported(tmp_path, attention):
+    """Both KV-step attention paths equal the Hugging Face model run on the whole sequence, eager
+    (a multi-token call too) and as a .pte; "custom" runs ExecuTorch's llama::custom_sdpa /
+    update_cache kernels (read from the program), "reference" only plain ops. The cache is longer
+    than the sequence: the custom kernels must attend to the written rows only."""
+    from paretoq_ao.export.llama import LlamaKVStep, export_llama
+    model = _tiny_llama()
+    ids = torch.tensor([[3, 17, 42, 5, 9, 11, 2]])
+    with torch.no_grad():
+        full = model(ids).logits
+        step = LlamaKVStep(model, 48, attention=attention)
+        first = step(ids[:, :4], torch.arange(4))  # the prompt in one call
+        rest = torch.cat([step(ids[:, i:i + 1], torch.tensor([i])) for i in range(4, 7)], 1)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
+    path = export_llama(model, tmp_path / f"{attention}.pte", max_len=48, activations="float",
+                        attention=attention)["path"]
+    ops = pe._ops_used(path)
+    assert ops["llama"] == (attention == "custom")
+    run = pe.load_executorch(path)
+    got = torch.cat([run(ids[:, i:i + 1], torch.tensor([i])) for i in range(7)], 1)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_bad_attention_is_refused_naming_it(tmp_path):
+    from paretoq_ao.export.llama import LlamaKVStep, export_llama
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match="attention must be one of"):
+        export_llama(model, tmp_path / "x.pte", attention="flash")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        LlamaKVStep(model, 8, attention="flash")
+    assert not (tmp_path / "x.pte").exists()
+
+
 def test_missing_kernel_library_clear_error(tmp_path):
     m = _quantized_mlp(2)
     path = pe.export_executorch(m, (torch.randn(1, 100),), tmp_path / "m.pte")

@@ -5,6 +5,8 @@
 //   paretoq_cpu::call_count(bool int8_act) -> int        calls served since the library was loaded
 //   paretoq_cpu::kernel_path() -> str                     scalar / avx2 / avx512 / neon / neondot
 //   paretoq_cpu::stream_read(Tensor buf) -> int           one streaming read of buf (bandwidth figure)
+//   paretoq_cpu::parallel_backend() -> str                "openmp" or "serial" (built without OpenMP)
+//   paretoq_cpu::last_row_chunks() -> int                 row ranges the last linear's row loop ran as
 //
 // paretoq_ao's "cpu" backend of paretoq::linear / paretoq::linear_8da calls the first one
 // (paretoq_ao/export/cpu_backend.py). Any floating input dtype is computed in float32 (converted
@@ -22,10 +24,28 @@
 namespace {
 
 std::atomic<int64_t> g_calls[2];
+std::atomic<int64_t> g_last_chunks{0};
 
+// at::parallel_for is inline: it is parallel only because this file is compiled with OpenMP
+// (CMakeLists.txt); parallel_backend() reports which. Each call records how many ranges it ran as.
 void pf_aten(int64_t n, paretoq::RangeFn fn, void* ctx) {
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    chunks.fetch_add(1, std::memory_order_relaxed);
+    fn(ctx, b, e);
+  });
+  g_last_chunks.store(chunks.load(), std::memory_order_relaxed);
 }
+
+std::string parallel_backend() {
+#ifdef INTRA_OP_PARALLEL
+  return "openmp";
+#else
+  return "serial";
+#endif
+}
+
+int64_t last_row_chunks() { return g_last_chunks.load(); }
 
 struct Prepared {
   at::Tensor x, packed, scale, out;
@@ -101,6 +121,8 @@ TORCH_LIBRARY(paretoq_cpu, m) {
   m.def("call_count(bool int8_act) -> int", &call_count);
   m.def("kernel_path() -> str", &kernel_path);
   m.def("stream_read(Tensor buf) -> int", &stream_read);
+  m.def("parallel_backend() -> str", &parallel_backend);
+  m.def("last_row_chunks() -> int", &last_row_chunks);
 }
 
 TORCH_LIBRARY_IMPL(paretoq_cpu, CPU, m) { m.impl("linear", &linear); }

@@ -220,6 +220,10 @@ def _add_export(sub) -> None:
     x.add_argument("--activations", choices=("int8", "float"), default=None,
                    help="pte: int8 (default: dynamic per-token int8 activations, integer dot products, fastest) or "
                         "float (exactly the packed model); recorded in the program")
+    x.add_argument("--attention", choices=("custom", "reference"), default=None,
+                   help="pte: custom (default: ExecuTorch's llama::custom_sdpa / update_cache kernels, a step costs what "
+                        "its position needs; an app links ExecuTorch's custom_ops) or reference (plain ops over the "
+                        "whole KV cache, no extra kernels)")
     x.add_argument("--embedding-type", type=str.upper, default=None,
                    help="gguf: type of the token embedding (default F16; F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)")
     x.add_argument("--head-type", type=str.upper, default=None,
@@ -366,7 +370,8 @@ def _export_format(a) -> str:
     fmt = a.format or ("gguf" if str(a.out).lower().endswith(".gguf") else "pte")
     other = ({"--embedding-type": a.embedding_type, "--head-type": a.head_type, "--weight-type": a.weight_type}
              if fmt == "pte" else
-             {"--max-len": a.max_len, "--embedding-bits": a.embedding_bits, "--activations": a.activations})
+             {"--max-len": a.max_len, "--embedding-bits": a.embedding_bits, "--activations": a.activations,
+              "--attention": a.attention})
     given = [flag for flag, v in other.items() if v]
     if given:
         raise CLIError(f"{', '.join(given)} do(es) not apply to --format {fmt}")
@@ -388,16 +393,17 @@ def _cmd_export(a) -> None:
 
     a.max_len = a.max_len or 256
     a.activations = a.activations or "int8"
+    a.attention = a.attention or "custom"
     model, _ = load_model(src, tokenizer=False)
     changed = export_llama(model, a.out, max_len=a.max_len, embedding_bits=a.embedding_bits,
-                           activations=a.activations)["converted"]
+                           activations=a.activations, attention=a.attention)["converted"]
     emb = f"; {a.embedding_bits}-bit embedding" if a.embedding_bits else ""
     conv = ""
     if changed:
         dtypes = "/".join(sorted({str(d).replace("torch.", "") for d in changed.values()}))
         conv = f"; {dtypes} scales and weights converted to float32 for the ExecuTorch kernels (codes unchanged)"
     print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions{emb}; "
-          f"{a.activations} activations{conv})")
+          f"{a.activations} activations; {a.attention} attention{conv})")
 
 
 def _cmd_generate(a) -> None:
