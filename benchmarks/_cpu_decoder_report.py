@@ -108,6 +108,14 @@ def _target_lines(a, infos):
     return lines
 
 
+def _kernel_threads() -> str:
+    """How the C++ CPU kernels split rows over threads here ("openmp": torch.set_num_threads)."""
+    from paretoq_ao.export import cpu_backend
+
+    return (f"rows split over torch's threads by {cpu_backend.parallel_backend()}" if cpu_backend.available()
+            else "unavailable")
+
+
 def report(a, infos, bw, command, date, n_block):
     import torchao
     import transformers
@@ -117,7 +125,8 @@ def report(a, infos, bw, command, date, n_block):
              f"Command: `{command}`", "",
              f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}; torch {torch.__version__}, "
              f"torchao {torchao.__version__}, transformers {transformers.__version__}, python "
-             f"{platform.python_version()}; git {git_commit() or 'unknown'}; date {date}", "",
+             f"{platform.python_version()}; git {git_commit() or 'unknown'}; date {date}; C++ kernels: "
+             f"{_kernel_threads()}", "",
              f"Model: transformers LlamaForCausalLM, random weights (seed {a.seed}), hidden {a.hidden}, intermediate "
              f"{a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} KV heads, vocab {a.vocab}, "
              f"untied; {n_block / 1e6:.1f} M block-linear parameters; lm_head: {head}. Batch 1, StaticCache, manual "

@@ -108,6 +108,12 @@ def _parse(argv):
     ap.add_argument("--prompt-len", type=int, default=None, help="default 8 (3 with --small)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 32 (4 with --small)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved timing repeats, default 5 (1 with --small)")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="KV-cache length of the programs (default 256, what `paretoq export` writes; "
+                         "at least prompt + new tokens)")
+    ap.add_argument("--attention", choices=("custom", "reference"), default="custom",
+                    help="KV-step attention of every variant (paretoq_ao.export.llama): ExecuTorch's "
+                         "llama::custom_sdpa (default) or plain ops over the whole cache")
     ap.add_argument("--check-tokens", type=int, default=4, help="generated tokens compared with eager")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pte-dir", default=None, help="where the .pte files go (default: a temp dir, kept)")
@@ -125,6 +131,9 @@ def _parse(argv):
         a.new_tokens = 4 if a.small else 32
     if a.reps is None:
         a.reps = 1 if a.small else 5
+    a.max_len = a.max_len or max(256, a.prompt_len + a.new_tokens)
+    if a.max_len < a.prompt_len + a.new_tokens:
+        ap.error(f"--max-len {a.max_len} is shorter than --prompt-len + --new-tokens = {a.prompt_len + a.new_tokens}")
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in a.variants if v not in _BASE_LABELS and _pq_variant(v) is None]
     if bad:
@@ -136,7 +145,7 @@ def _parse(argv):
 
 
 def _config(a):
-    return llama_config(a, a.prompt_len + a.new_tokens)
+    return llama_config(a, a.max_len)
 
 
 def _8da4w():
@@ -296,11 +305,12 @@ def _export_variant(a, cfg, state, v, pte_dir, prompt, max_len):
     path = os.path.join(pte_dir, f"decoder-{v}.pte")
     path_f = os.path.join(pte_dir, f"decoder-{v}-float-acts.pte")  # ours, for the accuracy check
     t0 = time.perf_counter()
-    export_llama(model, path, max_len=max_len)  # the timed program: int8 activations (the ExecuTorch default)
+    att = a.attention
+    export_llama(model, path, max_len=max_len, attention=att)  # the timed program: int8 activations (the default)
     if v.startswith("pq"):  # (no packed layer: all XNNPACK)
-        export_llama(model, path_f, max_len=max_len, activations="float")
+        export_llama(model, path_f, max_len=max_len, activations="float", attention=att)
     ex_s = time.perf_counter() - t0
-    seq, ref = _eager_reference(LlamaKVStep(model, max_len), prompt, a.check_tokens)
+    seq, ref = _eager_reference(LlamaKVStep(model, max_len, attention=att), prompt, a.check_tokens)
     del model
     gc.collect()
     checks = {}
@@ -391,7 +401,9 @@ def _header_lines(a, meta):
             f"Model: LlamaForCausalLM (random weights, seed {a.seed}), hidden {a.hidden}, intermediate "
             f"{a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} KV heads, vocab {a.vocab}, "
             f"untied; {meta['n_block'] / 1e6:.1f} M block-linear parameters. Step = `LlamaKVStep` (static KV "
-            f"cache, max_len {meta['max_len']}), one token per call.",
+            f"cache, max_len {meta['max_len']}, {a.attention} attention: "
+            + ("ExecuTorch's llama::custom_sdpa / update_cache" if a.attention == "custom" else
+               "plain ops over the whole cache") + "), one token per call.",
             emb_desc + f"lm_head: {head_desc}. Only the block linears (q/k/v/o/gate/up/down) differ between "
             "8da4w and ours.",
             f"Decode: prompt of {a.prompt_len} tokens fed one per call, then {a.new_tokens} greedy tokens; "
@@ -479,7 +491,7 @@ def main(argv=None):
           flush=True)
     g = torch.Generator().manual_seed(a.seed + 1)
     prompt = torch.randint(0, a.vocab, (a.prompt_len,), generator=g).tolist()
-    meta["max_len"] = a.prompt_len + a.new_tokens
+    meta["max_len"] = a.max_len
 
     heads = _export_heads(a, state, pte_dir)
     info = {}

@@ -44,6 +44,9 @@ def test_pte_files_written(small_run):
     assert b"paretoq::linear" in (pte_dir / "decoder-pq2.pte").read_bytes()
     assert b"paretoq::linear" not in (pte_dir / "decoder-8da4w.pte").read_bytes()
     assert (pte_dir / "lm_head-fp32.pte").is_file()
+    # every decoder attends through ExecuTorch's llama::custom_sdpa (the default attention)
+    for v in VARIANTS:
+        assert b"llama::custom_sdpa" in (pte_dir / f"decoder-{v}.pte").read_bytes(), v
     # quantized block linears make the files smaller than fp32
     sizes = {v: out["info"][v]["size"] for v in VARIANTS}
     assert sizes["pq2"] < sizes["fp32"] and sizes["8da4w"] < sizes["fp32"]
@@ -78,6 +81,12 @@ def test_results_table(small_run):
     for v in VARIANTS:
         assert re.search(rf"^\| {re.escape(v)} \| \d+\.\d \| \d+\.\d+ \| \d+\.\d \| \d+% \|$", text, re.M), v
     assert "ParetoQ 2-bit group 64 (ours)" in text
+    assert "max_len 256, custom attention" in text
+
+
+def test_max_len_shorter_than_the_run_is_refused():
+    with pytest.raises(SystemExit):
+        _load()._parse(["--small", "--max-len", "4", "--prompt-len", "3", "--new-tokens", "4"])
 
 
 def test_correctness_checks(small_run):
