@@ -21,6 +21,8 @@ from __future__ import annotations
 
 __all__ = ["LlamaKVStep", "export_llama", "ATTENTION", "custom_ops_available"]
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -152,6 +154,10 @@ def export_llama(model, path, *, max_len: int = 256, embedding_bits=None, activa
         raise ValueError(f"export_llama: attention must be one of {ATTENTION}, got {attention!r}")
     converted = to_float32(model)
     step = LlamaKVStep(model, max_len, attention=attention)
-    out = export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), path,
-                            embedding_bits=embedding_bits, activations=activations)
+    with warnings.catch_warnings():
+        # ExecuTorch's own fake kernels of llama::custom_sdpa call a deprecated torch check once per
+        # layer per trace (hundreds of identical FutureWarnings); nothing the caller can act on
+        warnings.filterwarnings("ignore", message="_check_is_size will be removed", category=FutureWarning)
+        out = export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), path,
+                                embedding_bits=embedding_bits, activations=activations)
     return {"path": out, "converted": converted}
