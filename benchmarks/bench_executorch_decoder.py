@@ -144,8 +144,8 @@ def _parse(argv):
     return a
 
 
-def _config(a):
-    return llama_config(a, a.max_len)
+def _config(a):  # positions actually used; the KV cache (a.max_len) may be longer
+    return llama_config(a, a.prompt_len + a.new_tokens)
 
 
 def _8da4w():

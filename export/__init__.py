@@ -396,7 +396,7 @@ def load_executorch(path, method: str = "forward", load_library: bool = True) ->
 
         load_quantized_kernels()
     if used["llama"] and load_library:  # llama::custom_sdpa / update_cache (export/llama.py)
-        from .llama import custom_ops_available
+        from ._llm_ops import custom_ops_available
 
         if not custom_ops_available():
             raise MissingKernelsError(f"{path} uses ExecuTorch's LLM kernels (llama::custom_sdpa / update_cache), "

@@ -26,17 +26,9 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ._llm_ops import custom_ops_available
+
 ATTENTION = ("custom", "reference")
-
-
-def custom_ops_available() -> bool:
-    """Whether ExecuTorch's LLM custom ops (``torch.ops.llama.custom_sdpa`` / ``update_cache``) load
-    here (importing them registers both the PyTorch ops and their ExecuTorch kernels)."""
-    try:
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return hasattr(torch.ops.llama, "custom_sdpa") and hasattr(torch.ops.llama, "update_cache")
 
 
 class LlamaKVStep(nn.Module):
