@@ -66,25 +66,26 @@ class LlamaKVStep(nn.Module):
         o = torch.matmul(torch.softmax(scores, dim=-1), vc)  # [1, nkv, rep * T, hd]
         return o.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4).reshape(1, T, self.nh * self.hd)
 
-    def _reference_layer(self, a, x, cos, sin, i, pos, mask, T):
+    def _qkv(self, a, x, cos, sin, T, heads_first: bool):
+        """q, k, v of one layer with rotary applied: [1, heads, T, hd] (heads_first) or [1, T, heads, hd]."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        q = a.q_proj(x).view(1, T, self.nh, self.hd).transpose(1, 2)
-        k = a.k_proj(x).view(1, T, self.nkv, self.hd).transpose(1, 2)
-        v = a.v_proj(x).view(1, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = (p(x).view(1, T, n, self.hd) for p, n in ((a.q_proj, self.nh), (a.k_proj, self.nkv),
+                                                              (a.v_proj, self.nkv)))
+        if heads_first:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1 if heads_first else 2)
+        return q, k, v
+
+    def _reference_layer(self, a, x, cos, sin, i, pos, mask, T):
+        q, k, v = self._qkv(a, x, cos, sin, T, heads_first=True)
         kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
         return self._grouped_attention(q, kc, vc, mask, T)
 
     def _custom_layer(self, a, x, cos, sin, i, start, T):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        q = a.q_proj(x).view(1, T, self.nh, self.hd)
-        k = a.k_proj(x).view(1, T, self.nkv, self.hd)
-        v = a.v_proj(x).view(1, T, self.nkv, self.hd)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k, v = self._qkv(a, x, cos, sin, T, heads_first=False)
         kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
         if torch.compiler.is_exporting():  # the program: ExecuTorch's kernels
             torch.ops.llama.update_cache(k, kc, start)
@@ -111,7 +112,7 @@ class LlamaKVStep(nn.Module):
             torch._check(start + T <= self.max_len)
         else:  # additive mask, built once for all layers
             allowed = torch.arange(self.max_len)[None, :] <= pos[:, None]
-            mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+            mask = torch.where(allowed, 0.0, float("-inf"))
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)

@@ -192,6 +192,22 @@ def test_llama_bad_attention_is_refused_naming_it(tmp_path):
     assert not (tmp_path / "x.pte").exists()
 
 
+def test_llama_custom_attention_without_its_kernels_is_a_clear_error(tmp_path, monkeypatch):
+    """Where ExecuTorch's LLM kernels do not load: building the custom step says so and names the
+    alternative; loading a program that uses them raises MissingKernelsError naming them (not the
+    runtime's bare error)."""
+    import paretoq_ao.export._llm_ops as llm_ops
+    import paretoq_ao.export.llama as llama
+    model = _tiny_llama()
+    path = llama.export_llama(model, tmp_path / "c.pte", max_len=8, attention="custom")["path"]
+    monkeypatch.setattr(llama, "custom_ops_available", lambda: False)
+    monkeypatch.setattr(llm_ops, "custom_ops_available", lambda: False)
+    with pytest.raises(RuntimeError, match="attention='reference'"):
+        llama.LlamaKVStep(model, 8)
+    with pytest.raises(pe.MissingKernelsError, match="llama::custom_sdpa"):
+        pe.load_executorch(path)
+
+
 def test_missing_kernel_library_clear_error(tmp_path):
     m = _quantized_mlp(2)
     path = pe.export_executorch(m, (torch.randn(1, 100),), tmp_path / "m.pte")
