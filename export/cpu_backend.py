@@ -5,6 +5,9 @@ registration ``paretoq_cpu::linear``, for eager PyTorch and ``torch.compile`` on
 The library is built on first use against the installed torch (a few minutes on two cores, once; cached,
 see ``_build.py``) and loaded once per process. It serves every format, scale layout and batch
 size, both activation modes, any floating input dtype except float64 (computed in float32).
+``torch.compile`` graphs of inference calls call ``paretoq_cpu::linear`` itself (its fake
+implementation is registered here when the library loads), not the Python body of the
+``paretoq::`` ops.
 If it cannot be built (no compiler, no CMake), the first CPU call warns once, naming what is
 missing, and the ops run the PyTorch reference. ``PARETOQ_CPU_KERNELS=0`` turns it off quietly.
 """
@@ -51,6 +54,7 @@ def _build_and_load() -> str:
             _log.warning("paretoq_ao: building the C++ CPU kernels against torch %s into %s "
                          "(once; a few minutes)", torch.__version__, target)
         load_aten_kernels()
+        _register_fake()
         if torch.ops.paretoq_cpu.parallel_backend() != "openmp":
             _log.warning("paretoq_ao: the C++ CPU kernels in %s were built without OpenMP, so they run on "
                          "one thread whatever torch.set_num_threads says (install a compiler with OpenMP, "
@@ -60,6 +64,14 @@ def _build_and_load() -> str:
         return (f"the C++ CPU kernels are unavailable: {first} (fix that, or set PARETOQ_CPU_KERNELS=0 "
                 f"to use the reference without this warning)")
     return "ok"
+
+
+def _register_fake() -> None:
+    # The shapes paretoq_cpu::linear returns, for torch.compile's tracing (the C++ library defines
+    # no Meta kernel); arguments were validated by ops.check_linear_args before a graph names it.
+    @torch.library.register_fake("paretoq_cpu::linear")
+    def _(input, packed, scale, bits, int8_act):
+        return input.new_empty((*input.shape[:-1], packed.shape[0]))
 
 
 def available() -> bool:
@@ -79,7 +91,7 @@ def _run(call: backends.LinearCall) -> torch.Tensor:
 
 BACKEND = backends.LinearBackend(
     name="cpu", device_types=("cpu",), priority=10, supports=_supports, run=_run,
-    quiet=lambda reason: reason == _DISABLED,
+    quiet=lambda reason: reason == _DISABLED, graph_op=_run, ready=lambda: _load() is None,
 )
 
 

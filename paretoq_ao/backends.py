@@ -36,7 +36,7 @@ import torch
 from .formats import BitFormat
 
 __all__ = ["LinearCall", "LinearBackend", "register_backend", "registered_backends", "select",
-           "disabled", "BackendFallbackWarning", "ENTRY_POINT_GROUP"]
+           "disabled", "trace_key", "BackendFallbackWarning", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "paretoq_ao.backends"
 
@@ -64,7 +64,15 @@ class LinearCall:
 class LinearBackend:
     """``supports(call)`` returns None when ``run(call)`` serves the call, else the reason it
     does not; ``quiet(reason)`` says whether falling back for that reason is expected (no
-    warning: e.g. a CPU tensor offered to the Triton backend outside the interpreter)."""
+    warning: e.g. a CPU tensor offered to the Triton backend outside the interpreter).
+
+    ``graph_op(call)``, optional: what a ``torch.compile`` graph calls for a call this backend
+    serves — an operator with its own (C++) kernel and a fake implementation, so the compiled
+    graph reaches the kernel with no Python in between. Without it (None) the graph calls the
+    ``paretoq::`` custom op, whose Python body picks a backend on every call. Either way the backend
+    is chosen when the graph is traced (see ops.traced_call_ok). ``ready()``: whether the backend
+    can run in this process at all (its library built and loaded); with the registry's on/off
+    state it is part of the key compiled graphs are cached under (``trace_key``)."""
 
     name: str
     device_types: Sequence[str]
@@ -72,6 +80,8 @@ class LinearBackend:
     supports: Callable[[LinearCall], Optional[str]]
     run: Callable[[LinearCall], torch.Tensor]
     quiet: Callable[[str], bool] = lambda reason: False
+    graph_op: Optional[Callable[[LinearCall], torch.Tensor]] = None
+    ready: Callable[[], bool] = lambda: True
 
 
 _lock = threading.Lock()
@@ -147,6 +157,17 @@ def _warn_once(backend: LinearBackend, call: LinearCall, reason: str) -> None:
         f"{call.op} on {call.input.device.type}: the {backend.name!r} backend does not serve this call "
         f"({reason}); it runs the plain PyTorch reference, which dequantizes the whole weight on every "
         f"call (slow)", BackendFallbackWarning, stacklevel=4)
+
+
+def trace_key(device_type: str) -> str:
+    """The backends a graph traced now for ``device_type`` may call (allowed and ready, by
+    priority; "+op" where the graph calls the backend's own op), e.g. "triton,cpu+op": what the
+    packed weight's ``_stable_hash_for_caching`` adds, so that torch.compile's on-disk cache never
+    hands a graph that calls one backend's operator to a process (or a ``disabled`` block) where
+    that backend is off or missing."""
+    _activate()
+    return ",".join(b.name + ("+op" if b.graph_op is not None else "")
+                    for b in _candidates(device_type) if b.ready())
 
 
 def select(call: LinearCall) -> Optional[LinearBackend]:

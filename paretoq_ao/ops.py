@@ -20,8 +20,12 @@ weight subclass, which knows its K, checks it before calling the op.
 
 Each call is validated once (``check_linear_args``) and then run by the backend that the
 registry of backends.py picks for it (the C++ CPU kernels, the Triton kernels on CUDA, ...), or by
-the plain PyTorch reference below. ``torch.compile`` and ``torch.export`` see one opaque op (its
-fake implementation gives shapes); the ExecuTorch kernel library implements both schemas.
+the plain PyTorch reference below. ``torch.export`` sees one opaque op (its fake implementation
+gives shapes); the ExecuTorch kernel library implements both schemas. A ``torch.compile`` graph of
+an inference call instead calls the chosen backend's own operator where it has one
+(``graph_linear``: e.g. ``paretoq_cpu::linear``, the C++ kernels with no Python per call); the
+backend is then chosen when the graph is traced, so ``backends.disabled`` or a new backend takes
+effect in a compiled model after ``torch.compiler.reset()`` (a new trace).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from .packing import LEGACY_LAYOUTS, legacy_row_bytes, packed_row_bytes, unpack_
 from .quant import dequantize_codes
 
 __all__ = ["linear", "linear_8da", "check_linear_args", "reference_linear", "reference_linear_8da",
-           "triton_interpreting", "run_linear", "eager_call_ok"]
+           "triton_interpreting", "run_linear", "eager_call_ok",
+           "traced_call_ok", "graph_linear"]
 
 
 def check_linear_args(input: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits):
@@ -132,6 +137,25 @@ def run_linear(input, packed, scale, bits, int8_act: bool) -> torch.Tensor:
     if backend is not None:
         return backend.run(call)
     return (reference_linear_8da if int8_act else reference_linear)(input, packed, scale, bits)
+
+
+def traced_call_ok(input: torch.Tensor) -> bool:
+    """True while ``torch.compile`` (not ``torch.export``, whose programs must name the ``paretoq::``
+    ops) traces a call that records no gradient for its input: its graph may call the selected
+    backend's own operator (``graph_linear``)."""
+    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not (input.requires_grad and torch.is_grad_enabled()))
+
+
+def graph_linear(input, packed, scale, bits, int8_act: bool) -> torch.Tensor:
+    """What a compiled graph calls (see ``traced_call_ok``): the selected backend's ``graph_op``, or
+    the ``paretoq::`` custom op where the backend has none (or no backend serves the call)."""
+    fmt = check_linear_args(input, packed, scale, bits)
+    call = backends.LinearCall(input, packed, scale, fmt, int8_act)
+    backend = backends.select(call)
+    if backend is not None and backend.graph_op is not None:
+        return backend.graph_op(call)
+    return (linear_8da if int8_act else linear)(input, packed, scale, bits)
 
 
 @torch.library.custom_op("paretoq::linear", mutates_args=())

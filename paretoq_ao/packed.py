@@ -18,9 +18,9 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 from torchao.utils import TorchAOBaseTensor
 
-from . import _targets
+from . import _targets, backends
 from .formats import get_format
-from .ops import eager_call_ok, run_linear
+from .ops import eager_call_ok, graph_linear, run_linear, traced_call_ok
 from .ops import linear as paretoq_linear
 from .ops import linear_8da as paretoq_linear_8da
 from .packing import LAYOUT, from_legacy, pack_codes, packed_row_bytes, trits5_problem, unpack_codes
@@ -127,9 +127,12 @@ class ParetoQPackedTensor(TorchAOBaseTensor):
         return self.qdata.numel() * self.qdata.element_size() + self.scale.numel() * self.scale.element_size()
 
     def _stable_hash_for_caching(self) -> str:
-        # What a compiled graph depends on: format, shapes, dtypes, device type (not the values).
+        # What a compiled graph depends on: format, shapes, dtypes, device type (not the values), and
+        # the backends its trace may call directly (ops.graph_linear).
+        dev = self.qdata.device.type
         return (f"ParetoQPackedTensor:{self.bits}:{tuple(self.shape)}:{tuple(self.qdata.shape)}:"
-                f"{tuple(self.scale.shape)}:{self.scale.dtype}:{self.qdata.device.type}:{self.activations}")
+                f"{tuple(self.scale.shape)}:{self.scale.dtype}:{dev}:{self.activations}:"
+                f"{backends.trace_key(dev)}")
 
     def __repr__(self):
         act = "" if self.activations == "float" else f", activations={self.activations!r}"
@@ -171,6 +174,8 @@ def _(func, types, args, kwargs):
     int8 = w.activations == "int8"
     if eager_call_ok(x):  # plain eager inference: the op's body without its wrapper (same result)
         out = run_linear(x, w.qdata, w.scale, float(w.bits), int8)
+    elif traced_call_ok(x):  # torch.compile of inference: the backend's own op (no Python per call)
+        out = graph_linear(x, w.qdata, w.scale, float(w.bits), int8)
     else:
         out = (paretoq_linear_8da if int8 else paretoq_linear)(x, w.qdata, w.scale, float(w.bits))
     if b is None:

@@ -142,6 +142,66 @@ def test_compiled_model_calls_the_cpp_kernels_and_matches_eager():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("acts", ["float", "int8"])
+def test_compiled_inference_graph_calls_the_cpp_op_with_no_python(monkeypatch, acts):
+    """Under no_grad a compiled graph names paretoq_cpu::linear itself: the Python body of the
+    paretoq:: custom ops (ops.run_linear) never runs, the C++ kernels serve every layer, and the
+    results equal eager bit for bit, for M = 1, 7 and 33 through one dynamic graph."""
+    import paretoq_ao.ops as ops
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64))
+    quantize_(m, pq.ParetoQWeightOnlyConfig(bits=2, group_size=32, activations=acts),
+              filter_fn=lambda mod, f: isinstance(mod, nn.Linear))
+    xs = [torch.randn(mm, 128) for mm in (1, 7, 33)]
+    mode = acts == "int8"
+    with torch.no_grad():
+        eager = [m(x) for x in xs]
+        bodies = []
+        real = ops.run_linear
+        monkeypatch.setattr(ops, "run_linear", lambda *a: (bodies.append(1), real(*a))[1])
+        compiled = torch.compile(m, fullgraph=True, dynamic=True)
+        before = _calls()[mode]
+        got = [compiled(x) for x in xs]
+    assert bodies == []
+    assert _calls()[mode] == before + 2 * len(xs)
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_compiled_graph_keeps_the_backend_chosen_when_traced():
+    """The backend is chosen when torch.compile traces: a graph traced inside disabled("cpu") runs
+    the reference (no C++ call); after torch.compiler.reset() a new trace uses the kernels again.
+    And a training graph (input needing a gradient) keeps the custom op, whose gradient flows."""
+    torch._dynamo.reset()
+    lin = _packed_linear(64, 16, 3, None)
+    x = torch.randn(4, 64)
+    key = lin.weight._stable_hash_for_caching()  # torch.compile's cache key: differs when "cpu" is off
+    assert "cpu+op" in key.rsplit(":", 1)[1].split(",")
+    with backends.disabled("cpu"):
+        off = lin.weight._stable_hash_for_caching()
+    assert off != key and "cpu" not in off.rsplit(":", 1)[1]
+    with torch.no_grad():
+        want = reference_linear(x, lin.weight.qdata, lin.weight.scale, 3)
+        with backends.disabled("cpu"):
+            f = torch.compile(lin, fullgraph=True)
+            before = _calls()[0]
+            torch.testing.assert_close(f(x), want)
+        assert _calls()[0] == before
+        torch.compiler.reset()
+        torch.testing.assert_close(torch.compile(lin, fullgraph=True)(x), want)
+        assert _calls()[0] == before + 1
+    torch.compiler.reset()
+    xg = x.clone().requires_grad_(True)
+    torch.compile(lin, fullgraph=True)(xg).sum().backward()
+    xe = x.clone().requires_grad_(True)
+    lin(xe).sum().backward()
+    torch.testing.assert_close(xg.grad, xe.grad)
+    torch.compiler.reset()
+
+
 def test_hf_generate_uses_the_kernels():
     from transformers import LlamaConfig, LlamaForCausalLM
 
