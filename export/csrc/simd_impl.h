@@ -610,6 +610,89 @@ PQ_FLATTEN void block_f32_trits(const LinearArgs& a, const Prepared& p, const Bl
   store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
 }
 
+// int8, M > kMT8 (prefill): the block's trits are decoded once, into a thread-local buffer of one
+// vector per word and plane ([word][plane], the u_i of block_i8_trits), and every token tile reads
+// them back: one dot per plane and token, no decode per tile (the raw-state path takes two dots per
+// plane and token, the decoded path a decode per plane and tile). Results equal block_i8_trits'.
+template <class A>
+struct Staged {
+  typename A::VI v;  // (a struct: a vector type with attributes is no template argument)
+};
+
+template <class A>
+inline const Staged<A>* stage_trits(const LinearArgs& a, const Block<A>& t) {
+  using VI = typename A::VI;
+  thread_local std::vector<Staged<A>> buf;
+  const int64_t nsteps = (a.row_bytes + 15) / 16;
+  buf.resize(static_cast<size_t>(nsteps * 4 * kTrits));  // whole spans: the words past the row decode as 0
+  Staged<A>* u = buf.data();
+  for (int64_t st = 0; st < nsteps; ++st) {
+    VI wv[4];
+    load_span<A, 16>(t, st, wv);
+    unroll<4>([&](auto J) PQ_LAMBDA_INLINE {
+      VI s = A::tstate(wv[J.value]);
+      Staged<A>* o = u + (4 * st + J.value) * kTrits;
+      unroll<kTrits>([&](auto I) PQ_LAMBDA_INLINE {
+        o[I.value].v = A::trit(s);
+        if constexpr (I.value < kTrits - 1) s = A::mul3(s);
+      });
+    });
+  }
+  return u;
+}
+
+// One token tile over the staged trits. GM 0: groups are whole words (per row, group_size % 20 ==
+// 0); else group ends are checked after every plane (as trit_planes' GM 2).
+template <class A, int MT, int GM>
+PQ_FLATTEN void block_i8_trits_staged(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0,
+                                      const Staged<A>* u) {
+  using VI = typename A::VI;
+  using VF = typename A::VF;
+  const int8_t* q[MT];
+  for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
+  I8Acc<A, MT, 1, 0> st;
+  const int64_t nw = n_words(a), last_nb = a.row_bytes - 4 * (nw - 1);
+  auto flush = [&](int64_t g, VF sv) PQ_LAMBDA_INLINE { st.flush(p, m0, g, sv); };
+  Groups<A> gr(a, t, a.G == 1 ? nw : (GM == 0 ? p.gs / 20 : 1));
+  PlaneGroups pg(p.gs, a.G);
+  for (int64_t w = 0; w < nw; ++w) {
+    const int64_t nb = w == nw - 1 ? last_nb : 4;
+    unroll<kTrits>([&](auto I) PQ_LAMBDA_INLINE {
+      constexpr int i = I.value;
+      const VI uv = u[w * kTrits + i].v;
+      unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
+        st.acc[M.value][0] = A::dot(st.acc[M.value][0], uv, q[M.value] + w * 20 + 4 * i);
+      });
+      if constexpr (GM != 0) {
+        if (pg.ends(20 * w + nb * (i + 1))) {
+          flush(pg.g, gr.sc.get(t, pg.g, a.G));
+          pg.next();
+        }
+      }
+    });
+    if constexpr (GM == 0) gr.after(w, a, t, flush);
+  }
+  store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
+}
+
+// Every token tile of one row block, int8 mode, over the staged trits.
+template <class A>
+inline void tiles_i8_trits_staged(const LinearArgs& a, const Prepared& p, const Block<A>& t) {
+  const Staged<A>* u = stage_trits<A>(a, t);
+  auto run = [&](auto GMc) {
+    constexpr int GM = decltype(GMc)::value, MT8 = A::kMT8;
+    int64_t m = 0;
+    for (; m + MT8 <= a.M; m += MT8) block_i8_trits_staged<A, MT8, GM>(a, p, t, m, u);
+    if constexpr (MT8 > 4) {
+      if (m + 4 <= a.M) block_i8_trits_staged<A, 4, GM>(a, p, t, m, u), m += 4;
+    }
+    for (; m + 2 <= a.M; m += 2) block_i8_trits_staged<A, 2, GM>(a, p, t, m, u);
+    if (m < a.M) block_i8_trits_staged<A, 1, GM>(a, p, t, m, u);
+  };
+  if (a.G == 1 || p.gs % 20 == 0) run(IC<0>{});
+  else run(IC<2>{});
+}
+
 template <class A, int MT, int NA, int GM>
 inline void block_trits_gm(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
                            const typename A::Levels& lv) {
@@ -676,6 +759,15 @@ void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, in
   Block<A> t;
   for (int64_t n = n0; n < n1; n += A::NB) {
     setup_block<A>(t, a, n, kSpan<B>);
+    if constexpr (B == kTrits) {
+      // raw states: up to 4 tokens (one tile, no register spills) before staging pays; decoded
+      // trits: from the second tile on.
+      constexpr int64_t kStageFrom = A::kRawTrits ? 4 : A::kMT8;
+      if (mode == ActMode::Int8 && a.M > kStageFrom) {
+        tiles_i8_trits_staged<A>(a, p, t);
+        continue;
+      }
+    }
     int64_t m = 0;
     if constexpr (MT8 > MT) {  // int8 accumulators are one register per token: wider token tiles
       if (mode == ActMode::Int8)

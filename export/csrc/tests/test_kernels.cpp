@@ -103,7 +103,10 @@ int main() {
       // trits5 tails (K % 20) and group ends between planes / inside a short last word
       {2, 88, 9, 11},   {1, 72, 5, 9},     {3, 120, 17, 10},  {1, 4100, 33, 1},  {2, 4, 3, 1},
       {1, 9, 17, 1},    {1, 640, 20, 10},  {1, 11008, 16, 172}, {5, 68, 18, 17}, {1, 76, 16, 19},
-      {1, 1280, 17, 10}, {1, 1408, 9, 11}, {1, 2560, 5, 40}, {1, 660, 7, 5}};
+      {1, 1280, 17, 10}, {1, 1408, 9, 11}, {1, 2560, 5, 40}, {1, 660, 7, 5},
+      // the same at M > 4 (int8 trits staged once per row block, every token tile reads them back)
+      {6, 88, 9, 11},   {9, 4100, 33, 1},  {12, 120, 17, 10}, {7, 660, 7, 5},  {10, 640, 20, 10},
+      {6, 1280, 17, 10}, {5, 68, 18, 17}, {19, 76, 16, 19}, {11, 9, 3, 1}};
   std::vector<Path> paths;
   for (Path p : {Path::AVX2, Path::AVX512, Path::NEON, Path::NEONDOT})
     if (path_available(p)) paths.push_back(p);
