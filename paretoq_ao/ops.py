@@ -129,11 +129,16 @@ def eager_call_ok(input: torch.Tensor) -> bool:
             and not (input.requires_grad and torch.is_grad_enabled()))
 
 
-def run_linear(input, packed, scale, bits, int8_act: bool) -> torch.Tensor:
-    """What both ops compute: validate once, then the chosen backend or the reference."""
+def _chosen(input, packed, scale, bits, int8_act: bool):
+    """(call, backend or None): the arguments validated once, and the backend that serves them."""
     fmt = check_linear_args(input, packed, scale, bits)
     call = backends.LinearCall(input, packed, scale, fmt, int8_act)
-    backend = backends.select(call)
+    return call, backends.select(call)
+
+
+def run_linear(input, packed, scale, bits, int8_act: bool) -> torch.Tensor:
+    """What both ops compute: validate once, then the chosen backend or the reference."""
+    call, backend = _chosen(input, packed, scale, bits, int8_act)
     if backend is not None:
         return backend.run(call)
     return (reference_linear_8da if int8_act else reference_linear)(input, packed, scale, bits)
@@ -150,9 +155,7 @@ def traced_call_ok(input: torch.Tensor) -> bool:
 def graph_linear(input, packed, scale, bits, int8_act: bool) -> torch.Tensor:
     """What a compiled graph calls (see ``traced_call_ok``): the selected backend's ``graph_op``, or
     the ``paretoq::`` custom op where the backend has none (or no backend serves the call)."""
-    fmt = check_linear_args(input, packed, scale, bits)
-    call = backends.LinearCall(input, packed, scale, fmt, int8_act)
-    backend = backends.select(call)
+    call, backend = _chosen(input, packed, scale, bits, int8_act)
     if backend is not None and backend.graph_op is not None:
         return backend.graph_op(call)
     return (linear_8da if int8_act else linear)(input, packed, scale, bits)

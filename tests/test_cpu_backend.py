@@ -288,6 +288,7 @@ _FALLBACK = """
     torch.testing.assert_close(y, reference_linear(x, lin.weight.qdata, lin.weight.scale, 2))
     msgs = [str(m.message) for m in w if issubclass(m.category, pq.backends.BackendFallbackWarning)]
     print("WARNINGS", len(msgs))
+    print("KEY", pq.backends.trace_key("cpu"))  # the compile-cache key part: no "cpu" where it is off
     for m in msgs:
         print("MSG", m)
 """
@@ -305,3 +306,5 @@ def test_disabled_by_environment_is_quiet(tmp_path):
     r = _run_isolated(_FALLBACK, {"PARETOQ_CPU_KERNELS": "0"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "WARNINGS 0" in r.stdout
+    key = next(line for line in r.stdout.splitlines() if line.startswith("KEY"))
+    assert "cpu" not in key  # not ready: a graph cached where the kernels ran is not reused here

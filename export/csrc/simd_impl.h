@@ -610,7 +610,7 @@ PQ_FLATTEN void block_f32_trits(const LinearArgs& a, const Prepared& p, const Bl
   store_block<A, MT>(a, t, m0, st.res, nullptr, 0.f);
 }
 
-// int8, M > kMT8 (prefill): the block's trits are decoded once, into a thread-local buffer of one
+// int8 prefill (M > 4 with raw states, M > kMT8 otherwise; rows_b): the block's trits are decoded once, into a thread-local buffer of one
 // vector per word and plane ([word][plane], the u_i of block_i8_trits), and every token tile reads
 // them back: one dot per plane and token, no decode per tile (the raw-state path takes two dots per
 // plane and token, the decoded path a decode per plane and tile). Results equal block_i8_trits'.
