@@ -142,6 +142,7 @@ const char* check_args(const LinearArgs& a) {
   const int b = a.fmt.code_bits;
   if (b < 1 || b > 4 || (a.fmt.storage != kRowBits && a.fmt.storage != kTrits5))
     return "unknown weight format (code_bits must be 1..4, storage rowbits or trits5)";
+  if (a.order != kRowsOrder && a.order != kBlocked16) return "unknown weight order (rows or blocked16)";
   if (a.M < 0 || a.K < 0 || a.N < 0) {
     std::snprintf(buf, sizeof(buf), "negative size: M=%lld K=%lld N=%lld", (long long)a.M, (long long)a.K, (long long)a.N);
     return buf;
@@ -327,6 +328,18 @@ struct CodeChain {
   int code, chain;
 };
 
+// Row n of kBlocked16 buffers in kRows order: its row_bytes code bytes and G scales.
+static void gather_blocked_row(const LinearArgs& a, int64_t n, std::vector<uint8_t>* row, std::vector<float>* sc) {
+  const int64_t rbp = blocked_row_bytes(a.fmt, a.row_bytes);
+  const int64_t blk = n / kBlockRows, lane = n % kBlockRows;
+  const uint8_t* wb = a.w + blk * rbp * kBlockRows + lane * 4;
+  row->resize(static_cast<size_t>(a.row_bytes));
+  for (int64_t b = 0; b < a.row_bytes; ++b) (*row)[b] = wb[(b / 4) * 4 * kBlockRows + b % 4];
+  const float* sb = a.scale + blk * a.G * kBlockRows + lane;
+  sc->resize(static_cast<size_t>(a.G));
+  for (int64_t g = 0; g < a.G; ++g) (*sc)[g] = sb[g * kBlockRows];
+}
+
 template <class CodeFn>
 static void rows_scalar_impl(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1,
                              CodeFn code) {
@@ -334,9 +347,16 @@ static void rows_scalar_impl(const LinearArgs& a, const Prepared& p, ActMode mod
   float tab[16];
   level_table(a.fmt, tab);
   const float c = 0.5f * a.fmt.step;
+  std::vector<uint8_t> rowbuf;
+  std::vector<float> scbuf;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.w + n * a.row_bytes;
     const float* s = a.scale + n * a.G;
+    if (a.order == kBlocked16) {
+      gather_blocked_row(a, n, &rowbuf, &scbuf);
+      row = rowbuf.data();
+      s = scbuf.data();
+    }
     for (int64_t m = 0; m < a.M; ++m) {
       float res = 0.f;
       if (mode == ActMode::Int8) {

@@ -23,6 +23,7 @@ struct Avx2 {
   }
   // 16 bytes of rows b + i * st, i = 0..7; 128-bit lane l of A/B/C/D holds rows 4l .. 4l+3, and the
   // 4x4 transpose inside each 128-bit lane puts row i in lane i of every word vector.
+  PQ_INLINE static VI load_i(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   PQ_INLINE static void load4(const uint8_t* b, int64_t st, VI out[4]) {
     const int64_t s3 = 3 * st, s5 = 5 * st, s7 = 7 * st;
     const VI A = ld2(b, b + 4 * st), B = ld2(b + st, b + s5), C = ld2(b + 2 * st, b + 2 * s3), D = ld2(b + s3, b + s7);

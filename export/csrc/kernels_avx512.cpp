@@ -27,6 +27,7 @@ struct Avx512 {
   // 16 bytes of rows b + i * st, i = 0..15. 128-bit lane l of A/B/C/D holds rows 4l / 4l+1 / 4l+2 /
   // 4l+3; the 4x4 transpose inside each 128-bit lane then puts row i in lane i of every word vector.
   // Every row address is one x86 addressing mode over b, b + 8 st and the multiples st, 3st, 5st, 7st.
+  PQ_INLINE static VI load_i(const uint8_t* p) { return _mm512_loadu_si512(p); }
   PQ_INLINE static void load4(const uint8_t* b, int64_t st, VI out[4]) {
     const int64_t s3 = 3 * st, s5 = 5 * st, s7 = 7 * st;
     const uint8_t* b8 = b + 8 * st;

@@ -16,6 +16,7 @@ struct NeonT {
   using VF = float32x4_t;
   struct Levels { VF step, bias; };
 
+  PQ_INLINE static VI load_i(const uint8_t* p) { return vreinterpretq_u32_u8(vld1q_u8(p)); }
   // 16 bytes of rows b + i * st, i = 0..3, transposed: row i in lane i of every word vector.
   PQ_INLINE static void load4(const uint8_t* p, int64_t st, VI out[4]) {
     const VI a = vreinterpretq_u32_u8(vld1q_u8(p)), b = vreinterpretq_u32_u8(vld1q_u8(p + st));

@@ -2,8 +2,9 @@
 // the ExecuTorch registration (op_linear_et.cpp) and the ATen registration (op_linear_aten.cpp)
 // are thin wrappers around `linear()` below.
 //
-// Weights: exactly the layouts of paretoq_ao/packing.py, read in place -- nothing is repacked, at
-// export or at load. Format::storage says which: kRowBits (1/2/3/4-bit: each row n of the uint8
+// Weights: the layouts of paretoq_ao/packing.py, read in place (Order kRows) or regrouped once into
+// 16-row blocks of interleaved words (kBlocked16, see Order below: one sequential stream per block
+// instead of 16 strided ones, which is what lets decode reach the DRAM bandwidth). Format::storage says which: kRowBits (1/2/3/4-bit: each row n of the uint8
 // [N, row_bytes] weight is a little-endian bit stream of `code_bits`-wide codes) or kTrits5
 // (ternary: 5 trits per byte, 4-byte words of 20 codes, code 20w + nb*i + j = trit i of byte 4w + j,
 // trit i of byte b = ((b * 3^i) mod 256) * 3 >> 8). value = (code - zero) * step * max(s, eps) with
@@ -30,8 +31,9 @@
 // Paths: Scalar (the reference: the formulas above, one code at a time), AVX2, AVX-512 (F, BW,
 // VL, VNNI, VBMI, VBMI2: Ice Lake / Zen 4 and later), NEON and NEON with dot-product instructions
 // (ARMv8.2 dotprod). Every SIMD path computes one output row per 32-bit vector lane (16 / 8 / 4
-// rows per vector) and reads the rows in place: it loads 16 bytes of each of those rows and
-// transposes them in registers into four "word vectors" (lane i = the next 32-bit word of row i).
+// rows per vector) and works on "word vectors" (lane i = the next 32-bit word of row i): in kRows
+// order it loads 16 bytes of each of those rows and transposes them in registers; in kBlocked16
+// order a word vector is one contiguous load.
 // Group boundaries then fall between vector operations, never inside one, so every group size
 // whose groups are whole words (1/2/4-bit: group_size * code_bits % 32 == 0) or whole 4-code
 // quads (3-bit: group_size % 4 == 0) runs the SIMD code at full speed; other group sizes use the
@@ -72,6 +74,20 @@ const char* path_name(Path p);
 bool path_available(Path p);  // compiled in and supported by this CPU
 Path best_path();             // what Auto resolves to (env PARETOQ_KERNEL_PATH overrides)
 
+// Order of the weight and scale buffers (LinearArgs::order). kRows: the packing.py layouts read in
+// place, [N, row_bytes] codes and [N, G] scales. kBlocked16: the same codes and scales regrouped
+// once, at export or load time (packing.block16, which defines the layout), so that every 16-row
+// block is one sequential stream: codes uint8 [Np / 16, Rp / 4, 64] and scales float [Np / 16, G, 16]
+// with Np = blocked_rows(N) and Rp = blocked_row_bytes(fmt, row_bytes), padding 0: word w (bytes
+// 4w .. 4w+3) of row n at [n / 16, w, 4 * (n % 16) ...], scale (n, g) at [n / 16, g, n % 16].
+enum Order : int { kRowsOrder = 0, kBlocked16 = 1 };
+constexpr int kBlockRows = 16;
+inline int64_t blocked_rows(int64_t N) { return (N + kBlockRows - 1) / kBlockRows * kBlockRows; }
+inline int64_t blocked_row_bytes(const Format& f, int64_t row_bytes) {
+  const int64_t span = (f.storage == kRowBits && f.code_bits == 3) ? 48 : 16;  // bytes per kernel step
+  return (row_bytes + span - 1) / span * span;
+}
+
 struct LinearArgs {
   const float* x;       // [M, K] activations, rows contiguous
   int64_t M, K, N;
@@ -81,6 +97,7 @@ struct LinearArgs {
   int64_t G;
   Format fmt;
   float* out;           // [M, N]
+  int order = kRowsOrder;  // kBlocked16: w and scale as blocked16 (padded sizes above)
 };
 
 // The largest group (or K, per row) the int32 accumulators of the Int8 mode allow.

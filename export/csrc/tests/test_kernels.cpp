@@ -31,9 +31,21 @@ struct Case {
   double bits;
   Shape s;
   int64_t rb;
-  std::vector<uint8_t> w;
-  std::vector<float> x, sc;
+  std::vector<uint8_t> w, wb;  // wb, sb: the same weights in kBlocked16 order
+  std::vector<float> x, sc, sb;
 };
+
+// kBlocked16 order, straight from its definition (paretoq_kernels.h): zero padding, byte b of row n
+// at [n / 16][b / 4][4 * (n % 16) + b % 4] of [Np / 16][Rp / 4][64], scale (n, g) at [n / 16][g][n % 16].
+static void make_blocked(Case& c) {
+  const int64_t Np = blocked_rows(c.s.N), Rp = blocked_row_bytes(c.f, c.rb), G = c.s.G;
+  c.wb.assign(static_cast<size_t>(Np * Rp), 0);
+  c.sb.assign(static_cast<size_t>(Np * G), 0.f);
+  for (int64_t n = 0; n < c.s.N; ++n) {
+    for (int64_t b = 0; b < c.rb; ++b) c.wb[((n / 16) * (Rp / 4) + b / 4) * 64 + 4 * (n % 16) + b % 4] = c.w[n * c.rb + b];
+    for (int64_t g = 0; g < G; ++g) c.sb[((n / 16) * G + g) * 16 + n % 16] = c.sc[n * G + g];
+  }
+}
 
 static Case make_case(std::mt19937& rng, double bits, const Shape& s) {
   Case c;
@@ -66,12 +78,18 @@ static Case make_case(std::mt19937& rng, double bits, const Shape& s) {
   for (auto& v : c.x) v = nd(rng);
   for (auto& v : c.sc) v = 0.01f + std::fabs(nd(rng)) * 0.1f;
   c.sc[0] = 0.f;  // clamped to eps
+  make_blocked(c);
   return c;
 }
 
-static std::vector<float> run(const Case& c, Path p, ActMode mode) {
+static std::vector<float> run(const Case& c, Path p, ActMode mode, bool b16 = false) {
   std::vector<float> out(static_cast<size_t>(c.s.M * c.s.N), -1.f);
   LinearArgs a{c.x.data(), c.s.M, c.s.K, c.s.N, c.w.data(), c.rb, c.sc.data(), c.s.G, c.f, out.data()};
+  if (b16) {
+    a.w = c.wb.data();
+    a.scale = c.sb.data();
+    a.order = kBlocked16;
+  }
   if (const char* e = linear(a, p, mode, uneven_pf)) {
     std::printf("FAIL error from path %s: %s\n", path_name(p), e);
     out.clear();
@@ -128,11 +146,21 @@ int main() {
         den += ref32[i] * ref32[i];
       }
       if (den > 0 && s.K >= 32) worst_rel = std::max(worst_rel, std::sqrt(num / den));
-      for (Path p : paths) {
+      std::vector<Path> with_scalar = paths;
+      with_scalar.push_back(Path::Scalar);
+      for (Path p : with_scalar) {
         for (ActMode mode : {ActMode::Int8, ActMode::Fp32}) {
           ++checks;
-          const std::vector<float> got = run(c, p, mode);
           const std::vector<float>& ref = mode == ActMode::Int8 ? ref8 : ref32;
+          const std::vector<float> gotb = run(c, p, mode, true);  // kBlocked16: the same bits
+          if (!same_bits(ref, gotb)) {
+            ++fails;
+            std::printf("FAIL blocked16 path=%s mode=%s bits=%g M=%lld K=%lld N=%lld G=%lld\n", path_name(p),
+                        mode == ActMode::Int8 ? "int8" : "fp32", bits, (long long)s.M, (long long)s.K,
+                        (long long)s.N, (long long)s.G);
+          }
+          if (p == Path::Scalar) continue;
+          const std::vector<float> got = run(c, p, mode);
           LinearArgs a{c.x.data(), s.M, s.K, s.N, c.w.data(), c.rb, c.sc.data(), s.G, c.f, nullptr};
           plan(a, p, mode, buf, sizeof(buf));
           const bool is_scalar = std::strncmp(buf, "scalar", 6) == 0;
