@@ -1,5 +1,5 @@
-"""AOT side: the ``.out`` overloads of ``paretoq::linear`` and ``paretoq::linear_8da`` that
-ExecuTorch's ``to_executorch`` needs.
+"""AOT side: the ``.out`` overloads of ``paretoq::linear`` / ``linear_8da`` and of their blocked16
+twins ``linear_b16`` / ``linear_8da_b16`` (ops.py) that ExecuTorch's ``to_executorch`` needs.
 
 Their schemas are the functional ops' (``float bits``, no SymInt) plus ``*, Tensor(a!) out``; the
 implementation is the functional op (its backend or reference) copied into ``out``.
@@ -11,8 +11,14 @@ import torch
 
 import paretoq_ao  # noqa: F401  - defines the functional ops
 
-OPS = ("linear", "linear_8da")
-OUT_SCHEMA = "{op}.out(Tensor input, Tensor packed, Tensor scale, float bits, *, Tensor(a!) out) -> Tensor(a!)"
+OPS = {
+    "linear": "{op}.out(Tensor input, Tensor packed, Tensor scale, float bits, *, Tensor(a!) out) -> Tensor(a!)",
+    "linear_8da": "{op}.out(Tensor input, Tensor packed, Tensor scale, float bits, *, Tensor(a!) out) -> Tensor(a!)",
+    "linear_b16": "{op}.out(Tensor input, Tensor codes, Tensor scales, float bits, int out_features, *, "
+                  "Tensor(a!) out) -> Tensor(a!)",
+    "linear_8da_b16": "{op}.out(Tensor input, Tensor codes, Tensor scales, float bits, int out_features, *, "
+                      "Tensor(a!) out) -> Tensor(a!)",
+}
 
 _LIB = None
 
@@ -20,8 +26,8 @@ _LIB = None
 def _out_impl(op: str):
     functional = getattr(torch.ops.paretoq, op).default
 
-    def impl(input, packed, scale, bits, *, out):
-        res = functional(input, packed, scale, bits)
+    def impl(*args, out):
+        res = functional(*args)
         if out.shape != res.shape:
             out.resize_(res.shape)
         out.copy_(res)
@@ -31,13 +37,13 @@ def _out_impl(op: str):
 
 
 def register_out_variant() -> None:
-    """Define ``paretoq::linear.out`` and ``paretoq::linear_8da.out`` once per process (idempotent)."""
+    """Define the ``.out`` overloads of the four ops once per process (idempotent)."""
     global _LIB
     if _LIB is not None or hasattr(torch.ops.paretoq.linear, "out"):
         return
     lib = torch.library.Library("paretoq", "FRAGMENT")
-    for op in OPS:
-        lib.define(OUT_SCHEMA.format(op=op))
+    for op, schema in OPS.items():
+        lib.define(schema.format(op=op))
         lib.impl(f"{op}.out", _out_impl(op), "CompositeExplicitAutograd")
     _LIB = lib
 

@@ -14,6 +14,12 @@
 * ``bits``   1, 1.58, 2, 3 or 4;
 * returns [..., N] in the input's dtype.
 
+``paretoq::linear_b16`` / ``paretoq::linear_8da_b16(Tensor input, Tensor codes, Tensor scales, float bits,
+int out_features) -> Tensor`` are the same two ops on weights in the blocked16 order of packing.py
+(``block16``: codes uint8 [Np / 16, Rp / 4, 64], scales float32 [Np / 16, G, 16]), the order
+ExecuTorch programs store, in which the C++ kernels read each 16-row block as one stream. In
+PyTorch they undo the blocking and run the ops above (exact, not fast: they exist for export).
+
 K is taken from ``input``: the ops reject a K whose packed row length differs, but cannot tell
 K values that round up to the same number of bytes apart (e.g. K = 5..8 at 1 bit). The packed
 weight subclass, which knows its K, checks it before calling the op.
@@ -35,10 +41,10 @@ import torch.nn.functional as F
 
 from . import backends
 from .formats import SCALE_EPS, get_format
-from .packing import LEGACY_LAYOUTS, legacy_row_bytes, packed_row_bytes, unpack_codes
+from .packing import LEGACY_LAYOUTS, legacy_row_bytes, packed_row_bytes, unblock16, unpack_codes
 from .quant import dequantize_codes
 
-__all__ = ["linear", "linear_8da", "check_linear_args", "reference_linear", "reference_linear_8da",
+__all__ = ["linear", "linear_8da", "linear_b16", "linear_8da_b16", "check_linear_args", "reference_linear", "reference_linear_8da",
            "triton_interpreting", "run_linear", "eager_call_ok",
            "traced_call_ok", "graph_linear"]
 
@@ -195,3 +201,33 @@ def _backward(ctx, grad):
 for _op in (linear, linear_8da):
     _op.register_fake(_fake)
     _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _unblocked(input, codes, scales, bits, out_features):
+    if input.dim() < 1:
+        raise ValueError("paretoq::linear_b16: input must have at least one dimension")
+    return unblock16(codes, scales, bits, out_features, input.shape[-1])
+
+
+_B16_SCHEMA = "(Tensor input, Tensor codes, Tensor scales, float bits, int out_features) -> Tensor"
+
+
+@torch.library.custom_op("paretoq::linear_b16", mutates_args=(), schema=_B16_SCHEMA)
+def linear_b16(input: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: float,
+               out_features: int) -> torch.Tensor:
+    return run_linear(input, *_unblocked(input, codes, scales, bits, out_features), bits, False)
+
+
+@torch.library.custom_op("paretoq::linear_8da_b16", mutates_args=(), schema=_B16_SCHEMA)
+def linear_8da_b16(input: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: float,
+                   out_features: int) -> torch.Tensor:
+    return run_linear(input, *_unblocked(input, codes, scales, bits, out_features), bits, True)
+
+
+def _fake_b16(input, codes, scales, bits, out_features):
+    _unblocked(input, codes, scales, bits, out_features)  # checks the shapes
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+for _op in (linear_b16, linear_8da_b16):
+    _op.register_fake(_fake_b16)

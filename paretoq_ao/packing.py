@@ -39,6 +39,21 @@ with ``r`` codes left it has ``nb = ceil(r / 5)`` bytes and holds code ``20 W + 
 with ``nb_w = min(4, row_bytes - 4 w)`` bytes, offset ``o = k - 20 w`` sits in byte ``o % nb_w``,
 trit ``o // nb_w``.
 
+Order ``blocked16`` (CPU kernels: ExecuTorch programs, PyTorch CPU)
+-----------------------------------------------------------------
+Not a storage format of its own: the same codes and scales, regrouped once (``block16``, at export
+or load time) so that the C++ kernels read every block of 16 rows as one sequential stream (the
+kernels compute 16 / 8 / 4 rows per vector lane; in row order each row is a separate stream, and a
+core tracks too few of them to reach the DRAM bandwidth). Rows are padded with zeros to
+``Np = ceil(N / 16) * 16`` and each row's bytes to ``Rp`` (``blocked16_row_bytes``: a multiple of
+48 bytes for 3-bit codes, of 16 otherwise); then::
+
+    codes  uint8   [Np / 16, Rp / 4, 64]   word w (bytes 4w .. 4w+3) of row n at [n // 16, w, 4 (n % 16) ..]
+    scales float32 [Np / 16, G, 16]        scale (n, g) at [n // 16, g, n % 16]
+
+so lane ``i`` of the 64-byte vector ``[b, w]`` is word ``w`` of row ``16 b + i``. ``unblock16``
+inverts it exactly.
+
 History: layout ``paretoq-rowbits-v1`` (``LEGACY_LAYOUTS``) stored ternary codes in 2-bit fields
 (the rowbits layout at b = 2); files written with it are converted on load (``from_legacy``).
 """
@@ -50,7 +65,8 @@ import torch
 from .formats import get_format
 
 __all__ = ["LAYOUT", "LEGACY_LAYOUTS", "pack_codes", "unpack_codes", "packed_row_bytes", "legacy_row_bytes",
-           "from_legacy", "trits5_problem", "TRITS5_INVALID_BYTES"]
+           "from_legacy", "trits5_problem", "TRITS5_INVALID_BYTES", "BLOCK_ROWS", "blocked16_row_bytes",
+           "block16", "unblock16"]
 
 # The name recorded in every saved artefact: rowbits for 1/2/3/4-bit formats, trits5 for ternary.
 LAYOUT = "paretoq-rowbits-v1+trits5-v1"
@@ -197,3 +213,47 @@ def trits5_problem(packed: torch.Tensor):
     r, c = (int(i) for i in hit.nonzero()[0])
     return (f"byte {int(packed[r, c])} at row {r}, byte {c} encodes no 5 ternary codes (layout trits5: "
             f"valid bytes are ceil(256 v / 243) for v = 0..242)")
+
+
+BLOCK_ROWS = 16  # rows per block of the blocked16 order
+
+
+def blocked16_row_bytes(in_features: int, bits) -> int:
+    """Padded bytes per row in the blocked16 order (whole steps of the kernels: 48 bytes at 3-bit
+    codes, 16 otherwise)."""
+    fmt = get_format(bits)
+    span = 48 if fmt.storage == "rowbits" and fmt.code_bits == 3 else 16
+    return -(-packed_row_bytes(in_features, bits) // span) * span
+
+
+def block16(packed: torch.Tensor, scale: torch.Tensor, bits, in_features: int):
+    """Packed codes [N, row_bytes] and scales [N, G] -> the blocked16 order (module doc):
+    (codes uint8 [Np / 16, Rp / 4, 64], scales float32 [Np / 16, G, 16])."""
+    fmt = get_format(bits)
+    n, rb = packed.shape
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"block16: packed must be uint8, got {packed.dtype}")
+    _check_row(packed, in_features, fmt, packed_row_bytes(in_features, bits), LAYOUT)
+    if scale.dim() != 2 or scale.shape[0] != n:
+        raise ValueError(f"block16: scale must be [N={n}, G], got shape {tuple(scale.shape)}")
+    nb, rp, g = -(-n // BLOCK_ROWS), blocked16_row_bytes(in_features, bits), scale.shape[1]
+    codes = packed.new_zeros((nb * BLOCK_ROWS, rp))
+    codes[:n, :rb] = packed
+    codes = codes.view(nb, BLOCK_ROWS, rp // 4, 4).transpose(1, 2).reshape(nb, rp // 4, 4 * BLOCK_ROWS)
+    sc = scale.new_zeros((nb * BLOCK_ROWS, g), dtype=torch.float32)
+    sc[:n] = scale
+    return codes.contiguous(), sc.view(nb, BLOCK_ROWS, g).transpose(1, 2).contiguous()
+
+
+def unblock16(codes: torch.Tensor, scales: torch.Tensor, bits, out_features: int, in_features: int):
+    """The inverse of ``block16``: (packed [N, row_bytes] uint8, scale [N, G] float32)."""
+    rb, rp = packed_row_bytes(in_features, bits), blocked16_row_bytes(in_features, bits)
+    nb = -(-out_features // BLOCK_ROWS)
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (nb, rp // 4, 4 * BLOCK_ROWS):
+        raise ValueError(f"unblock16: blocked16 codes of a [{out_features}, {in_features}] {get_format(bits)} weight "
+                         f"must be uint8 [{nb}, {rp // 4}, {4 * BLOCK_ROWS}], got {codes.dtype} {tuple(codes.shape)}")
+    if scales.dim() != 3 or tuple(scales.shape[::2]) != (nb, BLOCK_ROWS):
+        raise ValueError(f"unblock16: blocked16 scales must be [{nb}, G, {BLOCK_ROWS}], got {tuple(scales.shape)}")
+    packed = codes.view(nb, rp // 4, BLOCK_ROWS, 4).transpose(1, 2).reshape(nb * BLOCK_ROWS, rp)
+    scale = scales.transpose(1, 2).reshape(nb * BLOCK_ROWS, scales.shape[1])
+    return packed[:out_features, :rb].contiguous(), scale[:out_features].contiguous()

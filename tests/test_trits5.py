@@ -281,17 +281,23 @@ def test_pte_codes_shrink_by_exactly_the_expected_bytes(tmp_path):
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(320, 64, bias=False), nn.ReLU(), nn.Linear(64, 48, bias=False)).eval()
         quantize_(m, pq.ParetoQWeightOnlyConfig(bits=bits), filter_fn=lambda mod, f: isinstance(mod, nn.Linear))
-        path = pe.export_executorch(m, (torch.randn(1, 320),), tmp_path / f"{bits}.pte", activations="int8")
-        sizes[bits], models[bits] = _pte_code_bytes(path), (m, path)
+        for order in ("rows", "blocked16"):
+            path = pe.export_executorch(m, (torch.randn(1, 320),), tmp_path / f"{bits}-{order}.pte",
+                                        activations="int8", weight_order=order)
+            sizes[bits, order], models[bits, order] = _pte_code_bytes(path), (m, path)
     # 2-bit fields (the old ternary layout's row length) against ceil(K / 5) bytes, per layer
-    assert sizes[2] == 64 * 80 + 48 * 16
-    assert sizes[2] - sizes[1.58] == 64 * (80 - 64) + 48 * (16 - 13)
-    m, path = models[1.58]
-    f = pe.load_executorch(path)
+    assert sizes[2, "rows"] == 64 * 80 + 48 * 16
+    assert sizes[2, "rows"] - sizes[1.58, "rows"] == 64 * (80 - 64) + 48 * (16 - 13)
+    # blocked16: row bytes padded to whole 16 (13 -> 16 at K = 64; rows are whole 16-row blocks here)
+    assert sizes[2, "blocked16"] == 64 * 80 + 48 * 16
+    assert sizes[1.58, "blocked16"] == 64 * 64 + 48 * 16
     x = torch.randn(1, 320)
-    pq.set_activations(m, "int8")
-    with torch.no_grad():
-        assert torch.equal(f(x), m(x))
+    for order in ("rows", "blocked16"):
+        m, path = models[1.58, order]
+        f = pe.load_executorch(path)
+        pq.set_activations(m, "int8")
+        with torch.no_grad():
+            assert torch.equal(f(x), m(x))
 
 
 # --------------------------------------------------------------------------------------------
