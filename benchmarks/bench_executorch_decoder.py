@@ -76,10 +76,11 @@ _BASE_LABELS = {"fp32": "fp32 (XNNPACK)", "8da4w": "torchao 8da4w g32 (XNNPACK)"
 
 
 def _pq_variant(v):
-    """(bits, group_size) of a ``pq<bits>[-g<group>]`` variant, or None."""
+    """(bits, group_size) of a ``pq<bits>[-g<group>][-rows]`` variant, or None (``-rows``: the
+    program keeps the packed rows in row order instead of the default blocked16)."""
     import re
 
-    m = re.fullmatch(r"pq(1\.58|[1-4])(?:-g(\d+))?", v)
+    m = re.fullmatch(r"pq(1\.58|[1-4])(?:-g(\d+))?(?:-rows)?", v)
     if not m:
         return None
     return (1.58 if m.group(1) == "1.58" else int(m.group(1))), (int(m.group(2)) if m.group(2) else None)
@@ -89,7 +90,8 @@ def _label(v):
     if v in _BASE_LABELS:
         return _BASE_LABELS[v]
     bits, gs = _pq_variant(v)
-    return f"ParetoQ {bits}-bit {'per-row' if gs is None else f'group {gs}'} (ours)"
+    order = ", row order" if v.endswith("-rows") else ""
+    return f"ParetoQ {bits}-bit {'per-row' if gs is None else f'group {gs}'}{order} (ours)"
 
 SMALL = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
 
@@ -306,9 +308,11 @@ def _export_variant(a, cfg, state, v, pte_dir, prompt, max_len):
     path_f = os.path.join(pte_dir, f"decoder-{v}-float-acts.pte")  # ours, for the accuracy check
     t0 = time.perf_counter()
     att = a.attention
-    export_llama(model, path, max_len=max_len, attention=att)  # the timed program: int8 activations (the default)
+    order = "rows" if v.endswith("-rows") else "blocked16"
+    # the timed program: int8 activations (the default)
+    export_llama(model, path, max_len=max_len, attention=att, weight_order=order)
     if v.startswith("pq"):  # (no packed layer: all XNNPACK)
-        export_llama(model, path_f, max_len=max_len, activations="float", attention=att)
+        export_llama(model, path_f, max_len=max_len, activations="float", attention=att, weight_order=order)
     ex_s = time.perf_counter() - t0
     seq, ref = _eager_reference(LlamaKVStep(model, max_len, attention=att), prompt, a.check_tokens)
     del model

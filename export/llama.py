@@ -126,13 +126,14 @@ class LlamaKVStep(nn.Module):
 
 
 def export_llama(model, path, *, max_len: int = 256, embedding_bits=None, activations="int8",
-                 attention: str = "custom") -> dict:
+                 attention: str = "custom", weight_order: str = "blocked16") -> dict:
     """A packed Hugging Face Llama-family model -> a ``.pte`` that runs one KV-cache decode step:
     ``forward(ids [1, 1], pos [1]) -> logits [1, 1, vocab]``, called token by token (what
     ``paretoq export`` writes). bf16/fp16 scales and float weights are converted to float32 first
     (the ExecuTorch kernels take float32; the codes are unchanged). ``attention``: "custom"
     (ExecuTorch's llama::custom_sdpa / update_cache: a step costs what its position needs, whatever
-    ``max_len``) or "reference" (plain ops over the whole cache; module docstring). Returns
+    ``max_len``) or "reference" (plain ops over the whole cache; module docstring). ``weight_order``:
+    as ``export_executorch`` ("blocked16" default, or "rows"). Returns
     ``{"path": ..., "converted": {name: old dtype}}``. A model that is not a Llama decoder, or a bad
     ``max_len`` / ``attention``, is refused (ValueError) before anything is exported."""
     from . import export_executorch, to_float32
@@ -145,6 +146,8 @@ def export_llama(model, path, *, max_len: int = 256, embedding_bits=None, activa
         raise ValueError(f"export_llama: max_len must be a whole number >= 1, got {max_len!r}")
     if attention not in ATTENTION:
         raise ValueError(f"export_llama: attention must be one of {ATTENTION}, got {attention!r}")
+    if weight_order not in ("blocked16", "rows"):
+        raise ValueError(f"export_llama: weight_order must be 'blocked16' or 'rows', got {weight_order!r}")
     converted = to_float32(model)
     step = LlamaKVStep(model, max_len, attention=attention)
     with warnings.catch_warnings():
@@ -152,5 +155,6 @@ def export_llama(model, path, *, max_len: int = 256, embedding_bits=None, activa
         # layer per trace (hundreds of identical FutureWarnings); nothing the caller can act on
         warnings.filterwarnings("ignore", message="_check_is_size will be removed", category=FutureWarning)
         out = export_executorch(step, (torch.tensor([[0]]), torch.tensor([0])), path,
-                                embedding_bits=embedding_bits, activations=activations)
+                                embedding_bits=embedding_bits, activations=activations,
+                                weight_order=weight_order)
     return {"path": out, "converted": converted}

@@ -147,6 +147,13 @@ def test_export_packed_model_to_pte_matches_eager(tmp_path, capsys):
     assert pe.program_activations(ptef) == "float"
     gotf = pe.load_executorch(ptef)(ids, pos)
     torch.testing.assert_close(gotf[0] if isinstance(gotf, (list, tuple)) else gotf, want, atol=1e-5, rtol=1e-5)
+    # the row order: another program (other ops), the same logits bit for bit
+    ptr = os.fspath(tmp_path / "mr.pte")
+    assert main(["export", packed, ptr, "--max-len", "8", "--weight-order", "rows"]) == 0
+    assert "rows weight order" in capsys.readouterr().out
+    assert b"paretoq::linear_8da_b16" in open(pte, "rb").read() and b"_b16" not in open(ptr, "rb").read()
+    gotr = pe.load_executorch(ptr)(ids, pos)
+    assert torch.equal(gotr[0] if isinstance(gotr, (list, tuple)) else gotr, got)
     bad_flag(capsys, ["export", packed, pte, "--max-len", "0"], "--max-len", ">= 1")
     # a 4-bit embedding: a smaller file whose output equals the model with that embedding
     from paretoq_ao.export.embedding import quantize_embeddings

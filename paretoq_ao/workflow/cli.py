@@ -224,6 +224,9 @@ def _add_export(sub) -> None:
                    help="pte: custom (default: ExecuTorch's llama::custom_sdpa / update_cache kernels, a step costs what "
                         "its position needs; an app links ExecuTorch's custom_ops) or reference (plain ops over the "
                         "whole KV cache, no extra kernels)")
+    x.add_argument("--weight-order", choices=("blocked16", "rows"), default=None,
+                   help="pte: blocked16 (default: each 16-row block of a packed weight stored as one sequential stream, "
+                        "faster decode) or rows (the packed rows as they are)")
     x.add_argument("--embedding-type", type=str.upper, default=None,
                    help="gguf: type of the token embedding (default F16; F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)")
     x.add_argument("--head-type", type=str.upper, default=None,
@@ -371,7 +374,7 @@ def _export_format(a) -> str:
     other = ({"--embedding-type": a.embedding_type, "--head-type": a.head_type, "--weight-type": a.weight_type}
              if fmt == "pte" else
              {"--max-len": a.max_len, "--embedding-bits": a.embedding_bits, "--activations": a.activations,
-              "--attention": a.attention})
+              "--attention": a.attention, "--weight-order": a.weight_order})
     given = [flag for flag, v in other.items() if v]
     if given:
         raise CLIError(f"{', '.join(given)} do(es) not apply to --format {fmt}")
@@ -394,16 +397,18 @@ def _cmd_export(a) -> None:
     a.max_len = a.max_len or 256
     a.activations = a.activations or "int8"
     a.attention = a.attention or "custom"
+    a.weight_order = a.weight_order or "blocked16"
     model, _ = load_model(src, tokenizer=False)
     changed = export_llama(model, a.out, max_len=a.max_len, embedding_bits=a.embedding_bits,
-                           activations=a.activations, attention=a.attention)["converted"]
+                           activations=a.activations, attention=a.attention,
+                           weight_order=a.weight_order)["converted"]
     emb = f"; {a.embedding_bits}-bit embedding" if a.embedding_bits else ""
     conv = ""
     if changed:
         dtypes = "/".join(sorted({str(d).replace("torch.", "") for d in changed.values()}))
         conv = f"; {dtypes} scales and weights converted to float32 for the ExecuTorch kernels (codes unchanged)"
     print(f"wrote {a.out} (forward(ids [1, 1], pos [1]) -> logits; KV cache of {a.max_len} positions{emb}; "
-          f"{a.activations} activations; {a.attention} attention{conv})")
+          f"{a.activations} activations; {a.attention} attention; {a.weight_order} weight order{conv})")
 
 
 def _cmd_generate(a) -> None:
