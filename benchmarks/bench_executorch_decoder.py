@@ -13,9 +13,14 @@ one token per call) and exported to ``.pte``:
   the rest to XNNPACK).
 
 The physical limit: this machine's DRAM read bandwidth is measured in the same run, per thread
-count (``paretoq_ao.export.cpu_backend.read_bandwidth``: a streaming read of a 1 GiB buffer), and the
-rest of each step (the step minus the lm_head alone) is converted to GB/s of the program's bytes
-without embedding and head, and to a fraction of that bandwidth.
+count (``paretoq_ao.export.cpu_backend.read_bandwidth``: a streaming read of a 1 GiB buffer), before
+the exports and again before each rep (the best reading is the limit: a neighbour's load only lowers
+it), and the rest of each step (the step minus the lm_head alone) is converted to GB/s of the
+program's bytes without embedding and head, and to a fraction of that bandwidth. With ``--profile``
+(the default) one more run per program and thread count records ExecuTorch's own ETDump profile and
+splits the step into block linears, lm_head, attention and the rest (``_etdump_profile.py``): the
+block linears' own read bandwidth, and the head's time inside the step, where its weights are no
+longer cached (alone, they are, so step minus head-alone overstates the rest).
 
 The token embedding is float32 in every variant (portable ``aten::embedding``), or, with
 ``--embedding 4`` / ``8``, group-32 quantized in 8da4w and ours alike
@@ -68,6 +73,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "benchmarks") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _etdump_profile  # noqa: E402
 import _llamacpp_rows  # noqa: E402
 from _decoder import add_shape_args, fill_shape, is_block_linear, llama_config  # noqa: E402
 from _meta import cpu_model, dram_bandwidth, git_commit, results_path, write_text  # noqa: E402
@@ -123,6 +129,9 @@ def _parse(argv):
                     help="a built llama.cpp (build/bin/llama-bench): adds llama.cpp rows on the same weights")
     ap.add_argument("--gguf", default="", help="with --llama-cpp: comma list of pq<bits>[-g<group>][=TYPE] rows "
                     "(default: every pq variant in its default GGUF type; see benchmarks/_llamacpp_rows.py)")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                    help="after timing, one ETDump-profiled run per program and thread count: where the step "
+                         "time goes inside the runtime (benchmarks/_etdump_profile.py)")
     ap.add_argument("--results", default=None,
                     help="markdown output (default benchmarks/results/executorch-decoder-<date>.md)")
     a = ap.parse_args(argv)
@@ -240,10 +249,14 @@ def _fmt_mb(n):
 
 def _bandwidth_lines(a, info, bandwidth, rest_s):
     """The rest of each step (step - lm_head alone) as GB/s of the program's bytes without
-    embedding and head, and as a fraction of the DRAM read bandwidth measured in this run."""
+    embedding and head, and as a fraction of the DRAM read bandwidth measured in this run (the best
+    of its measurements: before the exports and before each rep)."""
+    best = {th: max(bw) for th, bw in bandwidth.items()}
     lines = ["", "DRAM read bandwidth measured in this run (streaming read of a 1 GiB buffer, "
-             "paretoq_ao.export.cpu_backend.read_bandwidth): "
-             + ", ".join(f"{th} thread(s) {bandwidth[th]:.1f} GB/s" for th in a.threads),
+             "paretoq_ao.export.cpu_backend.read_bandwidth, before the exports and before each rep; best, "
+             "and all readings): "
+             + ", ".join(f"{th} thread(s) {best[th]:.1f} GB/s ({' / '.join(f'{x:.1f}' for x in bandwidth[th])})"
+                         for th in a.threads),
              "", "Rest of the step (head removed) as read bandwidth of the bytes without embedding and head:", "",
              "| variant | MB w/o emb+head | " + " | ".join(f"rest {th}T ms | GB/s {th}T | % of DRAM {th}T" for th in a.threads) + " |",
              "|---|---|" + "---|---|---|" * len(a.threads)]
@@ -252,8 +265,32 @@ def _bandwidth_lines(a, info, bandwidth, rest_s):
         for th in a.threads:
             r = rest_s(v, th)
             gbs = info[v]["core"] / r / 1e9 if r > 0 else float("nan")
-            cells += [f"{r * 1e3:.2f}", f"{gbs:.1f}", f"{100 * gbs / bandwidth[th]:.0f}%"]
+            cells += [f"{r * 1e3:.2f}", f"{gbs:.1f}", f"{100 * gbs / best[th]:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _profile_lines(a, info, prof, bandwidth):
+    """The ETDump split of each program's step (benchmarks/_etdump_profile.py), with the block
+    linears' and the rest of the step's read bandwidth of the block weights."""
+    best = {th: max(bw) for th, bw in bandwidth.items()}
+    lines = ["", f"Inside the runtime (ETDump profile: one more run per program and thread count, mean of "
+             f"{a.new_tokens} steps after 4 warm-up steps; the tracer adds a little per event): ms per step in "
+             "the block linears (112 calls), the lm_head (in the step, where its weights are no longer cached: "
+             "compare the lm_head-alone column above), attention (llama::custom_sdpa / update_cache) and "
+             "everything else; block GB/s = bytes w/o embedding and head / block-linear time, rest GB/s = the "
+             "same bytes / (step - lm_head in the step); % = of the best DRAM reading:", "",
+             "| variant | threads | step ms | block linears ms | lm_head ms | attention ms | other ms | calls | "
+             "block GB/s | block % of DRAM | rest GB/s | rest % of DRAM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in a.variants:
+        for th in a.threads:
+            p, core = prof[(v, th)], info[v]["core"]
+            blk = core / (p["linears"] * 1e-3) / 1e9 if p["linears"] > 0 else float("nan")
+            rest = core / ((p["step"] - p["head"]) * 1e-3) / 1e9
+            lines.append(f"| {v} | {th} | {p['step']:.2f} | {p['linears']:.2f} | {p['head']:.2f} | "
+                         f"{p['attention']:.2f} | {p['other']:.2f} | {p['linear_calls']:.0f} | {blk:.1f} | "
+                         f"{100 * blk / best[th]:.0f}% | {rest:.1f} | {100 * rest / best[th]:.0f}% |")
     return lines
 
 
@@ -335,15 +372,18 @@ def _export_variant(a, cfg, state, v, pte_dir, prompt, max_len):
     return dict(path=path, size=size, quant_s=q_s, export_s=ex_s, checks=checks)
 
 
-def _time_interleaved(a, info, heads, prompt, llama=None):
+def _time_interleaved(a, info, heads, prompt, bandwidth, llama=None):
     """{(program, threads): [median step s per rep]}; for rep: for threads: for program, each run
     loading its program afresh after set_num_threads (see the module docstring). ``llama``:
-    dict(paths, rows) of the llama.cpp rows, timed by llama-bench in the same loop."""
+    dict(paths, rows) of the llama.cpp rows, timed by llama-bench in the same loop. The DRAM read
+    bandwidth is measured again before each rep's programs of each thread count and appended to
+    ``bandwidth[threads]`` (the machine's bandwidth varies with its neighbours' load)."""
     progs = [(v, info[v]["path"]) for v in a.variants] + [(f"head:{h}", heads[h]["path"]) for h in heads]
     progs += [(f"llama:{n}", r["path"]) for n, r in (llama or {}).get("rows", {}).items()]
     times = {(p, th): [] for p, _ in progs for th in a.threads}
     for rep in range(a.reps):
         for th in a.threads:
+            bandwidth[th].append(dram_bandwidth([th], gib=0.25 if a.small else 1.0)[th])
             for p, path in progs:
                 if p.startswith("llama:"):
                     med, llama["commit"] = _llamacpp_rows.time_once(
@@ -446,7 +486,7 @@ def _speed_lines(a, info, t, base):
     return lines
 
 
-def _check_lines(a, info, t, base):
+def _check_lines(a, info, t, base, prof=None, bandwidth=None):
     lines = ["", "Correctness (.pte vs its eager model, same tokens; max abs logit difference at the step "
              f"that predicts the first generated token, and over the first {a.check_tokens}):", "",
              "| variant | check | max abs diff (1st token) | max abs diff (first N) | rel L2 | argmax agree |",
@@ -466,6 +506,16 @@ def _check_lines(a, info, t, base):
                      + ", ".join(f"{th}T decode {t.tok_s(v, th) / t.tok_s(base, th):.2f}x of 8da4w "
                                  f"({'faster' if t.tok_s(v, th) > t.tok_s(base, th) else 'NOT faster'})"
                                  for th in a.threads))
+    if "pq2" in info:  # issue 11: 2-bit >= 2x 8da4w tokens/s, rest of the step >= 70 % of DRAM
+        for th in a.threads:
+            r = t.tok_s("pq2", th) / t.tok_s(base, th)
+            line = f"- pq2 {th}T: {r:.2f}x 8da4w tokens/s (target >= 2x: {'met' if r >= 2 else 'NOT met'})"
+            if prof:
+                p, best = prof[("pq2", th)], max(bandwidth[th])
+                frac = info["pq2"]["core"] / ((p["step"] - p["head"]) * 1e-3) / 1e9 / best
+                line += (f"; rest of the step (ETDump, lm_head in the step removed) at {100 * frac:.0f}% of DRAM "
+                         f"(target >= 70%: {'met' if frac >= 0.7 else 'NOT met'})")
+            lines.append(line)
     return lines
 
 
@@ -483,8 +533,8 @@ def main(argv=None):
     results = a.results or results_path(ROOT, "executorch-decoder", meta["date"])
 
     pe.load_kernels()
-    bandwidth = dram_bandwidth(a.threads, gib=0.25 if a.small else 1.0)
-    print("DRAM read bandwidth: " + ", ".join(f"{th}T {bw:.1f} GB/s" for th, bw in bandwidth.items()), flush=True)
+    bandwidth = {th: [bw] for th, bw in dram_bandwidth(a.threads, gib=0.25 if a.small else 1.0).items()}
+    print("DRAM read bandwidth: " + ", ".join(f"{th}T {bw[0]:.1f} GB/s" for th, bw in bandwidth.items()), flush=True)
     torch.manual_seed(a.seed)
     cfg = _config(a)
     state = {k: v.clone() for k, v in LlamaForCausalLM(cfg).eval().float().state_dict().items()}
@@ -509,23 +559,27 @@ def main(argv=None):
         llama = dict(paths=bench_llamacpp._llama_cpp_paths(a.llama_cpp), commit=None)
         llama["rows"] = _llamacpp_rows.build(a, a.gguf, lambda v: _build_model(cfg, state, v, "fp32", "fp32"),
                                              pte_dir)
-    t = _Times(a, _time_interleaved(a, info, heads, prompt, llama))
+    t = _Times(a, _time_interleaved(a, info, heads, prompt, bandwidth, llama))
+    prof = {(v, th): _etdump_profile.profile_decoder(info[v]["path"], th, prompt, a.new_tokens)
+            for v in a.variants for th in a.threads} if a.profile else None
 
     base = "8da4w" if "8da4w" in info else None
     lines = _header_lines(a, meta) + _speed_lines(a, info, t, base)
     lines += _bandwidth_lines(a, info, bandwidth, t.rest)
+    if prof:
+        lines += _profile_lines(a, info, prof, bandwidth)
     if base:
         lines += ["", "Rest-of-step speed vs 8da4w (lm_head time removed): " + "; ".join(
             f"{v} {th}T {t.rest(base, th) / t.rest(v, th):.2f}x"
             for v in a.variants if v.startswith("pq") for th in a.threads)]
     if llama:
         lines += _llamacpp_rows.report_lines(a, llama["rows"], t.times, info, llama["commit"])
-    lines += _check_lines(a, info, t, base)
+    lines += _check_lines(a, info, t, base, prof, bandwidth)
     text = "\n".join(lines) + "\n"
     print(text)
     write_text(results, text)
     print("written", results, "; .pte files in", pte_dir)
-    return dict(results=results, pte_dir=pte_dir, text=text, info=info, heads=heads,
+    return dict(results=results, pte_dir=pte_dir, text=text, info=info, heads=heads, profile=prof, bandwidth=bandwidth,
                 step_s={k: statistics.median(x) for k, x in t.times.items()},
                 tok_s={(v, th): t.tok_s(v, th) for v in a.variants for th in a.threads})
 

@@ -77,11 +77,54 @@ def test_results_table(small_run):
     for (v, th), tps in out["tok_s"].items():
         assert th == 1 and tps > 0
     # the physical limit, measured in the same run, and each variant's rest-of-step bandwidth
-    assert re.search(r"DRAM read bandwidth measured in this run .*1 thread\(s\) \d+\.\d GB/s", text)
+    assert re.search(r"DRAM read bandwidth measured in this run .*1 thread\(s\) \d+\.\d GB/s "
+                     r"\(\d+\.\d / \d+\.\d\)", text)  # before the exports and before the one rep
+    assert len(out["bandwidth"][1]) == 2
     for v in VARIANTS:
         assert re.search(rf"^\| {re.escape(v)} \| \d+\.\d \| \d+\.\d+ \| \d+\.\d \| \d+% \|$", text, re.M), v
     assert "ParetoQ 2-bit group 64 (ours)" in text
     assert "max_len 256, custom attention" in text
+
+
+def test_etdump_profile_table(small_run):
+    """The step split from the runtime's own profile: every block linear counted (7 per layer, ours
+    or XNNPACK's), the head and attention found, the parts adding up to the step."""
+    out, results, _ = small_run
+    text = results.read_text()
+    assert "Inside the runtime (ETDump profile" in text
+    for v in VARIANTS:
+        p = out["profile"][(v, 1)]
+        assert p["linear_calls"] == 7 * 2, (v, p)  # --small: 2 layers
+        assert p["linears"] > 0 and p["head"] > 0 and p["attention"] > 0, (v, p)
+        assert abs(p["linears"] + p["head"] + p["attention"] + p["other"] - p["step"]) < 1e-9
+        assert p["other"] >= 0, (v, p)
+        assert re.search(rf"^\| {re.escape(v)} \| 1 \| (\d+\.\d+ \| ){{5}}14 \| \d+\.\d \| \d+% \| \d+\.\d \| \d+% \|$",
+                         text, re.M), v
+
+
+def test_etdump_split_of_known_events():
+    """split_events against hand-made events: the last fully-connected op is the head, earlier ones
+    and paretoq ops are block linears, the first ``skip`` executions are left out."""
+    import sys
+    from types import SimpleNamespace as NS
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import _etdump_profile as ep
+    finally:
+        sys.path.pop(0)
+
+    def ev(name, *ms):
+        return NS(name=name, perf_data=NS(raw=list(ms)))
+
+    events = [ev("Method::execute", 100.0, 20.0, 22.0), ev("native_call_embedding_4bit.dtype_out", 9.0, 1.0, 1.0),
+              ev("paretoq::linear_8da_b16.out", 50.0, 4.0, 6.0), ev("Fully Connected (NC, F32) GEMM #1", 9.0, 2.0, 2.0),
+              ev("llama::custom_sdpa.out", 9.0, 1.5, 0.5), ev("llama::update_cache.out", 9.0, 0.5, 0.5),
+              ev("DELEGATE_CALL", 9.0, 9.0, 9.0), ev("Fully Connected (NC, QDU8, F32, QB4W) GEMM #1", 9.0, 3.0, 5.0)]
+    got = ep.split_events(events, skip=1)
+    assert got == dict(step=21.0, linears=7.0, linear_calls=2, head=4.0, attention=1.5, other=8.5)
+    with pytest.raises(RuntimeError, match="Method::execute"):
+        ep.split_events(events[1:], skip=0)
 
 
 def test_max_len_shorter_than_the_run_is_refused():
