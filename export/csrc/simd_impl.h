@@ -138,6 +138,9 @@ inline void setup_block(Block<A>& t, const LinearArgs& a, int64_t first, int spa
       for (int j = 0; j < 4; ++j) t.stail[i][j] = j < glen ? t.sb[i * a.G + gt + j] : 0.f;
 }
 
+#ifndef PQ_PF_B16
+#define PQ_PF_B16 4096
+#endif
 #ifndef PQ_PF_BLOCKS
 #define PQ_PF_BLOCKS 1
 #endif
@@ -146,9 +149,10 @@ template <class A, int SPAN>
 PQ_INLINE void load_span(const Block<A>& t, int64_t s, typename A::VI* out) {
   if (t.b16) {  // chunk c (16 bytes of each row) is 4 words x 16 rows = 256 contiguous bytes
     const uint8_t* b = t.wb + s * SPAN * kBlockRows;
-    // One sequential stream; prefetched 4 KB ahead into L2 (measured: the hardware prefetchers
-    // alone leave a 2-vCPU Xeon at 80 % of this speed; 2 KB and 8 KB are no better).
-    for (int i = 0; i < SPAN * kBlockRows; i += 64) __builtin_prefetch(b + 4096 + i, 0, 2);
+    // One sequential stream; prefetched PQ_PF_B16 = 4 KB ahead into L2 (measured: the hardware
+    // prefetchers alone leave a 2-vCPU Xeon at 80 % of this speed; 2 KB and 8 KB are no better; on
+    // a 2-vCPU AMD EPYC (Zen 5) 8-32 KB were within that machine's +-15 % run-to-run noise).
+    for (int i = 0; i < SPAN * kBlockRows; i += 64) __builtin_prefetch(b + PQ_PF_B16 + i, 0, 2);
     unroll<SPAN / 16>([&](auto I) {
       unroll<4>([&](auto J) { out[4 * I.value + J.value] = A::load_i(b + 256 * I.value + 64 * J.value); });
     });
@@ -465,6 +469,12 @@ constexpr int kTrits = 5;  // the "B" of rows_b / block for kTrits5
 // Raw-state int8 accumulation (A::kRawTrits): sums of 256 * trit * q; exact while a flush covers
 // at most this many codes (|256 * 2 * 127 * n| < 2^31).
 constexpr int64_t kRawMaxGroup = 32768;
+// Chains of each raw sum: 3 for one token (10 dots per word vector; with 2 chains their latency
+// was the limit: measured on a 2-vCPU AMD EPYC (Zen 5), one 11008 x 4096 layer 0.46 -> 0.36 ms; 4
+// and 5 chains are slower), 2 for token tiles (more would spill the accumulators).
+#ifndef PQ_RAW_CHAINS_M1
+#define PQ_RAW_CHAINS_M1 3
+#endif
 #ifndef PQ_RAW_CHAINS
 #define PQ_RAW_CHAINS 2
 #endif
@@ -479,7 +489,9 @@ struct PlaneGroups {
 template <int V>
 using IC = std::integral_constant<int, V>;
 
-// plane(w, IC<i>, s_i) for every plane of the block's rows, flush(g, scale vector) at group ends.
+// plane(w, IC<i>, s_i, IC<k>) for every plane of the block's rows, flush(g, scale vector) at group
+// ends; k = 5 j + i counts the planes of a span (j: the word's place in its span, 0..3), so that a
+// caller can spread its accumulator chains evenly over the span's 20 planes.
 // Super-blocks (GM 1 with a compile-time group size of PPG planes, PPG % 5 != 0): every
 // lcm(PPG, 5) / 5 words hold 5 whole groups whose ends fall at fixed planes; unrolled, the flushes
 // sit in straight-line code with no test at all. The plane of word j after which a group ends, or -1:
@@ -501,12 +513,12 @@ PQ_INLINE void trit_planes(const LinearArgs& a, const Prepared& p, const Block<A
     flush(pg.g, sc.get(t, pg.g, a.G));
     pg.next();
   };
-  auto word = [&](auto Pc, int64_t w, VI v, int64_t nb) PQ_LAMBDA_INLINE {
-    constexpr int P = decltype(Pc)::value;
+  auto word = [&](auto Pc, auto Jc, int64_t w, VI v, int64_t nb) PQ_LAMBDA_INLINE {
+    constexpr int P = decltype(Pc)::value, j = decltype(Jc)::value;
     VI s = A::tstate(v);
     unroll<5>([&](auto I) PQ_LAMBDA_INLINE {
       constexpr int i = I.value;
-      plane(w, I, s);
+      plane(w, I, s, IC<5 * j + i>{});
       if constexpr (i < 4) s = A::mul3(s);
       if constexpr (GM == 2) {
         if (pg.ends(20 * w + nb * (i + 1))) group_end();
@@ -515,22 +527,22 @@ PQ_INLINE void trit_planes(const LinearArgs& a, const Prepared& p, const Block<A
       }
     });
   };
-  auto body = [&](int64_t w, VI v, int64_t nb) PQ_LAMBDA_INLINE {
+  auto body = [&](auto Jc, int64_t w, VI v, int64_t nb) PQ_LAMBDA_INLINE {
     if constexpr (GM == 0) {
-      word(IC<-1>{}, w, v, nb);
+      word(IC<-1>{}, Jc, w, v, nb);
       if (a.G > 1) gr.after(w, a, t, flush);  // per row: one flush after the last word (below)
     } else if constexpr (GM == 2) {
-      word(IC<-1>{}, w, v, nb);
+      word(IC<-1>{}, Jc, w, v, nb);
     } else {
       const int64_t rel = pg.end - 20 * w;  // the next group end, from this word's first code
       const int P = (pg.g < a.G && nb == 4 && rel <= 20) ? static_cast<int>(rel / 4) - 1 : -1;
       switch (P) {
-        case 0: word(IC<0>{}, w, v, nb); break;
-        case 1: word(IC<1>{}, w, v, nb); break;
-        case 2: word(IC<2>{}, w, v, nb); break;
-        case 3: word(IC<3>{}, w, v, nb); break;
-        case 4: word(IC<4>{}, w, v, nb); break;
-        default: word(IC<-1>{}, w, v, nb); break;
+        case 0: word(IC<0>{}, Jc, w, v, nb); break;
+        case 1: word(IC<1>{}, Jc, w, v, nb); break;
+        case 2: word(IC<2>{}, Jc, w, v, nb); break;
+        case 3: word(IC<3>{}, Jc, w, v, nb); break;
+        case 4: word(IC<4>{}, Jc, w, v, nb); break;
+        default: word(IC<-1>{}, Jc, w, v, nb); break;
       }
       if (nb < 4 && pg.g < a.G) group_end();  // a short last word ends the row's last group
     }
@@ -547,7 +559,7 @@ PQ_INLINE void trit_planes(const LinearArgs& a, const Prepared& p, const Block<A
         load_span<A, 16>(t, sb * (WPS / 4) + S.value, wv);
         unroll<4>([&](auto J) PQ_LAMBDA_INLINE {
           constexpr int j = 4 * S.value + J.value;
-          word(IC<super_end_plane(PPG, j)>{}, sb * WPS + j, wv[J.value], 4);
+          word(IC<super_end_plane(PPG, j)>{}, IC<j % 4>{}, sb * WPS + j, wv[J.value], 4);
         });
       });
     }
@@ -558,14 +570,14 @@ PQ_INLINE void trit_planes(const LinearArgs& a, const Prepared& p, const Block<A
   for (int64_t st = first_span; st < whole; ++st) {
     VI wv[4];
     load_span<A, 16>(t, st, wv);
-    unroll<4>([&](auto J) PQ_LAMBDA_INLINE { body(4 * st + J.value, wv[J.value], 4); });
+    unroll<4>([&](auto J) PQ_LAMBDA_INLINE { body(J, 4 * st + J.value, wv[J.value], 4); });
   }
   for (int64_t st = whole > first_span ? whole : first_span; st < nsteps; ++st) {
     VI wv[4];
     load_span<A, 16>(t, st, wv);
     unroll<4>([&](auto J) PQ_LAMBDA_INLINE {
       const int64_t w = 4 * st + J.value;
-      if (w < nw) body(w, wv[J.value], w == nw - 1 ? last_nb : 4);
+      if (w < nw) body(J, w, wv[J.value], w == nw - 1 ? last_nb : 4);
     });
   }
   if constexpr (GM == 0) {
@@ -581,7 +593,7 @@ PQ_FLATTEN void block_i8_trits(const LinearArgs& a, const Prepared& p, const Blo
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
   I8Acc<A, MT, NA, 0> st;
   trit_planes<A, GM>(a, p, t,
-      [&](int64_t w, auto I, VI s) PQ_LAMBDA_INLINE {
+      [&](int64_t w, auto I, VI s, auto) PQ_LAMBDA_INLINE {
         constexpr int i = decltype(I)::value;
         const VI u = A::trit(s);
         unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
@@ -593,15 +605,15 @@ PQ_FLATTEN void block_i8_trits(const LinearArgs& a, const Prepared& p, const Blo
 }
 
 // int8, raw states (dot takes u8 up to 255): trit_i = (3 s_i - s_{i+1}) / 256 exactly, so
-// sum trit * q = (3 * sum s_i q - sum s_{i+1} q) >> 8: two dots per plane and no decode. Two
-// chains of each sum (by plane parity) keep the dot latency hidden at M = 1.
+// sum trit * q = (3 * sum s_i q - sum s_{i+1} q) >> 8: two dots per plane and no decode. NC
+// chains of each sum (plane k of a span in chain k % NC) keep the dot latency hidden.
 template <class A, int MT, int GM, int PPG = 0>
 PQ_FLATTEN void block_i8_trits_raw(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
   using VI = typename A::VI;
   using VF = typename A::VF;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
-  constexpr int NC = PQ_RAW_CHAINS;
+  constexpr int NC = MT == 1 ? PQ_RAW_CHAINS_M1 : PQ_RAW_CHAINS;
   VI sa[MT][NC], sb[MT][NC];
   VF res[MT];
   unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
@@ -609,13 +621,13 @@ PQ_FLATTEN void block_i8_trits_raw(const LinearArgs& a, const Prepared& p, const
     unroll<NC>([&](auto C) PQ_LAMBDA_INLINE { sa[M.value][C.value] = sb[M.value][C.value] = A::zero_i(); });
   });
   trit_planes<A, GM, PPG>(a, p, t,
-      [&](int64_t w, auto I, VI s) PQ_LAMBDA_INLINE {
-        constexpr int i = decltype(I)::value;
+      [&](int64_t w, auto I, VI s, auto K) PQ_LAMBDA_INLINE {
+        constexpr int i = decltype(I)::value, c = decltype(K)::value % NC;
         const VI s1 = A::mul3(s);  // (the next plane's state: the same value trit_planes computes)
         unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
           const int8_t* x4 = q[M.value] + w * 20 + 4 * i;
-          sa[M.value][i % NC] = A::dot(sa[M.value][i % NC], s, x4);
-          sb[M.value][i % NC] = A::dot(sb[M.value][i % NC], s1, x4);
+          sa[M.value][c] = A::dot(sa[M.value][c], s, x4);
+          sb[M.value][c] = A::dot(sb[M.value][c], s1, x4);
         });
       },
       [&](int64_t g, VF sv) PQ_LAMBDA_INLINE {
@@ -643,7 +655,7 @@ PQ_FLATTEN void block_f32_trits(const LinearArgs& a, const Prepared& p, const Bl
   for (int mt = 0; mt < MT; ++mt) x[mt] = p.xf + (m0 + mt) * p.kq;
   F32Acc<A, MT> st;
   trit_planes<A, GM>(a, p, t,
-      [&](int64_t w, auto I, VI s) PQ_LAMBDA_INLINE {
+      [&](int64_t w, auto I, VI s, auto) PQ_LAMBDA_INLINE {
         constexpr int i = decltype(I)::value;
         const VI u = A::trit(s);
         unroll<4>([&](auto J) PQ_LAMBDA_INLINE {
