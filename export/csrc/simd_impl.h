@@ -470,8 +470,8 @@ constexpr int kTrits = 5;  // the "B" of rows_b / block for kTrits5
 // at most this many codes (|256 * 2 * 127 * n| < 2^31).
 constexpr int64_t kRawMaxGroup = 32768;
 // Chains of each raw sum: 3 for one token (10 dots per word vector; with 2 chains their latency
-// was the limit: measured on a 2-vCPU AMD EPYC (Zen 5), one 11008 x 4096 layer 0.46-0.53 -> 0.38-0.40 ms; 4
-// and 5 chains are slower), 2 for token tiles (more would spill the accumulators).
+// was the limit: measured on a 2-vCPU AMD EPYC (Zen 5), one 11008 x 4096 layer 0.46-0.53 ->
+// 0.38-0.40 ms; 4 and 5 chains are slower), 2 for token tiles (more would spill the accumulators).
 #ifndef PQ_RAW_CHAINS_M1
 #define PQ_RAW_CHAINS_M1 3
 #endif
