@@ -286,11 +286,12 @@ def _profile_lines(a, info, prof, bandwidth):
     for v in a.variants:
         for th in a.threads:
             p, core = prof[(v, th)], info[v]["core"]
-            blk = core / (p["linears"] * 1e-3) / 1e9 if p["linears"] > 0 else float("nan")
+            blk = core / (p["linears"] * 1e-3) / 1e9 if p["linears"] > 0 else None
+            blk_cells = f"{blk:.1f} | {100 * blk / best[th]:.0f}%" if blk else "- | -"  # under the tracer's tick
             rest = core / ((p["step"] - p["head"]) * 1e-3) / 1e9
             lines.append(f"| {v} | {th} | {p['step']:.2f} | {p['linears']:.2f} | {p['head']:.2f} | "
-                         f"{p['attention']:.2f} | {p['other']:.2f} | {p['linear_calls']:.0f} | {blk:.1f} | "
-                         f"{100 * blk / best[th]:.0f}% | {rest:.1f} | {100 * rest / best[th]:.0f}% |")
+                         f"{p['attention']:.2f} | {p['other']:.2f} | {p['linear_calls']:.0f} | {blk_cells} | "
+                         f"{rest:.1f} | {100 * rest / best[th]:.0f}% |")
     return lines
 
 

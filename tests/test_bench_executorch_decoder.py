@@ -95,10 +95,14 @@ def test_etdump_profile_table(small_run):
     for v in VARIANTS:
         p = out["profile"][(v, 1)]
         assert p["linear_calls"] == 7 * 2, (v, p)  # --small: 2 layers
-        assert p["linears"] > 0 and p["head"] > 0 and p["attention"] > 0, (v, p)
+        # XNNPACK times its operators in whole microseconds: the tiny config's block linears (hidden
+        # 128) may all read 0 on a fast CPU; our operators are timed by the runtime itself
+        assert p["linears"] > 0 if v.startswith("pq") else p["linears"] >= 0, (v, p)
+        assert p["head"] > 0 and p["attention"] > 0, (v, p)
         assert abs(p["linears"] + p["head"] + p["attention"] + p["other"] - p["step"]) < 1e-9
         assert p["other"] >= 0, (v, p)
-        assert re.search(rf"^\| {re.escape(v)} \| 1 \| (\d+\.\d+ \| ){{5}}14 \| \d+\.\d \| \d+% \| \d+\.\d \| \d+% \|$",
+        blk = r"\d+\.\d \| \d+%" if v.startswith("pq") else r"(\d+\.\d \| \d+%|- \| -)"
+        assert re.search(rf"^\| {re.escape(v)} \| 1 \| (\d+\.\d+ \| ){{5}}14 \| {blk} \| \d+\.\d \| \d+% \|$",
                          text, re.M), v
 
 
