@@ -10,9 +10,10 @@ namespace paretoq {
 namespace {
 
 struct Avx2 {
-  static constexpr int NB = 8, kMT8 = 2, kMT = 2;
+  static constexpr int NB = 8, kMT8 = 4, kMT = 2;  // kMT8 4: 3-bit prefill 1.3-1.6x faster than 2 (Zen 1)
   static constexpr bool kMaskedPlanes = false;  // vpmaddubsw int16 pair sums would saturate
   static constexpr bool kRawTrits = false;      // (the same reason)
+  static constexpr bool kDot16 = true;          // vpmaddwd once per spill, not once per dot
   using VI = __m256i;
   using VF = __m256;
   struct Levels { VF tab, step, bias; };
@@ -53,12 +54,13 @@ struct Avx2 {
     const VI b3 = _mm256_and_si256(_mm256_slli_epi32(w, 15), _mm256_set1_epi32(0x7000000));
     return _mm256_or_si256(_mm256_or_si256(b0, b1), _mm256_or_si256(b2, b3));
   }
-  PQ_INLINE static VI dot(VI acc, VI u, const int8_t* x4) {
+  PQ_INLINE static VI dotp(VI p, VI u, const int8_t* x4) {
     int32_t v;
     std::memcpy(&v, x4, 4);
-    const VI s16 = _mm256_maddubs_epi16(u, _mm256_set1_epi32(v));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+    return _mm256_add_epi16(p, _mm256_maddubs_epi16(u, _mm256_set1_epi32(v)));
   }
+  PQ_INLINE static VI widen(VI acc, VI p) { return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1))); }
+  PQ_INLINE static VI dot(VI acc, VI u, const int8_t* x4) { return widen(acc, dotp(zero_i(), u, x4)); }
   // trits5 state: the bytes with their top bit flipped, so that signed byte compares order them as
   // unsigned; 3 * (s ^ 0x80) == (3 * s) ^ 0x80 (mod 256), so mul3 keeps the bias.
   PQ_INLINE static VI tstate(VI w) { return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))); }

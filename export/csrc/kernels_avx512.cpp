@@ -13,6 +13,7 @@ struct Avx512 {
   static constexpr int NB = 16, kMT8 = 8, kMT = 4;
   static constexpr bool kMaskedPlanes = true;  // vpdpbusd takes u8 codes up to 255
   static constexpr bool kRawTrits = true;      // and raw trits5 states up to 255
+  static constexpr bool kDot16 = false;
   using VI = __m512i;
   using VF = __m512;
   struct Levels { VF tab; };

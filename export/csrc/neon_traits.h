@@ -12,6 +12,7 @@ struct NeonT {
   static constexpr int NB = 4, kMT8 = 8, kMT = 4;
   static constexpr bool kMaskedPlanes = false;  // s8 x s8 products: codes must stay < 128
   static constexpr bool kRawTrits = false;
+  static constexpr bool kDot16 = false;
   using VI = uint32x4_t;
   using VF = float32x4_t;
   struct Levels { VF step, bias; };

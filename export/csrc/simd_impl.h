@@ -2,7 +2,8 @@
 // translation unit with its traits class `A` (compiled with that architecture's -m flags).
 //
 // A supplies: NB (32-bit lanes = rows per vector), kMT / kMT8 (largest token tile in float / int8
-// mode), kMaskedPlanes, kRawTrits (dot() takes u8 values up to 255: raw trits5 states), the
+// mode), kMaskedPlanes, kRawTrits (dot() takes u8 values up to 255: raw trits5 states), kDot16
+// (two-stage dot products dotp / widen, see I8Acc), the
 // vector types VI (int32 lanes) and VF (float lanes), and
 //   load4(b, st, out[4])   16 bytes of each of the NB rows b + i * st, transposed into four word
 //                          vectors: lane i of out[j] = 32-bit word j of row i
@@ -11,6 +12,8 @@
 //   window<S>(lo, hi)      per-lane low 32 bits of (hi : lo) >> S, 0 < S < 32
 //   spread3(w)             the 4 x 3-bit fields at bits 0..11 of each lane -> 4 bytes
 //   dot(acc, u, x4)        acc += sum over the 4 bytes of each lane of u8(u) * s8(x4 broadcast)
+//   dotp(p, u, x4) / widen(acc, p)   (kDot16 only) the same dot as two int16 pair sums per lane
+//                          added into p, and acc += the pair sums of p as int32 lanes
 //   band, add, sub, set1_i, zero_i; cvt (int32 -> float), fma(a, b, c) = fused a * b + c,
 //   add_f, mul_f, set1_f, zero_f, max_eps(s) = (s < eps ? eps : s, NaN kept)
 //   levels(tab16, step, bias) / level<B>(v, lv)   float level of the code in the low B bits of v
@@ -283,29 +286,76 @@ PQ_INLINE void store_block(const LinearArgs& a, const Block<A>& t, int64_t m0, c
 
 constexpr int64_t kMaskedMaxGroup = 131072;
 
-template <class A, int MT, int NA, int SH, int R = 1>
+// Two-stage dot products (A::kDot16, AVX2): dotp() leaves the products of each lane's 4 bytes as two
+// int16 pair sums and widen() adds those pairs into int32 lanes, so the widening multiply runs once
+// per spill instead of once per dot (on AVX2 vpmaddwd + vpaddd per dot were two of its three
+// instructions, and the multiply port is the limit). One int16 chain per token then suffices (its
+// latency is one add). A pair sum is at most 2 * 127 * MAXU (MAXU: the largest u of the kernel), so
+// a chain takes at most kCap dots before it must be spilled into the token's int32 total; the
+// kernels call tick<D>() after every step of at most D dots per token.
+template <int MAXU>
+constexpr int kDot16Cap = 32767 / (2 * 127 * MAXU);
+
+template <class A, int MT, int NA, int SH, int R = 1, int MAXU = 255>
 struct I8Acc {
+  using VI = typename A::VI;
+  static constexpr bool kP = A::kDot16;
+  static_assert(!kP || (SH == 0 && kDot16Cap<MAXU> >= 1), "two-stage dots: no masked planes, u < 129");
   // R replicas of the NA accumulators (independent chains: decode alternates them word by word so
   // that the dot-product latency is not the limit); replica r's accumulator i is acc[.][r * NA + i].
-  typename A::VI acc[MT][NA * R];
+  // Two-stage dots: one int16 chain per token, acc[.][0], and its int32 total tot[.].
+  static constexpr int NACC = kP ? 1 : NA * R;
+  VI acc[MT][NACC];
+  VI tot[MT];
   typename A::VF res[MT];
+  int pending = 0;  // two-stage: dots per chain since the last spill (an upper bound)
   PQ_INLINE I8Acc() {
     unroll<MT>([&](auto M) {
       res[M.value] = A::zero_f();
-      unroll<NA * R>([&](auto I) { acc[M.value][I.value] = A::zero_i(); });
+      tot[M.value] = A::zero_i();
+      unroll<NACC>([&](auto I) { acc[M.value][I.value] = A::zero_i(); });
     });
   }
+  // acc_i += u . x4 for token mt
+  template <int I>
+  PQ_INLINE void dot(int mt, VI u, const int8_t* x4) {
+    if constexpr (kP) acc[mt][0] = A::dotp(acc[mt][0], u, x4);
+    else acc[mt][I] = A::dot(acc[mt][I], u, x4);
+  }
+  PQ_INLINE void spill() {
+    unroll<MT>([&](auto M) {
+      tot[M.value] = A::widen(tot[M.value], acc[M.value][0]);
+      acc[M.value][0] = A::zero_i();
+    });
+    pending = 0;
+  }
+  // After a step that added at most D dots to each chain: spill if the next such step could overflow.
+  template <int D>
+  PQ_INLINE void tick() {
+    if constexpr (kP) {
+      static_assert(D <= kDot16Cap<MAXU>, "a step must fit in one int16 chain");
+      pending += D;
+      if (pending + D > kDot16Cap<MAXU>) spill();
+    }
+  }
   PQ_INLINE void flush(const Prepared& p, int64_t m0, int64_t g, typename A::VF s) {
+    if constexpr (kP) spill();
     unroll<MT>([&](auto M) {
       constexpr int mt = M.value;
-      typename A::VI tot = acc[mt][0];
-      unroll<NA * R - 1>([&](auto I) {
-        constexpr int i = I.value + 1;
-        tot = A::add(tot, A::template sra<(i % NA) * SH>(acc[mt][i]));
-      });
-      const typename A::VI v2 = A::sub(A::template sll<1>(tot), A::set1_i(p.zq2[(m0 + mt) * p.G + g]));
+      VI sum;
+      if constexpr (kP) {
+        sum = tot[mt];
+        tot[mt] = A::zero_i();
+      } else {
+        sum = acc[mt][0];
+        unroll<NA * R - 1>([&](auto I) {
+          constexpr int i = I.value + 1;
+          sum = A::add(sum, A::template sra<(i % NA) * SH>(acc[mt][i]));
+        });
+        unroll<NA * R>([&](auto I) { acc[mt][I.value] = A::zero_i(); });
+      }
+      const VI v2 = A::sub(A::template sll<1>(sum), A::set1_i(p.zq2[(m0 + mt) * p.G + g]));
       res[mt] = A::fma(s, A::cvt(v2), res[mt]);
-      unroll<NA * R>([&](auto I) { acc[mt][I.value] = A::zero_i(); });
     });
   }
 };
@@ -322,17 +372,16 @@ PQ_FLATTEN void block_i8_words(const LinearArgs& a, const Prepared& p, const Blo
   VI masks[CPB];
   for (int i = 0; i < CPB; ++i) masks[i] = A::set1_i(0x01010101 * (((1 << B) - 1) << (kMasked ? i * B : 0)));
   constexpr int R = MT == 1 ? 2 : 1;  // one token: alternate two sets of chains, even / odd words
-  I8Acc<A, MT, NA, SH, R> st;
+  I8Acc<A, MT, NA, SH, R, (1 << B) - 1> st;
   Groups<A> gr(a, t, a.G == 1 ? n_words(a) : p.gs * B / 32);
   for_each_word<A>(a, t, [&](int64_t w, VI v, auto J) {
     constexpr int r = decltype(J)::value % R;
     unroll<CPB>([&](auto T) {
       constexpr int tt = T.value, ai = r * NA + tt % NA;
       const VI u = kMasked ? A::band(v, masks[tt]) : A::band(A::template srl<tt * B>(v), masks[0]);
-      unroll<MT>([&](auto M) {
-        st.acc[M.value][ai] = A::dot(st.acc[M.value][ai], u, q[M.value] + w * CPW + 4 * tt);
-      });
+      unroll<MT>([&](auto M) { st.template dot<ai>(M.value, u, q[M.value] + w * CPW + 4 * tt); });
     });
+    st.template tick<CPB>();
     gr.after(w, a, t, [&](int64_t g, typename A::VF s) { st.flush(p, m0, g, s); });
   });
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
@@ -357,18 +406,17 @@ PQ_FLATTEN void block_i8_units(const LinearArgs& a, const Prepared& p, const Blo
   using VI = typename A::VI;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
-  I8Acc<A, MT, NA, 0> st;
+  I8Acc<A, MT, NA, 0, 1, 7> st;
   Groups<A> gr(a, t, a.G == 1 ? n_units(a) * (UG ? 1 : 8) : p.gs / (UG ? 32 : 4));
   auto flush = [&](int64_t g, typename A::VF s) { st.flush(p, m0, g, s); };
   for_each_unit<A>(a, t, [&](int64_t unit, const VI* W) {
     unroll<8>([&](auto Dc) {
       constexpr int d = Dc.value;
       const VI c4 = A::spread3(quad_window<A, d>(W));
-      unroll<MT>([&](auto M) {
-        st.acc[M.value][d % NA] = A::dot(st.acc[M.value][d % NA], c4, q[M.value] + unit * kUnit3Codes + 4 * d);
-      });
+      unroll<MT>([&](auto M) { st.template dot<d % NA>(M.value, c4, q[M.value] + unit * kUnit3Codes + 4 * d); });
       if constexpr (!UG) gr.after(unit * 8 + d, a, t, flush);
     });
+    st.template tick<8>();
     if constexpr (UG) gr.after(unit, a, t, flush);
   });
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
@@ -591,14 +639,13 @@ PQ_FLATTEN void block_i8_trits(const LinearArgs& a, const Prepared& p, const Blo
   using VI = typename A::VI;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
-  I8Acc<A, MT, NA, 0> st;
+  I8Acc<A, MT, NA, 0, 1, 2> st;
   trit_planes<A, GM>(a, p, t,
       [&](int64_t w, auto I, VI s, auto) PQ_LAMBDA_INLINE {
         constexpr int i = decltype(I)::value;
         const VI u = A::trit(s);
-        unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
-          st.acc[M.value][i % NA] = A::dot(st.acc[M.value][i % NA], u, q[M.value] + w * 20 + 4 * i);
-        });
+        unroll<MT>([&](auto M) PQ_LAMBDA_INLINE { st.template dot<i % NA>(M.value, u, q[M.value] + w * 20 + 4 * i); });
+        if constexpr (i == kTrits - 1) st.template tick<kTrits>();
       },
       [&](int64_t g, typename A::VF sv) PQ_LAMBDA_INLINE { st.flush(p, m0, g, sv); });
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);
@@ -710,7 +757,7 @@ PQ_FLATTEN void block_i8_trits_staged(const LinearArgs& a, const Prepared& p, co
   using VF = typename A::VF;
   const int8_t* q[MT];
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
-  I8Acc<A, MT, 1, 0> st;
+  I8Acc<A, MT, 1, 0, 1, 2> st;
   const int64_t nw = n_words(a), last_nb = a.row_bytes - 4 * (nw - 1);
   auto flush = [&](int64_t g, VF sv) PQ_LAMBDA_INLINE { st.flush(p, m0, g, sv); };
   Groups<A> gr(a, t, a.G == 1 ? nw : (GM == 0 ? p.gs / 20 : 1));
@@ -720,9 +767,7 @@ PQ_FLATTEN void block_i8_trits_staged(const LinearArgs& a, const Prepared& p, co
     unroll<kTrits>([&](auto I) PQ_LAMBDA_INLINE {
       constexpr int i = I.value;
       const VI uv = u[w * kTrits + i].v;
-      unroll<MT>([&](auto M) PQ_LAMBDA_INLINE {
-        st.acc[M.value][0] = A::dot(st.acc[M.value][0], uv, q[M.value] + w * 20 + 4 * i);
-      });
+      unroll<MT>([&](auto M) PQ_LAMBDA_INLINE { st.template dot<0>(M.value, uv, q[M.value] + w * 20 + 4 * i); });
       if constexpr (GM != 0) {
         if (pg.ends(20 * w + nb * (i + 1))) {
           flush(pg.g, gr.sc.get(t, pg.g, a.G));
@@ -730,6 +775,7 @@ PQ_FLATTEN void block_i8_trits_staged(const LinearArgs& a, const Prepared& p, co
         }
       }
     });
+    st.template tick<kTrits>();
     if constexpr (GM == 0) gr.after(w, a, t, flush);
   }
   store_block<A, MT>(a, t, m0, st.res, p.d, 0.5f * a.fmt.step);

@@ -47,7 +47,8 @@ static void make_blocked(Case& c) {
   }
 }
 
-static Case make_case(std::mt19937& rng, double bits, const Shape& s) {
+// codes: -1 for random codes, else every code = codes (e.g. the largest, n_codes - 1).
+static Case make_case(std::mt19937& rng, double bits, const Shape& s, int codes = -1) {
   Case c;
   format_for_bits(bits, &c.f);
   c.bits = bits;
@@ -60,13 +61,13 @@ static Case make_case(std::mt19937& rng, double bits, const Shape& s) {
     for (int64_t n = 0; n < s.N; ++n)
       for (int64_t k = 0; k < s.K; ++k) {
         const int64_t w = k / 20, o = k % 20, nb = std::min<int64_t>(4, c.rb - 4 * w);
-        v[n * c.rb + 4 * w + o % nb] += static_cast<int>(rng() % 3) * pow3[o / nb];
+        v[n * c.rb + 4 * w + o % nb] += (codes < 0 ? static_cast<int>(rng() % 3) : codes) * pow3[o / nb];
       }
     for (size_t i = 0; i < v.size(); ++i) c.w[i] = static_cast<uint8_t>((256 * v[i] + 242) / 243);
   } else
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t k = 0; k < s.K; ++k) {
-      const unsigned code = static_cast<unsigned>(rng() % c.f.n_codes);
+      const unsigned code = codes < 0 ? static_cast<unsigned>(rng() % c.f.n_codes) : static_cast<unsigned>(codes);
       const int64_t bit = k * c.f.code_bits;
       const unsigned v = code << (bit & 7);
       c.w[n * c.rb + bit / 8] |= v & 0xFF;
@@ -178,6 +179,31 @@ int main() {
                         i < got.size() ? got[i] : 0.f);
           }
         }
+      }
+    }
+  }
+  // The largest sums the int8 mode can meet: every code at its maximum and every activation at
+  // +-127 (a constant token), over long rows, per row and in groups, decode and token tiles. A path
+  // that keeps partial sums in narrower lanes (AVX2's int16 pairs) must spill them in time.
+  for (double bits : bits_list) {
+    Format f;
+    format_for_bits(bits, &f);
+    for (const Shape& s : {Shape{1, 4096, 16, 1}, Shape{3, 4100, 9, 1}, Shape{6, 4096, 17, 32}, Shape{1, 11008, 8, 86},
+                           Shape{2, 2560, 16, 20}}) {
+      for (float sign : {1.f, -1.f}) {
+        Case c = make_case(rng, bits, s, f.n_codes - 1);
+        for (int64_t m = 0; m < s.M; ++m)
+          for (int64_t k = 0; k < s.K; ++k) c.x[m * s.K + k] = (m % 2 ? -sign : sign) * 0.5f;
+        const std::vector<float> ref = run(c, Path::Scalar, ActMode::Int8);
+        for (Path p : paths)
+          for (bool b16 : {false, true}) {
+            ++checks;
+            if (!same_bits(ref, run(c, p, ActMode::Int8, b16))) {
+              ++fails;
+              std::printf("FAIL extreme sums path=%s bits=%g M=%lld K=%lld G=%lld sign=%g%s\n", path_name(p), bits,
+                          (long long)s.M, (long long)s.K, (long long)s.G, sign, b16 ? " blocked16" : "");
+            }
+          }
       }
     }
   }
