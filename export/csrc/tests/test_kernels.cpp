@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -126,9 +127,15 @@ int main() {
       // the same at M > 4 (int8 trits staged once per row block, every token tile reads them back)
       {6, 88, 9, 11},   {9, 4100, 33, 1},  {12, 120, 17, 10}, {7, 660, 7, 5},  {10, 640, 20, 10},
       {6, 1280, 17, 10}, {5, 68, 18, 17}, {19, 76, 16, 19}, {11, 9, 3, 1}};
+  // PARETOQ_TEST_PATHS="neon neondot" limits the run to those paths (the qemu test runs one per
+  // emulated CPU, side by side); unset: every available path.
+  const char* only = std::getenv("PARETOQ_TEST_PATHS");
   std::vector<Path> paths;
-  for (Path p : {Path::AVX2, Path::AVX512, Path::NEON, Path::NEONDOT})
-    if (path_available(p)) paths.push_back(p);
+  for (Path p : {Path::AVX2, Path::AVX512, Path::NEON, Path::NEONDOT}) {
+    const std::string name = std::string(" ") + path_name(p) + " ";
+    if (path_available(p) && (!only || (" " + std::string(only) + " ").find(name) != std::string::npos))
+      paths.push_back(p);
+  }
   std::printf("best path: %s; testing", path_name(best_path()));
   for (Path p : paths) std::printf(" %s", path_name(p));
   std::printf("\n");
