@@ -119,14 +119,19 @@ PQ_FLATTEN void block_i8_words(const LinearArgs& a, const Prepared& p, const Blo
 
 // 3-bit codes: 32-code units of 3 words; quad d (codes 4d..4d+3, bits 12d..12d+11) is cut out of
 // its word(s) with a shift or a funnel shift and spread into 4 bytes.
-template <class A, int D>
-PQ_INLINE typename A::VI quad_window(const typename A::VI* W) {
-  constexpr int pos = 12 * D, wi = pos / 32, sh = pos % 32;
-  if constexpr (sh + 12 <= 32) {
+template <class A, int POS, int WIDTH>  // bits POS .. POS + WIDTH - 1 of a word stream, low bits of each lane
+PQ_INLINE typename A::VI field_at(const typename A::VI* W) {
+  constexpr int wi = POS / 32, sh = POS % 32;
+  if constexpr (sh + WIDTH <= 32) {
     return A::template srl<sh>(W[wi]);
   } else {
     return A::template window<sh>(W[wi], W[wi + 1]);
   }
+}
+
+template <class A, int D>
+PQ_INLINE typename A::VI quad_window(const typename A::VI* W) {
+  return field_at<A, 12 * D, 12>(W);
 }
 
 // UG: groups are whole 32-code units (per row, or group_size % 32 == 0), so group ends are
@@ -199,12 +204,7 @@ PQ_FLATTEN void block_f32_words(const LinearArgs& a, const Prepared& p, const Bl
 // Code i of a 3-bit unit (bits 3i .. 3i+2) in the low bits of each lane.
 template <class A, int I>
 PQ_INLINE typename A::VI code3(const typename A::VI* W) {
-  constexpr int pos = 3 * I, wi = pos / 32, sh = pos % 32;
-  if constexpr (sh + 3 <= 32) {
-    return A::template srl<sh>(W[wi]);
-  } else {
-    return A::template window<sh>(W[wi], W[wi + 1]);
-  }
+  return field_at<A, 3 * I, 3>(W);
 }
 
 template <class A, int MT, bool UG>
