@@ -112,15 +112,23 @@ def _torch_build_flags():
     ]
 
 
+CORE_ARCHIVE = "libparetoq_core.a"
+
+
 def _variant(kind: str):
-    """(runtime version string, cmake flags, files to publish) of a build kind."""
+    """(runtime version string, cmake flags, (files to publish, their cmake targets), cache prefix) of
+    a build kind. "core" is the kernels alone (the archive both registrations link; no runtime)."""
+    if kind == "core":
+        return "core", ["-DPARETOQ_WITH_EXECUTORCH=OFF"], ((CORE_ARCHIVE,), ("paretoq_core",)), "core"
     if kind == "executorch":
         pkg, ver = _executorch_dir()
         return f"et-{ver}|{pkg}", ["-DPARETOQ_WITH_EXECUTORCH=ON", f"-Dexecutorch_DIR={pkg / 'share' / 'cmake'}"], \
-            (LIB_NAME, TEST_BINARY, BENCH_BINARY), f"et-kernels-{ver}"
+            ((LIB_NAME, TEST_BINARY, BENCH_BINARY), ("paretoq_et_kernels", TEST_BINARY, BENCH_BINARY)), \
+            f"et-kernels-{ver}"
     if kind == "aten":
         ver, flags = _torch_build_flags()
-        return f"torch-{ver}", flags, (ATEN_LIB_NAME,), f"aten-kernels-{ver.replace('+', '_')}"
+        return f"torch-{ver}", flags, ((ATEN_LIB_NAME,), ("paretoq_aten_kernels",)), \
+            f"aten-kernels-{ver.replace('+', '_')}"
     raise ValueError(f"unknown kernel build kind {kind!r} (expected 'executorch' or 'aten')")
 
 
@@ -138,12 +146,15 @@ def build_dir(kind: str = "executorch") -> Path:
 
 def build_kernels(verbose: bool = False, kind: str = "executorch") -> Path:
     """Build (if needed) and return the directory holding the library of ``kind`` ("executorch":
-    also the C++ test binary; "aten")."""
+    also the C++ test binary and the kernel bench; "aten"). Both link one cached build of the
+    kernels themselves (kind "core", ``libparetoq_core.a``), so the SIMD code compiles once."""
     out = build_dir(kind)
-    _, flags, publish, _ = _variant(kind)
+    _, flags, (publish, targets), _ = _variant(kind)
     lib = out / publish[0]
     if lib.exists():
         return out
+    if kind != "core":
+        flags = [*flags, f"-DPARETOQ_CORE_LIBRARY={build_kernels(verbose, 'core') / CORE_ARCHIVE}"]
     cmake = _find_cmake()
     cxx = _find_compiler()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,17 +164,7 @@ def build_kernels(verbose: bool = False, kind: str = "executorch") -> Path:
             return out
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
         try:
-            cfg = [cmake, "-S", str(source_dir()), "-B", str(tmp / "build"),
-                   f"-DCMAKE_CXX_COMPILER={cxx}", "-DCMAKE_BUILD_TYPE=Release",
-                   f"-DPARETOQ_BUILD_ID={out.name}", *flags]
-            jobs = str(max(1, min(4, os.cpu_count() or 1)))
-            for cmd in (cfg, [cmake, "--build", str(tmp / "build"), "-j", jobs]):
-                r = subprocess.run(cmd, capture_output=not verbose, text=True)
-                if r.returncode != 0:
-                    raise KernelBuildError(
-                        f"building the ParetoQ {kind} kernels failed ({' '.join(cmd[:2])} ...):\n"
-                        f"{(r.stdout or '')[-4000:]}\n{(r.stderr or '')[-4000:]}"
-                    )
+            _cmake_build(cmake, cxx, tmp / "build", out.name, flags, targets, kind, verbose)
             for name in publish:
                 shutil.copy2(tmp / "build" / name, tmp / name)
             shutil.rmtree(tmp / "build", ignore_errors=True)
@@ -173,6 +174,21 @@ def build_kernels(verbose: bool = False, kind: str = "executorch") -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _cmake_build(cmake, cxx, build, build_id, flags, targets, kind, verbose):
+    """Configure and build ``targets`` (only those) in ``build``; KernelBuildError with the tail of
+    the compiler's output on failure."""
+    cfg = [cmake, "-S", str(source_dir()), "-B", str(build), f"-DCMAKE_CXX_COMPILER={cxx}",
+           "-DCMAKE_BUILD_TYPE=Release", f"-DPARETOQ_BUILD_ID={build_id}", *flags]
+    jobs = str(max(1, min(4, os.cpu_count() or 1)))
+    for cmd in (cfg, [cmake, "--build", str(build), "-j", jobs, "--target", *targets]):
+        r = subprocess.run(cmd, capture_output=not verbose, text=True)
+        if r.returncode != 0:
+            raise KernelBuildError(
+                f"building the ParetoQ {kind} kernels failed ({' '.join(cmd[:2])} ...):\n"
+                f"{(r.stdout or '')[-4000:]}\n{(r.stderr or '')[-4000:]}"
+            )
 
 
 def _mapped_library(name: str = LIB_NAME) -> Optional[str]:

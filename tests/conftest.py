@@ -153,3 +153,14 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(tk, "triton_linear", spy)
     return calls
+
+
+@pytest.fixture(scope="session")
+def pte_zoo(tmp_path_factory):
+    """Every packed format x layout in one eager model, and its ``.pte`` programs exported once per
+    (activations, weight order) for the whole session: ``pte_zoo.model``, ``pte_zoo.path(acts, order)``
+    (tests/_pte_zoo.py). Tests that use it must not change the model, except its activation mode."""
+    pytest.importorskip("executorch")
+    from _pte_zoo import PteZoo
+
+    return PteZoo(tmp_path_factory.mktemp("pte_zoo"))

@@ -10,6 +10,9 @@ import paretoq_ao as pq
 from paretoq_ao import ops
 from paretoq_ao.packing import BLOCK_ROWS, block16, blocked16_row_bytes, pack_codes, packed_row_bytes, unblock16
 from paretoq_ao.formats import get_format
+from _pte_zoo import CASES as ZOO_CASES, K as ZOO_K, LAYERS_PER_CASE, case_id
+
+ZOO_LAYERS = LAYERS_PER_CASE * len(ZOO_CASES)
 
 BITS = (1, 1.58, 2, 3, 4)
 
@@ -84,33 +87,37 @@ def _model(bits, group_size, k=200, n=37):
     return m
 
 
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size,k,n", [(None, 200, 37), (20, 200, 40), (32, 160, 64)])
-def test_pte_in_blocked16_order_equals_row_order_and_eager(tmp_path, bits, group_size, k, n):
+@pytest.mark.parametrize("bits,layout", ZOO_CASES, ids=[case_id(b, g) for b, (g, _, _) in ZOO_CASES])
+@pytest.mark.parametrize("act", ["int8", "float"])
+def test_pte_in_blocked16_order_equals_row_order_and_eager(bits, layout, act, pte_zoo):
+    """The same model exported in both weight orders (one shared program per order and activation
+    mode holds every format x layout, tests/_pte_zoo.py): the programs call the ops of their order,
+    record their activation mode, run every layer in the C++ kernels, and give the same outputs,
+    equal to the eager model."""
     pe = pytest.importorskip("paretoq_ao.export")
-    m = _model(bits, group_size, k, n)
-    x = torch.randn(5, k)
-    for act in ("int8", "float"):
-        outs = {}
-        for order in ("blocked16", "rows"):
-            path = pe.export_executorch(m, (x,), tmp_path / f"{order}-{act}.pte", activations=act,
-                                        weight_order=order)
-            data = open(path, "rb").read()
-            b16_op = (b"paretoq::linear_8da_b16" if act == "int8" else b"paretoq::linear_b16") in data
-            assert b16_op == (order == "blocked16")
-            assert pe.program_activations(path) == act
-            f = pe.load_executorch(path)
-            before = pe.kernel_call_count(act)
-            outs[order] = f(x)
-            assert pe.kernel_call_count(act) == before + 2  # both layers ran in the C++ kernels
-        assert torch.equal(outs["blocked16"], outs["rows"])
-        pq.set_activations(m, act)
-        with torch.no_grad():
-            ref = m(x)
+    group_size = layout[0]
+    m = pte_zoo.model
+    x = torch.randn(5, ZOO_K)
+    outs = {}
+    for order in ("blocked16", "rows"):
+        path = pte_zoo.path(act, order)
+        data = open(path, "rb").read()
+        b16_op = (b"paretoq::linear_8da_b16" if act == "int8" else b"paretoq::linear_b16") in data
+        assert b16_op == (order == "blocked16")
+        assert pe.program_activations(path) == act
+        f = pe.load_executorch(path)
+        before = pe.kernel_call_count(act)
+        outs[order] = m.outputs(f(x), bits, group_size)
+        assert pe.kernel_call_count(act) == before + ZOO_LAYERS  # every layer ran in the C++ kernels
+    pq.set_activations(m, act)
+    with torch.no_grad():
+        ref = m.branch(bits, group_size)(x)
+    for b16, rows, want in zip(outs["blocked16"], outs["rows"], ref):
+        assert torch.equal(b16, rows)
         if act == "int8":
-            assert torch.equal(outs["blocked16"], ref)
+            assert torch.equal(b16, want)
         else:
-            torch.testing.assert_close(outs["blocked16"], ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b16, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_weight_order_is_refused_before_export(tmp_path):

@@ -13,6 +13,7 @@ from torchao import quantize_
 from paretoq_ao import ParetoQWeightOnlyConfig, backends, set_activations
 import paretoq_ao.export as pe
 from paretoq_ao.export import _build
+from _pte_zoo import CASES as ZOO_CASES, K as ZOO_K, case_id
 
 ALL_BITS = [1, 1.58, 2, 3, 4]
 
@@ -52,30 +53,29 @@ def test_out_variant_reference(op):
     torch.testing.assert_close(out, getattr(torch.ops.paretoq, op)(x, w.qdata, w.scale, 2.0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bits", ALL_BITS)
-@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("bits,layout", ZOO_CASES, ids=[case_id(b, g) for b, (g, _, _) in ZOO_CASES])
 @pytest.mark.parametrize("acts", ["float", "int8"])
-def test_pte_equals_eager_model(bits, group_size, acts, tmp_path):
+def test_pte_equals_eager_model(bits, layout, acts, pte_zoo):
     """Every format x layout x activation mode: the .pte equals the eager packed model (the same
     C++ kernels run both, so bit for bit) and the plain PyTorch reference (to rounding); the
-    program records its activation mode."""
-    m = _quantized_mlp(bits, k=128, hidden=64, group_size=group_size)
-    x = torch.randn(2, 128)
-    batch = torch.export.Dim("batch", min=1, max=16)
-    path = pe.export_executorch(m, (x,), tmp_path / "m.pte", dynamic_shapes=({0: batch},), activations=acts)
+    program records its activation mode. One shared program holds every case (tests/_pte_zoo.py)."""
+    group_size = layout[0]
+    path = pte_zoo.path(acts)
     assert pe.program_activations(path) == acts
     f = pe.load_executorch(path)
+    m = pte_zoo.model
     set_activations(m, acts)
-    for b in (1, 2, 5):  # dynamic batch (resize_tensor), N = 1 in the second layer
-        xb = torch.randn(b, 128)
+    for b in (1, 2, 5):  # dynamic batch (resize_tensor); N = 1 in the third layer of each case
+        xb = torch.randn(b, ZOO_K)
         with torch.no_grad():
-            eager = m(xb)
+            eager = m.branch(bits, group_size)(xb)
             with backends.disabled("all"):
-                ref = m(xb)
-        got = f(xb)
-        assert got.shape == eager.shape
-        torch.testing.assert_close(got, eager, rtol=0, atol=0)
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+                ref = m.branch(bits, group_size)(xb)
+        got = m.outputs(f(xb), bits, group_size)
+        for g, e, r in zip(got, eager, ref):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
 def test_export_activations_none_keeps_each_layer_and_bad_value(tmp_path):
@@ -333,56 +333,39 @@ def _assert_nonfinite_like_eager(got, want, what, atol=0.0):
     torch.testing.assert_close(got[fin], want[fin], rtol=atol, atol=atol, msg=what)
 
 
-@pytest.mark.parametrize("bits", ALL_BITS)
-@pytest.mark.parametrize("group_size", [None, 32])
-def test_pte_propagates_nan_and_inf_like_eager(bits, group_size, tmp_path):
-    """A packed Linear and a small model (Linear -> ReLU -> Linear), int8 and float activations: a
-    batch with a NaN row, a +Inf row and a -Inf row gives NaN / Inf where eager does (same signs),
-    and the finite rows equal eager (the same kernels) and the plain PyTorch reference."""
+@pytest.mark.parametrize("bits,layout", ZOO_CASES, ids=[case_id(b, g) for b, (g, _, _) in ZOO_CASES])
+@pytest.mark.parametrize("acts", ["int8", "float"])
+def test_pte_propagates_nan_and_inf_like_eager(bits, layout, acts, pte_zoo):
+    """A packed Linear on the raw input and a small model after it (ReLU -> Linear, 19 and 1 rows),
+    int8 and float activations: a batch with a NaN row, a +Inf row and a -Inf row gives NaN / Inf
+    where eager does (same signs), and the finite rows equal eager (the same kernels) and the plain
+    PyTorch reference."""
+    group_size = layout[0]
     torch.manual_seed(0)
-    x = torch.randn(5, 128)
+    x = torch.randn(5, ZOO_K)
     x[1, 5] = float("nan")
     x[2, 7] = float("inf")
     x[3, 9] = -float("inf")
-    for acts in ("int8", "float"):
-        torch.manual_seed(1)
-        m = _LinearAndMLP().eval()  # both kinds in one program: one export per mode
-        quantize_(m, ParetoQWeightOnlyConfig(bits=bits, group_size=group_size),
-                  filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
-        path = pe.export_executorch(m, (torch.randn(5, 128),), tmp_path / f"m-{acts}.pte", activations=acts,
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
-        run = pe.load_executorch(path)
-        got_all, got_finite = run(x), run(x[[0, 4]])
-        set_activations(m, acts)
-        with torch.no_grad():
-            eager_all = m(x)
-            with backends.disabled("all"):
-                ref_all = m(x)
-        for i, kind in enumerate(("linear", "model")):
-            got, eager, ref = got_all[i], eager_all[i], ref_all[i]
-            what = f"{kind} bits={bits} group_size={group_size} activations={acts}"
-            assert torch.isnan(eager[1]).all(), what  # the NaN row is NaN everywhere
-            assert not torch.isfinite(eager[2]).any() and not torch.isfinite(eager[3]).any(), what
-            if kind == "linear":  # one Inf input: +-Inf by the weight's sign (NaN where it is 0)
-                assert torch.isinf(eager[2]).any() and torch.isinf(eager[3]).any(), what
-            assert torch.isfinite(eager[[0, 4]]).all(), what
-            _assert_nonfinite_like_eager(got, eager, what + " (.pte vs eager)")
-            _assert_nonfinite_like_eager(got, ref, what + " (.pte vs reference)", atol=1e-4)
-            # the finite rows are those of a batch without the bad rows
-            torch.testing.assert_close(got[[0, 4]], got_finite[i], rtol=0, atol=0)
-        del run
-
-
-class _LinearAndMLP(nn.Module):
-    """A packed Linear and a Linear -> ReLU -> Linear, side by side on the same input."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(128, 16)
-        self.mlp = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))
-
-    def forward(self, x):
-        return self.lin(x), self.mlp(x)
+    m = pte_zoo.model
+    run = pe.load_executorch(pte_zoo.path(acts))
+    got_all, got_finite = m.outputs(run(x), bits, group_size), m.outputs(run(x[[0, 4]]), bits, group_size)
+    set_activations(m, acts)
+    with torch.no_grad():
+        eager_all = m.branch(bits, group_size)(x)
+        with backends.disabled("all"):
+            ref_all = m.branch(bits, group_size)(x)
+    for i, kind in enumerate(("linear", "model (19 rows)", "model (1 row)")):
+        got, eager, ref = got_all[i], eager_all[i], ref_all[i]
+        what = f"{kind} bits={bits} group_size={group_size} activations={acts}"
+        assert torch.isnan(eager[1]).all(), what  # the NaN row is NaN everywhere
+        assert not torch.isfinite(eager[2]).any() and not torch.isfinite(eager[3]).any(), what
+        if kind == "linear":  # one Inf input: +-Inf by the weight's sign (NaN where it is 0)
+            assert torch.isinf(eager[2]).any() and torch.isinf(eager[3]).any(), what
+        assert torch.isfinite(eager[[0, 4]]).all(), what
+        _assert_nonfinite_like_eager(got, eager, what + " (.pte vs eager)")
+        _assert_nonfinite_like_eager(got, ref, what + " (.pte vs reference)", atol=1e-4)
+        # the finite rows are those of a batch without the bad rows
+        torch.testing.assert_close(got[[0, 4]], got_finite[i], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- damaged .pte files
