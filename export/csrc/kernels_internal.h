@@ -51,6 +51,8 @@ bool simd_groups_ok(const LinearArgs& a, const char** why);
 int rows_per_tile(Path p, int64_t M);
 void rows_avx2(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
 void rows_avx512(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
+void rows_avx2_trits(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
+void rows_avx512_trits(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
 void rows_neon(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
 void rows_neondot(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1);
 

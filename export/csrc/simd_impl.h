@@ -99,15 +99,27 @@ void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, in
   }
 }
 
+// The two format families, callable separately so that an architecture may compile them in two
+// translation units (its SIMD files are most of the build: both cores of a -j2 build stay busy).
 template <class A>
-void rows(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
-  if (a.fmt.storage == kTrits5) return rows_b<A, kTrits>(a, p, mode, n0, n1);
+void rows_rowbits(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
   switch (a.fmt.code_bits) {
     case 1: return rows_b<A, 1>(a, p, mode, n0, n1);
     case 2: return rows_b<A, 2>(a, p, mode, n0, n1);
     case 3: return rows_b<A, 3>(a, p, mode, n0, n1);
     default: return rows_b<A, 4>(a, p, mode, n0, n1);
   }
+}
+
+template <class A>
+void rows_trits(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
+  rows_b<A, kTrits>(a, p, mode, n0, n1);
+}
+
+template <class A>
+void rows(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, int64_t n1) {
+  if (a.fmt.storage == kTrits5) return rows_trits<A>(a, p, mode, n0, n1);
+  rows_rowbits<A>(a, p, mode, n0, n1);
 }
 
 }  // namespace simd
