@@ -538,6 +538,11 @@ def _parse(argv: List[str]):
         p.error(f"--seeds needs at least one seed and no repeats, got {args.seeds}")
     if not 0 <= args.pretrain_warmup <= 1:
         p.error("--pretrain-warmup is a fraction of the pre-training steps, in [0, 1]")
+    for name in ("batch_size", "block_size", "vocab_size", "max_chars", "val_chars", "eval_blocks", "pretrain_steps"):
+        if getattr(args, name) < 1:  # refused here, not after data loading and minutes of pre-training
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.lr_scale > 0:
+        p.error(f"--lr-scale must be positive, got {args.lr_scale}")
     if (args.pretrain_lr is not None and args.pretrain_lr <= 0) or args.pretrain_lr_base <= 0:
         p.error("pre-training LRs must be positive")
     if args.report is not None:

@@ -47,6 +47,17 @@ def fails(capsys, argv, *expected):
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def run_2bit(tmp_path_factory):
+    """One `paretoq qat` run (2 bits, 2 steps) and its `paretoq convert`ed folder, shared by the tests that
+    only read them: (run folder, packed folder). The run keeps its last checkpoint, checkpoint-00000002."""
+    tmp = tmp_path_factory.mktemp("cli-2bit")
+    run, packed = os.fspath(tmp / "run"), os.fspath(tmp / "packed")
+    assert main(TINY_QAT + ["--bits", "2", "--steps", "2", "--output-dir", run]) == 0
+    assert main(["convert", run, packed]) == 0
+    return run, packed
+
+
 def test_qat_convert_size_eval(tmp_path, capsys):
     run = os.fspath(tmp_path / "run")
     assert main(TINY_QAT + ["--bits", "1.58", "--steps", "3", "--output-dir", run]) == 0
@@ -120,19 +131,21 @@ def test_checkpoint_from_other_settings(tmp_path, capsys):
     fails(capsys, ["convert", os.fspath(tmp_path / "nothing"), os.fspath(tmp_path / "o")], "no such checkpoint")
 
 
-def test_export_packed_model_to_pte_matches_eager(tmp_path, capsys):
-    # qat -> convert -> export; the .pte's first decode step equals the packed model's logits.
+def test_export_packed_model_to_pte_matches_eager(run_2bit, tmp_path, capsys):
+    # qat -> convert (the run_2bit fixture) -> export; the .pte's first decode step equals the packed model's logits.
     import torch
 
     import paretoq_ao.export as pe
     from paretoq_ao.export.llama import LlamaKVStep
     from paretoq_ao.hf import load_model
 
-    run, packed, pte = (os.fspath(tmp_path / n) for n in ("run", "packed", "m.pte"))
-    assert main(TINY_QAT + ["--bits", "2", "--steps", "2", "--output-dir", run]) == 0
-    assert main(["convert", run, packed]) == 0
+    _, packed = run_2bit
+    pte = os.fspath(tmp_path / "m.pte")
+    capsys.readouterr()
     assert main(["export", packed, pte, "--max-len", "8"]) == 0
     assert os.path.getsize(pte) > 0
+    # the packed folder holds float32 scales: the export says nothing about a conversion
+    assert "converted" not in capsys.readouterr().out
     model, _ = load_model(packed, tokenizer=False)
     ids, pos = torch.tensor([[3]]), torch.tensor([0])
     with torch.no_grad():
@@ -248,14 +261,11 @@ def test_max_grad_norm_none_turns_clipping_off():
     assert a.max_grad_norm is None
 
 
-def test_commands_on_each_others_folders(tmp_path, capsys):
+def test_commands_on_each_others_folders(run_2bit, tmp_path, capsys):
     """qat given a packed folder, a QAT checkpoint or a qat output folder as --model; size and eval
     given a qat output folder or a checkpoint-N folder: each gets what it can use or one line saying
     what to run instead."""
-    run = os.fspath(tmp_path / "run")
-    assert main(TINY_QAT + ["--bits", "2", "--steps", "2", "--output-dir", run]) == 0
-    packed = os.fspath(tmp_path / "packed")
-    assert main(["convert", run, packed]) == 0
+    run, packed = run_2bit
     capsys.readouterr()
     new = ["--steps", "1", "--output-dir", os.fspath(tmp_path / "o"), "--no-progress"]
     fails(capsys, ["qat", "--model", packed] + new, "is packed", "full-precision model")
@@ -319,13 +329,12 @@ def _tiny_llama_folder(folder, dtype, packed=True):
     return os.fspath(folder)
 
 
-def test_export_qat_folder_says_convert_first(tmp_path, capsys):
+def test_export_qat_folder_says_convert_first(run_2bit, tmp_path, capsys):
     # a save_qat_checkpoint folder, a qat --output-dir, its checkpoint-N and checkpoint-N/model folders
     import torch
 
     qat_dir = _tiny_llama_folder(tmp_path / "qat", torch.float32, packed=False)
-    run = os.fspath(tmp_path / "run")
-    assert main(TINY_QAT + ["--bits", "2", "--steps", "1", "--output-dir", run]) == 0
+    run, _ = run_2bit
     ckpt = os.path.join(run, open(os.path.join(run, "latest")).read().strip())
     pte = os.fspath(tmp_path / "m.pte")
     for folder in (qat_dir, run, ckpt, os.path.join(ckpt, "model")):
@@ -361,9 +370,7 @@ def test_export_half_precision_packed_folder(tmp_path, capsys):
         got = pe.load_executorch(pte)(ids, pos)
         got = got[0] if isinstance(got, (list, tuple)) else got
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # the default (int8 activations) exports too; a float32 folder says nothing about conversion
+    # the default (int8 activations) exports too (that a float32 folder says nothing about conversion is
+    # checked on the float32 folder of test_export_packed_model_to_pte_matches_eager, also int8 activations)
     assert main(["export", folder, os.fspath(tmp_path / "i8.pte"), "--max-len", "8"]) == 0
     assert "converted to float32" in capsys.readouterr().out
-    f32 = _tiny_llama_folder(tmp_path / "f32", torch.float32)
-    assert main(["export", f32, os.fspath(tmp_path / "f32.pte"), "--max-len", "8"]) == 0
-    assert "converted" not in capsys.readouterr().out

@@ -44,11 +44,36 @@ def _fortunes(tmp_path):
 
 
 def _run(tmp_path, *flags):
+    """The script as CI's users run it: a subprocess with its own interpreter."""
     out = tmp_path / "results"
     env = dict(os.environ, PARETOQ_FORTUNES_DIR=str(_fortunes(tmp_path)))
     proc = subprocess.run([sys.executable, SCRIPT, "--tiny", "--results-dir", str(out), *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=400, env=env)
     return proc, out
+
+
+def _main(out, *flags):
+    """The script's ``main`` in this process (same argument parsing and code path, no interpreter start-up)."""
+    return _study().main(["--tiny", "--results-dir", str(out), *flags])
+
+
+# one study with an LR override and two seeds, no second corpus: run once, read by two tests below
+TWO_SEEDS = ("--sizes", "xxs", "--bits", "2", "--no-ablation", "--pretrain-lr", "1e-3", "--pretrain-warmup", "0",
+             "--seeds", "3,5", "--second-corpus", "none")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """One results folder that receives two studies on the same day: first the two-seed study (TWO_SEEDS,
+    in-process), then the default ``--tiny`` study as a real subprocess. The second must not overwrite the
+    first: it writes ``pareto-<date>-2.*``. ``first`` is the first study's JSON as read before the second ran."""
+    tmp = tmp_path_factory.mktemp("pareto")
+    out = tmp / "results"
+    assert _main(out, *TWO_SEEDS) == 0
+    date = datetime.date.today().isoformat()
+    first = json.loads((out / f"pareto-{date}.json").read_text())
+    proc, _ = _run(tmp)  # writes to the same tmp / "results"
+    return dict(out=out, date=date, first=first, tiny=proc)
 
 
 def test_pretrain_lr_rule():
@@ -67,13 +92,8 @@ def test_pretrain_lr_rule():
     assert "| size (width) | LR | no warm-up |" in "\n".join(rep.PRETRAIN_SWEEP)
 
 
-def test_pareto_study_one_lr_override_two_seeds(tmp_path):
-    flags = ("--sizes", "xxs", "--bits", "2", "--no-ablation", "--pretrain-lr", "1e-3", "--pretrain-warmup", "0",
-             "--seeds", "3,5", "--second-corpus", "none")
-    proc, out = _run(tmp_path, *flags)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    date = datetime.date.today().isoformat()
-    res = json.loads((out / f"pareto-{date}.json").read_text())
+def test_pareto_study_one_lr_override_two_seeds(studies):
+    out, date, res = studies["out"], studies["date"], studies["first"]
     assert res["pretrain"] == {"xxs": {"lr": 1e-3, "warmup_steps": 0, "steps": 9}}
     assert res["pretrain_rule"] is None and res["seeds"] == [3, 5] and res["second_corpus"] is None
     md = (out / f"pareto-{date}.md").read_text()
@@ -86,9 +106,8 @@ def test_pareto_study_one_lr_override_two_seeds(tmp_path):
         m, sd = cm.mean_sd([r["ppl"] for r in rows])
         assert sd > 0 and f"| {method} | {rows[0]['linear_mb']:.4f} | {cm._fmt(m)} ± {cm._fmt(sd)} |" in md
     assert "fortunes ppl" not in md and "No second corpus (--second-corpus none)." in md
-    # a second run the same day keeps the first one's files
-    proc, _ = _run(tmp_path, *flags)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # a second run the same day (the --tiny study of the fixture) keeps the first one's files
+    assert studies["tiny"].returncode == 0, studies["tiny"].stderr[-4000:]
     assert (out / f"pareto-{date}-2.json").is_file() and json.loads((out / f"pareto-{date}.json").read_text()) == res
 
 
@@ -98,21 +117,30 @@ def test_pareto_study_one_lr_override_two_seeds(tmp_path):
     (("--seeds", "1,1"), "no repeats"),
     (("--second-corpus", "/nowhere/at/all.txt"), "--second-corpus /nowhere/at/all.txt: data file"),
     (("--report", "/nowhere/r.json"), "--report /nowhere/r.json: cannot read a study's JSON"),
+    (("--eval-blocks", "0"), "--eval-blocks must be at least 1, got 0"),
+    (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+    (("--pretrain-steps", "-3"), "--pretrain-steps must be at least 1, got -3"),
+    (("--lr-scale", "-1"), "--lr-scale must be positive, got -1.0"),
 ])
-def test_pareto_study_bad_arguments(tmp_path, flags, message):
-    proc, out = _run(tmp_path, *flags)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+def test_pareto_study_bad_arguments(tmp_path, monkeypatch, capsys, flags, message):
+    # in-process: argparse's exit status and message are the same as from the command line (the --tiny
+    # study above runs the script as a subprocess); a subprocess would only add the interpreter start-up
+    monkeypatch.setenv("PARETOQ_FORTUNES_DIR", str(_fortunes(tmp_path)))
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as e:
+        _main(out, *flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, err[-2000:]
     assert not out.exists() or not list(out.iterdir())  # refused before any work
 
 
-def test_pareto_study_tiny(tmp_path):
-    proc, out = _run(tmp_path)
+def test_pareto_study_tiny(studies):
+    proc, out, date = studies["tiny"], studies["out"], studies["date"]
     assert proc.returncode == 0, proc.stderr[-4000:]
-    date = datetime.date.today().isoformat()
-    md = (out / f"pareto-{date}.md").read_text()
-    png = out / f"pareto-{date}.png"
+    md = (out / f"pareto-{date}-2.md").read_text()  # -2: the fixture's two-seed study came first
+    png = out / f"pareto-{date}-2.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = json.loads((out / f"pareto-{date}.json").read_text())
+    res = json.loads((out / f"pareto-{date}-2.json").read_text())
 
     sizes, bits = ["xxs", "xs"], [4, 3, 2, 1.58, 1]
     assert res["seeds"] == [0] and all(r["seed"] == 0 for r in res["rows"] + res["ablation"])
@@ -300,18 +328,16 @@ def test_distillation_share_and_claims_follow_the_spread():
     assert cell["seeds"] == {0: 60.0, 1: 61.0, 2: 62.0} and cm.fmt_cell(cell) == "61.00 ± 1.00"
 
 
-def test_report_rerenders_a_saved_run_and_refuses_other_json(tmp_path):
-    flags = ("--sizes", "xxs", "--bits", "2", "--no-ablation", "--seeds", "0", "--second-corpus", "none")
-    proc, out = _run(tmp_path, *flags)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    date = datetime.date.today().isoformat()
-    first = (out / f"pareto-{date}.md").read_text()
-    proc, _ = _run(tmp_path, *flags, "--report", str(out / f"pareto-{date}.json"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_report_rerenders_a_saved_run_and_refuses_other_json(studies, tmp_path, capsys):
+    out, date = studies["out"], studies["date"]
+    first = (out / f"pareto-{date}.md").read_text()  # the two-seed study: its table holds mean ± sd
+    assert _main(out, *TWO_SEEDS, "--report", str(out / f"pareto-{date}.json")) == 0
     again = (out / f"pareto-{date}-report.md").read_text()  # the run's own report is kept
     table = lambda md: md[md.index("## Results"):md.index("## Pre-training")]  # noqa: E731
     assert table(again) == table(first) and (out / f"pareto-{date}-report.png").is_file()
     bad = tmp_path / "other.json"
     bad.write_text('{"a": 1}')
-    proc, _ = _run(tmp_path, *flags, "--report", str(bad))
-    assert proc.returncode == 2 and "not the JSON of a pareto_study run" in proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _main(tmp_path / "results", *TWO_SEEDS, "--report", str(bad))
+    assert e.value.code == 2 and "not the JSON of a pareto_study run" in capsys.readouterr().err

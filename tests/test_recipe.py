@@ -173,9 +173,24 @@ def write_local_task(folder) -> str:
     return os.fspath(folder)
 
 
-def test_zero_shot_local_task_on_packed_model(tmp_path):
+def test_zero_shot_local_task_on_packed_model(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
+    import lm_eval.tasks
+
+    # Building a TaskManager indexes every lm-eval task folder (seconds on a slow machine); both zero_shot
+    # calls below build one for the same include_path from the same files, so build it once and return that
+    # same index to both. zero_shot itself is unchanged: it still constructs, queries and passes its manager.
+    managers = {}
+    real_task_manager = lm_eval.tasks.TaskManager
+
+    def task_manager(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in managers:
+            managers[key] = real_task_manager(*args, **kwargs)
+        return managers[key]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", task_manager)
     res = rc.run_qat(tiny_recipe(tmp_path / "run", steps=2))
     model = rc.to_packed(res.model)
     from paretoq_ao.packed import ParetoQPackedTensor
