@@ -47,7 +47,8 @@ def table(results: Dict[Tuple[str, ...], Dict[str, List[float]]], names: List[st
     for key, per in results.items():
         mins = [min(per[n]) for n in names]
         cells = [f"{min(per[n]):.3f} / {statistics.median(per[n]):.3f}" for n in names]
-        cells += [f"{mins[0] / m:.2f}x" for m in mins[1:]]
+        # a cell faster than the bench prints (0.000 ms) has no ratio: say so instead of dividing by zero
+        cells += [f"{mins[0] / m:.2f}x" if m > 0 and mins[0] > 0 else "n/a (0.000 ms)" for m in mins[1:]]
         lines.append("| " + " | ".join(list(key) + cells) + " |")
     return "\n".join(lines)
 

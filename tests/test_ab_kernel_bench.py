@@ -59,6 +59,14 @@ def test_min_median_and_ratio_per_cell(tmp_path):
     assert int((tmp_path / "a.n").read_text()) == 3 and int((tmp_path / "b.n").read_text()) == 3
 
 
+def test_a_cell_below_the_timer_resolution_has_no_ratio():
+    got = ab_kernel_bench.table({("2", "row", "b16", "int8", "1", "1"): {"a": [0.0, 0.001], "b": [0.002, 0.003]},
+                                 ("2", "g64", "b16", "int8", "1", "1"): {"a": [0.004], "b": [0.0]}}, ["a", "b"])
+    lines = got.splitlines()
+    assert lines[2] == "| 2 | row | b16 | int8 | 1 | 1 | 0.000 / 0.001 | 0.002 / 0.003 | n/a (0.000 ms) |"
+    assert lines[3] == "| 2 | g64 | b16 | int8 | 1 | 1 | 0.004 / 0.004 | 0.000 / 0.000 | n/a (0.000 ms) |"
+
+
 def test_parse_rows_reads_only_timing_rows():
     rows = ab_kernel_bench.parse_rows(TABLE.format(a=0.25, b=0.5))
     assert rows == [(("2", "row", "b16", "int8", "1", "1"), 0.25), (("2", "g64", "b16", "int8", "1", "1"), 0.5)]
@@ -87,7 +95,7 @@ def test_real_bench_builds_compared(tmp_path):
 
     bench = str(_build.build_kernels() / _build.BENCH_BINARY)
     r = _run("--reps", "2", f"one={bench}", f"two={bench}", "--", "--bits", "2,1.58", "--groups", "0,64",
-             "--m", "1,3", "--modes", "int8", "--k", "320", "--n", "24", "--cache-mb", "1", "--ms", "2")
+             "--m", "1,3", "--modes", "int8", "--k", "1280", "--n", "96", "--cache-mb", "1", "--ms", "2")
     assert r.returncode == 0, r.stderr
     cells = re.findall(r"^\| (\S+) \| (\S+) \| rows \| int8 \| (\d) \| 1 \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| [\d.]+x \|$",
                        r.stdout, re.M)
