@@ -5,12 +5,17 @@ dim-0 shards) is QAT-converted twice; rank 0 trains one copy alone (the oracle),
 the other under FSDP2 with each rank holding half of every global batch. Records, per case, the
 largest differences in losses, in gradients of latent weights and scales after the first backward,
 and in all parameters after the last step, plus facts about the sharding (parameters and optimizer
-state are DTensor shards). Writes a JSON report to argv[1] (rank 0).
+state are DTensor shards). Then, in the same processes, the ``paretoq`` command line given by
+argv[2:] (a ``qat`` run that must refuse to start: tests/test_distributed.py passes a global batch
+not divisible by the world size): its exit status and what it printed to stderr. Writes a JSON
+report to argv[1] (rank 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import sys
 
@@ -134,7 +139,21 @@ def guard_case():
     return None
 
 
-def main(out):
+def cli_case(argv):
+    """``paretoq <argv>`` on every rank: its exit status and stderr. Last, as the command ends by
+    tearing down the process group."""
+    from paretoq_ao.cli import main as cli_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = cli_main(argv)
+        except SystemExit as e:
+            code = e.code
+    return {"code": code, "stderr": err.getvalue()}
+
+
+def main(out, argv):
     info = init_from_env()
     rank, world = info.rank, info.world_size
     report = {"world_size": world, "cases": {}}
@@ -143,12 +162,14 @@ def main(out):
     for bits, gs, ac in cases:
         report["cases"][f"bits={bits} group={gs} ac={ac}"] = run_case(bits, gs, ac, rank, world)
     report["guard"] = guard_case()
+    dist.barrier()
+    report["cli"] = cli_case(argv)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

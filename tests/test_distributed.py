@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FAULT_WORKER = os.path.join(HERE, "_fault_worker.py")
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
 STEPS = 4
@@ -39,16 +42,60 @@ def recipe(out, **kw):
     return rc.QATRecipe(**args)
 
 
+class Job:
+    """``paretoq`` (or ``script``) under torchrun, started in the background; ``wait()`` returns
+    (returncode, stdout + stderr) once it ends, and fails if it runs past ``timeout`` seconds."""
+
+    started = []  # every job of this module (a test that depends on timing waits for them first)
+
+    def __init__(self, args, nproc=2, script=None, env=None, timeout=300):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "--monitor-interval=0.2"]
+        cmd += [script] if script else ["-m", "paretoq_ao"]
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        full_env.pop("TRITON_INTERPRET", None)
+        full_env.update(env or {})
+        # files, not pipes: nothing reads the output while the job runs
+        self.files = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.deadline = time.monotonic() + timeout
+        self.proc = subprocess.Popen(cmd + list(args), stdout=self.files[0], stderr=self.files[1], text=True,
+                                     env=full_env, cwd=HERE)
+        self.result = None
+        Job.started.append(self)
+
+    def wait(self):
+        if self.result is None:
+            try:
+                self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise
+            self._collect()
+        return self.result
+
+    def stop(self):
+        """End the job if it still runs (torchrun stops its workers on SIGTERM)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.result is None:
+            self._collect()
+
+    def _collect(self):
+        for f in self.files:
+            f.seek(0)
+        self.result = self.proc.returncode, "".join(f.read() for f in self.files)
+        for f in self.files:
+            f.close()
+
+
 def torchrun(args, nproc=2, script=None, env=None, timeout=300):
     """Run ``paretoq`` (or ``script``) under torchrun; returns (returncode, stdout + stderr)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--monitor-interval=0.2"]
-    cmd += [script] if script else ["-m", "paretoq_ao"]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    full_env.pop("TRITON_INTERPRET", None)
-    full_env.update(env or {})
-    p = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
-    return p.returncode, p.stdout + p.stderr
+    return Job(args, nproc, script, env, timeout).wait()
 
 
 def final_state(out):
@@ -77,12 +124,46 @@ def oracle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_rank_half(tmp_path_factory):
-    """A 2-rank run stopped (and checkpointed) after step 2."""
-    out = tmp_path_factory.mktemp("two_rank_half") / "run"
-    rc_, log = torchrun(COMMON + ["--output-dir", str(out), "--stop-after", "2"])
-    assert rc_ == 0, log
-    return out
+def two_rank_run(tmp_path_factory):
+    """A 2-rank run from scratch: checkpoint 2 is saved, steps 3 and 4 train, and then the disk of
+    rank 1 fills up while step 4 is saved, so the job fails (test_disk_full_... checks how) and
+    leaves checkpoint 2, from which the tests below resume or inject other faults."""
+    out = tmp_path_factory.mktemp("two_rank_run") / "run"
+    code, log = torchrun(COMMON + ["--output-dir", str(out)], script=FAULT_WORKER,
+                         env={"PARETOQ_TEST_FAULT": "diskfull:1:2"})  # rank 1's 2nd save: step 4
+    assert os.path.basename(rc.latest_checkpoint(out) or "") == "checkpoint-00000002", log[-3000:]
+    return {"out": out, "code": code, "log": log}
+
+
+@pytest.fixture(scope="module")
+def fresh_jobs(tmp_path_factory):
+    """Two 2-rank jobs that need no other run, started together by the first test that reads
+    either: "fsdp", tests/_fsdp_worker.py (whose last case is ``paretoq qat`` with a global batch
+    of 3), and "compiled", the torch.compile run. The compiled run is the longest job by far; it
+    goes on in the background while the tests in between run theirs (a job leaves a core idle much
+    of the time: while torchrun starts, while its processes exit, in the gloo waits). Each test
+    waits for the job it reads."""
+    tmp = tmp_path_factory.mktemp("fresh_jobs")
+    batch3 = [a if a != "4" else "3" for a in COMMON]  # --batch-size 3 (the only "4" besides --steps)
+    batch3[batch3.index("--steps") + 1] = str(STEPS)
+    jobs = {
+        "fsdp": (Job([str(tmp / "report.json")] + batch3 + ["--output-dir", str(tmp / "batch3")],
+                     script=os.path.join(HERE, "_fsdp_worker.py")), tmp),
+        "compiled": (Job(COMMON + ["--output-dir", str(tmp / "compiled"), "--compile", "--stop-after", "2"],
+                         timeout=600), tmp / "compiled"),
+    }
+    yield jobs
+    for job, _ in jobs.values():  # a job whose test did not run
+        job.stop()
+
+
+@pytest.fixture(scope="module")
+def fsdp_report(fresh_jobs):
+    """The report of the "fsdp" job of fresh_jobs, and the output directory of its ``paretoq qat`` case."""
+    job, tmp = fresh_jobs["fsdp"]
+    code, log = job.wait()
+    assert code == 0, log
+    return json.loads((tmp / "report.json").read_text()), tmp / "batch3"
 
 
 def copy_run(src, dst):
@@ -92,15 +173,12 @@ def copy_run(src, dst):
 
 # --------------------------------------------------------------------------- FSDP2 vs one process
 
-def test_fsdp_matches_single_process_every_format(tmp_path):
+def test_fsdp_matches_single_process_every_format(fsdp_report):
     """Every bit width, per-row and group scales, uneven shards, with/without activation
     checkpointing: losses, first gradients of latent weights and scales, and parameters after 3
     AdamW steps (with clipping) equal the single-process run's; parameters and optimizer state
     are sharded."""
-    report = tmp_path / "report.json"
-    code, log = torchrun([str(report)], script=os.path.join(HERE, "_fsdp_worker.py"))
-    assert code == 0, log
-    rep = json.loads(report.read_text())
+    rep, _ = fsdp_report
     assert rep["world_size"] == 2
     assert len(rep["cases"]) == 12
     for name, c in rep["cases"].items():
@@ -192,21 +270,21 @@ def test_sampler_shards_the_global_batch():
 
 # --------------------------------------------------------------------------- the recipe under torchrun
 
-def test_two_ranks_match_one_and_resume_on_one_rank(oracle, two_rank_half, tmp_path):
-    out = copy_run(two_rank_half, tmp_path / "run")
+def test_two_ranks_match_one_and_resume_on_one_rank(oracle, two_rank_run, tmp_path):
+    out = copy_run(two_rank_run["out"], tmp_path / "run")
     ckpt = rc.latest_checkpoint(out)
     assert os.path.basename(ckpt) == "checkpoint-00000002"
     assert sorted(os.listdir(ckpt)) == ["dcp", "model", rc.STATE_NAME]
     assert {f for f in os.listdir(os.path.join(ckpt, "dcp")) if f.endswith(".distcp")} == {"__0_0.distcp",
                                                                                              "__1_0.distcp"}
     got = losses(out)
-    for step in (1, 2):
+    for step in (1, 2, 3, 4):  # rank 0 logged step 4 before its checkpoint failed to save
         assert abs(got[step] - oracle["losses"][step]) < TOL
     # resume with ONE process (DCP reshards); finishes the run exactly as the oracle did
     res = rc.run_qat(recipe(out))
-    assert res.resumed_from == 2 and res.steps == STEPS
-    for step in (3, 4):
-        assert abs(losses(out)[step] - oracle["losses"][step]) < TOL
+    assert res.resumed_from == 2 and res.steps == STEPS and len(res.losses) == 2
+    for step, loss in zip((3, 4), res.losses):
+        assert abs(loss - oracle["losses"][step]) < TOL
     assert max_diff(final_state(out), oracle["state"]) < TOL
 
 
@@ -232,17 +310,15 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_then_converts(oracle, tmp_path
     assert isinstance(packed.model.layers[0].mlp.up_proj.weight, ParetoQPackedTensor)
 
 
-def test_batch_not_divisible_by_world_size(tmp_path):
-    args = [a if a != "4" else "3" for a in COMMON]  # --batch-size 3 (the only "4" besides --steps)
-    args[args.index("--steps") + 1] = str(STEPS)
-    code, log = torchrun(args + ["--output-dir", str(tmp_path / "run")])
-    assert code != 0
-    assert "batch_size 3 (the global batch) is not divisible by the world size 2" in log
-    assert not os.path.exists(tmp_path / "run" / "latest")
+def test_batch_not_divisible_by_world_size(fsdp_report):
+    rep, out = fsdp_report  # `paretoq qat --batch-size 3` on 2 ranks (tests/_fsdp_worker.py)
+    assert rep["cli"]["code"] != 0
+    assert "batch_size 3 (the global batch) is not divisible by the world size 2" in rep["cli"]["stderr"]
+    assert not os.path.exists(out / "latest")
 
 
-def test_checkpoint_from_other_bits_is_refused(two_rank_half, tmp_path):
-    out = copy_run(two_rank_half, tmp_path / "run")
+def test_checkpoint_from_other_bits_is_refused(two_rank_run, tmp_path):
+    out = copy_run(two_rank_run["out"], tmp_path / "run")
     args = list(COMMON)
     args[args.index("--bits") + 1] = "3"
     code, log = torchrun(args + ["--output-dir", str(out)])
@@ -251,9 +327,9 @@ def test_checkpoint_from_other_bits_is_refused(two_rank_half, tmp_path):
     assert os.path.basename(rc.latest_checkpoint(out)) == "checkpoint-00000002"
 
 
-def test_rank_dying_mid_run_stops_the_job_and_last_checkpoint_resumes(oracle, two_rank_half, tmp_path):
-    out = copy_run(two_rank_half, tmp_path / "run")  # at step 2; rank 1 dies in its 2nd step (step 4)
-    code, log = torchrun(COMMON + ["--output-dir", str(out)], script=os.path.join(HERE, "_fault_worker.py"),
+def test_rank_dying_mid_run_stops_the_job_and_last_checkpoint_resumes(oracle, two_rank_run, tmp_path):
+    out = copy_run(two_rank_run["out"], tmp_path / "run")  # at step 2; rank 1 dies in its 2nd step (step 4)
+    code, log = torchrun(COMMON + ["--output-dir", str(out)], script=FAULT_WORKER,
                          env={"PARETOQ_TEST_FAULT": "step:1:2"})
     assert code != 0
     assert "exitcode  : 3" in log and "rank      : 1" in log, log[-3000:]
@@ -263,9 +339,9 @@ def test_rank_dying_mid_run_stops_the_job_and_last_checkpoint_resumes(oracle, tw
     assert max_diff(final_state(out), oracle["state"]) < TOL
 
 
-def test_crash_mid_save_keeps_previous_checkpoint(oracle, two_rank_half, tmp_path):
-    out = copy_run(two_rank_half, tmp_path / "run")  # rank 1 dies inside the save of step 4
-    code, log = torchrun(COMMON + ["--output-dir", str(out)], script=os.path.join(HERE, "_fault_worker.py"),
+def test_crash_mid_save_keeps_previous_checkpoint(oracle, two_rank_run, tmp_path):
+    out = copy_run(two_rank_run["out"], tmp_path / "run")  # rank 1 dies inside the save of step 4
+    code, log = torchrun(COMMON + ["--output-dir", str(out)], script=FAULT_WORKER,
                          env={"PARETOQ_TEST_FAULT": "save:1:1"})
     assert code != 0
     assert "exitcode  : 4" in log, log[-3000:]
@@ -277,10 +353,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(oracle, two_rank_half, tmp_pat
     assert max_diff(final_state(out), oracle["state"]) < TOL
 
 
-def test_disk_full_on_one_rank_fails_cleanly_on_all(two_rank_half, tmp_path):
-    out = copy_run(two_rank_half, tmp_path / "run")
-    code, log = torchrun(COMMON + ["--output-dir", str(out)], script=os.path.join(HERE, "_fault_worker.py"),
-                         env={"PARETOQ_TEST_FAULT": "diskfull:1:1"})
+def test_disk_full_on_one_rank_fails_cleanly_on_all(two_rank_run):
+    out, code, log = two_rank_run["out"], two_rank_run["code"], two_rank_run["log"]  # full at step 4's save
     assert code != 0
     for rank in (0, 1):  # every rank stops with the same clear message (no hang, no traceback soup)
         assert f"paretoq qat: error (rank {rank}): could not save the checkpoint of step 4" in log, log[-3000:]
@@ -289,10 +363,22 @@ def test_disk_full_on_one_rank_fails_cleanly_on_all(two_rank_half, tmp_path):
     assert not any(n.startswith(".tmp-") for n in os.listdir(out))
 
 
-def test_hung_rank_fails_the_job_after_the_timeout(two_rank_half, tmp_path):
-    out = copy_run(two_rank_half, tmp_path / "run")  # rank 1 hangs in step 3; rank 0 gives up after 5 s
+def test_compiled_two_ranks_match_one(oracle, fresh_jobs):
+    """torch.compile over the FSDP2-sharded QAT model: the same losses as eager on one process."""
+    job, out = fresh_jobs["compiled"]  # `--compile --stop-after 2` on 2 ranks, started by fresh_jobs
+    code, log = job.wait()
+    assert code == 0, log
+    got = losses(out)
+    for step in (1, 2):
+        assert abs(got[step] - oracle["losses"][step]) < TOL
+
+
+def test_hung_rank_fails_the_job_after_the_timeout(two_rank_run, tmp_path):
+    for job in Job.started:  # no job in the background competes for the CPU with the 5 s timeout
+        job.wait()
+    out = copy_run(two_rank_run["out"], tmp_path / "run")  # rank 1 hangs in step 3; rank 0 gives up after 5 s
     code, log = torchrun(COMMON + ["--output-dir", str(out), "--dist-timeout", "5"],
-                         script=os.path.join(HERE, "_fault_worker.py"), env={"PARETOQ_TEST_FAULT": "hang:1:1"})
+                         script=FAULT_WORKER, env={"PARETOQ_TEST_FAULT": "hang:1:1"})
     assert code != 0
     assert "paretoq qat: error (rank 0): rank 0 lost contact with the other ranks in step 3" in log, log[-3000:]
     assert "checkpoint-00000002" in log
@@ -317,24 +403,17 @@ def test_prepare_for_fsdp_refuses_what_it_cannot_shard():
         shard_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_compiled_two_ranks_match_one(oracle, tmp_path):
-    """torch.compile over the FSDP2-sharded QAT model: the same losses as eager on one process."""
-    out = tmp_path / "run"
-    code, log = torchrun(COMMON + ["--output-dir", str(out), "--compile", "--stop-after", "2"], timeout=600)
-    assert code == 0, log
-    got = losses(out)
-    for step in (1, 2):
-        assert abs(got[step] - oracle["losses"][step]) < TOL
-
-
 def test_distillation_two_ranks_match_one_and_resume(tmp_path):
     """The teacher sharded like the student: the same distillation losses on 2 ranks as on one, and
     the 2-rank checkpoint resumes on one process (the teacher digest matches)."""
     kw = dict(distill=True, distill_weight=0.5, distill_temperature=2.0)
-    one = rc.run_qat(recipe(tmp_path / "one", **kw))
     out = tmp_path / "two"
-    code, log = torchrun(COMMON + ["--output-dir", str(out), "--stop-after", "2", "--distill", "--distill-weight", "0.5",
-                                   "--distill-temperature", "2"])
+    job = Job(COMMON + ["--output-dir", str(out), "--stop-after", "2", "--distill", "--distill-weight", "0.5",
+                        "--distill-temperature", "2"])
+    try:
+        one = rc.run_qat(recipe(tmp_path / "one", **kw))  # on one process, while the 2 ranks run
+    finally:
+        code, log = job.wait()
     assert code == 0, log
     got = losses(out)
     for step in (1, 2):
