@@ -38,7 +38,7 @@ namespace simd {
 
 // ---- blocks and row ranges ---------------------------------------------------------------------
 
-template <class A, int B, int MT, int NA, int SH = 0>
+template <class A, int B, int MT, int NA, int SH = 0, int R = (MT == 1 ? 2 : 1)>
 inline void block(const LinearArgs& a, const Prepared& p, ActMode mode, const Block<A>& t, int64_t m0,
                   const typename A::Levels& lv) {
   if constexpr (B == kTrits) {
@@ -53,7 +53,7 @@ inline void block(const LinearArgs& a, const Prepared& p, ActMode mode, const Bl
       else block_f32_units<A, MT, false>(a, p, t, m0, lv);
     }
   } else {
-    if (mode == ActMode::Int8) block_i8_words<A, B, MT, NA, SH>(a, p, t, m0);
+    if (mode == ActMode::Int8) block_i8_words<A, B, MT, NA, SH, R>(a, p, t, m0);
     else block_f32_words<A, B, MT>(a, p, t, m0, lv);
   }
 }
@@ -89,8 +89,9 @@ void rows_b(const LinearArgs& a, const Prepared& p, ActMode mode, int64_t n0, in
     for (; m + 2 <= a.M; m += 2) block<A, B, 2, 1>(a, p, mode, t, m, lv);
     if (m < a.M) {
       if constexpr (kCanMask) {
-        if (masked) {
-          block<A, B, 1, 8 / B, B>(a, p, mode, t, m, lv);
+        if (masked) {  // group scales: one set of chains where 4+ planes make enough (block_i8_words)
+          if (a.G > 1 && 8 / B >= 4) block<A, B, 1, 8 / B, B, 1>(a, p, mode, t, m, lv);
+          else block<A, B, 1, 8 / B, B, 2>(a, p, mode, t, m, lv);
           continue;
         }
       }

@@ -77,10 +77,16 @@ struct I8Acc {
         sum = tot[mt];
         tot[mt] = A::zero_i();
       } else {
-        sum = acc[mt][0];
-        unroll<NA * R - 1>([&](auto I) {
+        // replicas of accumulator i first (same scale 2^(i SH), so their sum shifts back exactly)
+        VI part[NA];
+        unroll<NA>([&](auto I) {
+          part[I.value] = acc[mt][I.value];
+          unroll<R - 1>([&](auto Rc) { part[I.value] = A::add(part[I.value], acc[mt][(Rc.value + 1) * NA + I.value]); });
+        });
+        sum = part[0];
+        unroll<NA - 1>([&](auto I) {
           constexpr int i = I.value + 1;
-          sum = A::add(sum, A::template sra<(i % NA) * SH>(acc[mt][i]));
+          sum = A::add(sum, A::template sra<i * SH>(part[i]));
         });
         unroll<NA * R>([&](auto I) { acc[mt][I.value] = A::zero_i(); });
       }
@@ -91,7 +97,10 @@ struct I8Acc {
 };
 
 // 1/2/4-bit codes: a word vector holds 8/B planes; plane t meets one broadcast activation dword.
-template <class A, int B, int MT, int NA, int SH>
+// R: replicas of the accumulators (R = 2 for one token and whole rows: even / odd words alternate,
+// so that the dot-product latency is not the limit; with group scales the flush at every group end
+// adds the replicas, so R = 1 is cheaper there).
+template <class A, int B, int MT, int NA, int SH, int R>
 PQ_FLATTEN void block_i8_words(const LinearArgs& a, const Prepared& p, const Block<A>& t, int64_t m0) {
   using VI = typename A::VI;
   constexpr int CPB = 8 / B, CPW = 32 / B;
@@ -101,7 +110,6 @@ PQ_FLATTEN void block_i8_words(const LinearArgs& a, const Prepared& p, const Blo
   for (int mt = 0; mt < MT; ++mt) q[mt] = p.q + (m0 + mt) * p.kq;
   VI masks[CPB];
   for (int i = 0; i < CPB; ++i) masks[i] = A::set1_i(0x01010101 * (((1 << B) - 1) << (kMasked ? i * B : 0)));
-  constexpr int R = MT == 1 ? 2 : 1;  // one token: alternate two sets of chains, even / odd words
   I8Acc<A, MT, NA, SH, R, (1 << B) - 1> st;
   Groups<A> gr(a, t, a.G == 1 ? n_words(a) : p.gs * B / 32);
   for_each_word<A>(a, t, [&](int64_t w, VI v, auto J) {

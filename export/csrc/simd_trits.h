@@ -309,10 +309,12 @@ inline void block_trits_gm(const LinearArgs& a, const Prepared& p, ActMode mode,
                            const typename A::Levels& lv) {
   if (mode == ActMode::Fp32) return block_f32_trits<A, MT, GM>(a, p, t, m0, lv);
   if constexpr (A::kRawTrits) {
-    if constexpr (GM == 1 && MT == 1) {  // decode: the usual group sizes as super-blocks (64, 128)
+    if constexpr (GM == 1 && MT == 1) {  // decode: the usual group sizes as super-blocks (32-256)
       switch (p.gs) {
+        case 32: return block_i8_trits_raw<A, MT, GM, 8>(a, p, t, m0);
         case 64: return block_i8_trits_raw<A, MT, GM, 16>(a, p, t, m0);
         case 128: return block_i8_trits_raw<A, MT, GM, 32>(a, p, t, m0);
+        case 256: return block_i8_trits_raw<A, MT, GM, 64>(a, p, t, m0);
         default: break;
       }
     }
