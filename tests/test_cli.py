@@ -374,3 +374,37 @@ def test_export_half_precision_packed_folder(tmp_path, capsys):
     # checked on the float32 folder of test_export_packed_model_to_pte_matches_eager, also int8 activations)
     assert main(["export", folder, os.fspath(tmp_path / "i8.pte"), "--max-len", "8"]) == 0
     assert "converted to float32" in capsys.readouterr().out
+
+
+def _fake_qat(made_group: bool):
+    """A stand-in for run_qat that returns at once (the CLI's process-group handling is under test);
+    with ``made_group`` it brings a one-rank gloo group up, as run_qat does under torchrun."""
+    import torch.distributed as dist
+
+    from paretoq_ao.workflow.settings import QATResult
+
+    def run(r):
+        if made_group:
+            dist.init_process_group("gloo", init_method=f"file://{r.output_dir}/pg", rank=0, world_size=1)
+        return QATResult(model=None, tokenizer=None, steps=0, total_steps=1, tokens=0, losses=[],
+                         checkpoint=None, log_path=None)
+    return run
+
+
+@pytest.mark.parametrize("group_before", [False, True])
+def test_qat_tears_down_only_its_own_process_group(tmp_path, capsys, monkeypatch, group_before):
+    import torch.distributed as dist
+
+    from paretoq_ao.workflow import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    if group_before:  # a caller's group: main() must leave it up
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/caller-pg", rank=0, world_size=1)
+    monkeypatch.setattr(train, "run_qat", _fake_qat(made_group=not group_before))
+    try:
+        assert main(["qat", "--output-dir", str(out)]) == 0
+        assert dist.is_initialized() == group_before
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

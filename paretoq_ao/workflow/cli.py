@@ -289,8 +289,11 @@ def _cmd_qat(a) -> None:
                   progress=not a.no_progress, activation_checkpointing=a.activation_checkpointing,
                   checkpoint_format=a.checkpoint_format, dist_timeout=a.dist_timeout, distill=a.distill,
                   distill_temperature=a.distill_temperature, distill_weight=a.distill_weight)
-    from .distributed import shutdown, world_info
+    from .distributed import group_is_up, shutdown, world_info
 
+    # The process group is torn down at the end only if this command brought it up (run_qat joins
+    # torchrun's group); a caller that initialised one before calling main() keeps it.
+    owned = not group_is_up()
     try:
         res = run_qat(r)
         info = world_info()
@@ -303,7 +306,8 @@ def _cmd_qat(a) -> None:
             if res.steps == res.total_steps:
                 print(f"convert with: paretoq convert {r.output_dir} <out-dir>")
     finally:
-        shutdown()
+        if owned:
+            shutdown()
 
 
 def _load_for_eval(path: str):

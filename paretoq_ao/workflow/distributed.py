@@ -55,7 +55,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return group_is_up()
 
 
 def launched_by_torchrun() -> bool:
@@ -63,9 +63,14 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def group_is_up() -> bool:
+    """True when a default process group exists in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_info(device: Optional[str] = None) -> DistInfo:
     """Rank, world size and device of this process (rank 0 of 1 when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not group_is_up():
         return DistInfo(device=torch.device(device) if device else torch.device("cpu"))
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     if device:
@@ -85,7 +90,7 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0,
     every collective, so a rank that hangs (rather than dies: torchrun stops the job when a rank
     dies) fails the job instead of blocking it forever. Outside torchrun this does nothing and
     returns rank 0 of 1."""
-    if dist.is_available() and dist.is_initialized():
+    if group_is_up():
         return world_info(device)
     if not launched_by_torchrun():
         return world_info(device)
@@ -101,7 +106,7 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0,
 
 def all_ok(ok: bool) -> bool:
     """True on every rank when ``ok`` is true on every rank (one all-reduce; no-op when alone)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not group_is_up():
         return ok
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -110,7 +115,7 @@ def all_ok(ok: bool) -> bool:
 
 def from_main(obj):
     """Rank 0's ``obj`` on every rank (a picklable value; no-op when alone)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not group_is_up():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device())
@@ -118,7 +123,7 @@ def from_main(obj):
 
 
 def mean_across_ranks(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not group_is_up():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
@@ -255,7 +260,7 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
     already be on this rank's device."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not (dist.is_available() and dist.is_initialized()) and mesh is None:
+    if not group_is_up() and mesh is None:
         raise RuntimeError("shard_model: no process group; call paretoq_ao.distributed.init_from_env() "
                            "under torchrun (or torch.distributed.init_process_group) first")
     prepare_for_fsdp(model)
@@ -296,6 +301,7 @@ def dcp_load(state, path: str) -> None:
 
 def shutdown() -> None:
     """Tear down the default process group if one is up (what a script ends with after
-    ``run_qat`` under torchrun; the CLI calls it). Nothing to do otherwise."""
-    if dist.is_available() and dist.is_initialized():
+    ``run_qat`` under torchrun; ``paretoq qat`` calls it when it brought the group up itself).
+    Nothing to do otherwise."""
+    if group_is_up():
         dist.destroy_process_group()
