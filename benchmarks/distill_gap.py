@@ -56,7 +56,6 @@ def _setup(steps):
     import torch
 
     from paretoq_ao.workflow.data import PackedBlocks, load_texts, tokenize, train_tokenizer
-    from paretoq_ao.workflow.evaluate import perplexity
     from paretoq_ao.workflow.models import _make_sampler, tiny_llama
     from paretoq_ao.workflow.settings import QATRecipe
     from paretoq_ao.workflow.train import train_steps
@@ -69,7 +68,7 @@ def _setup(steps):
     fp = tiny_llama(len(tok), seed=0)
     train_steps(fp, _make_sampler(QATRecipe(block_size=128, batch_size=16, steps=1), blocks), steps, 3e-3,
                 warmup_steps=steps * 7 // 100)
-    return fp, tok, blocks, val, perplexity(fp, val)["ppl"]
+    return fp, tok, blocks, val  # (main evaluates fp on every corpus once)
 
 
 def _qat_ppl(fp, tok, blocks, evals, bits, seed, pre_tokens, distill):
@@ -91,7 +90,7 @@ def main(argv=None):
 
     a = _parse(argv)
     t0 = time.time()
-    fp, tok, blocks, val, _ = _setup(a.pretrain_steps)
+    fp, tok, blocks, val = _setup(a.pretrain_steps)
     evals = {"stdlib": val}
     second = _second(a.second, tok)
     if second is not None:

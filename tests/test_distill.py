@@ -147,3 +147,25 @@ def test_distill_gap_benchmark_smoke(tmp_path):
     gap = ((p1["stdlib"] - out["fp"]["stdlib"]) + (p2["stdlib"] - out["fp"]["stdlib"])) / 2
     gain = ((p1["stdlib"] - d1["stdlib"]) + (p2["stdlib"] - d2["stdlib"])) / 2
     assert (f"| {100 * gain / gap:.1f} % |" if gap > 0 else "| no gap |") in text
+
+
+def test_training_and_evaluation_build_no_kv_cache(monkeypatch):
+    """QAT steps, the teacher's forward and perplexity run whole blocks: no KV cache is built
+    (transformers builds a DynamicCache per forward unless use_cache=False)."""
+    from transformers import cache_utils
+
+    from paretoq_ao.workflow.evaluate import perplexity
+
+    built = []
+    init = cache_utils.DynamicCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting_init)
+    res = rc.run_qat(tiny_recipe(None, steps=2, distill=True, distill_weight=0.5))
+    perplexity(res.model, torch.randint(0, 300, (2, 16)))
+    assert built == []
+    res.model(input_ids=torch.randint(0, 300, (1, 4)))  # the counter works: a default forward builds one
+    assert built == [1]

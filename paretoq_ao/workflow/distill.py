@@ -72,7 +72,7 @@ class Teacher:
         """The mixed loss of one micro-batch, from the student's output ``out`` (logits and CE)."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            t_logits = self.module(input_ids=batch).logits
+            t_logits = self.module(input_ids=batch, use_cache=False).logits
         self.seconds += time.perf_counter() - t0
         kl = distill_loss(out.logits, t_logits, self.temperature)
         if not self.needs_ce:  # the caller did not ask the student for its cross-entropy

@@ -45,7 +45,7 @@ def perplexity(model: nn.Module, blocks, batch_size: int = 8, max_blocks: Option
     try:
         for i in range(0, data.shape[0], batch_size):
             x = data[i: i + batch_size].to(device)
-            logits = model(input_ids=x).logits.float()
+            logits = model(input_ids=x, use_cache=False).logits.float()  # whole blocks: no KV cache
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                    reduction="sum")
             total += loss.item()

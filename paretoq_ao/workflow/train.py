@@ -79,7 +79,9 @@ def _one_step(model, fwd, opt, sampler, grad_accum, max_grad_norm, bf16, device,
         dev_type = batch.device.type
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
             # KL only (weight 1): the student's cross-entropy is not computed
-            out = fwd(input_ids=batch, labels=batch if teacher is None or teacher.needs_ce else None)
+            # use_cache=False: a training step has no later tokens (a KV cache is built for nothing,
+            # and under torch.compile each layer's cache update is traced too)
+            out = fwd(input_ids=batch, labels=batch if teacher is None or teacher.needs_ce else None, use_cache=False)
             loss = out.loss if teacher is None else teacher.loss(out, batch)
         (loss / grad_accum).backward()
         total += loss.item()
