@@ -115,7 +115,7 @@ inline void setup_block(Block<A>& t, const LinearArgs& a, int64_t first, int spa
 }
 
 #ifndef PQ_PF_B16
-#define PQ_PF_B16 4096
+#define PQ_PF_B16 8192
 #endif
 #ifndef PQ_PF_BLOCKS
 #define PQ_PF_BLOCKS 1
@@ -125,9 +125,11 @@ template <class A, int SPAN>
 PQ_INLINE void load_span(const Block<A>& t, int64_t s, typename A::VI* out) {
   if (t.b16) {  // chunk c (16 bytes of each row) is 4 words x 16 rows = 256 contiguous bytes
     const uint8_t* b = t.wb + s * SPAN * kBlockRows;
-    // One sequential stream; prefetched PQ_PF_B16 = 4 KB ahead into L2 (measured: the hardware
-    // prefetchers alone leave a 2-vCPU Xeon at 80 % of this speed; 2 KB and 8 KB are no better; on
-    // a 2-vCPU AMD EPYC (Zen 5) 8-32 KB were within that machine's +-15 % run-to-run noise).
+    // One sequential stream; prefetched PQ_PF_B16 = 8 KB ahead into L2. Measured: the hardware
+    // prefetchers alone leave a 2-vCPU Xeon at 80 % of this speed (there 2, 4 and 8 KB were alike);
+    // on a 2-vCPU AMD EPYC Zen 4, 4 -> 8 KB made the memory-bound decodes 1.2-1.5x faster at one
+    // thread (2-bit 11008 x 4096: 0.56 -> 0.39 ms, 4-bit 1.11 -> 0.90 ms; 16 KB alike; the
+    // compute-bound 1-bit, ternary and 3-bit unchanged), benchmarks/results/avx512-prefetch-2026-12-06-zen4.md.
     for (int i = 0; i < SPAN * kBlockRows; i += 64) __builtin_prefetch(b + PQ_PF_B16 + i, 0, 2);
     unroll<SPAN / 16>([&](auto I) {
       unroll<4>([&](auto J) { out[4 * I.value + J.value] = A::load_i(b + 256 * I.value + 64 * J.value); });
