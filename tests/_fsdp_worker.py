@@ -140,8 +140,8 @@ def guard_case():
 
 
 def cli_case(argv):
-    """``paretoq <argv>`` on every rank: its exit status and stderr. Last, as the command ends by
-    tearing down the process group."""
+    """``paretoq <argv>`` on every rank: its exit status and stderr. (The group was brought up by
+    init_from_env before the command, so the command leaves it up; main tears it down.)"""
     from paretoq_ao.cli import main as cli_main
 
     err = io.StringIO()
